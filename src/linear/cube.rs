@@ -1,0 +1,30 @@
+//! CubeCL kernels of the engine (to be written: issue 3).
+
+use super::{Form, Grads, LinearAttention, Output, Spec};
+use crate::cube::CubeContext;
+use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+
+pub(super) fn forward(
+    _ctx: &CubeContext,
+    _spec: &Spec,
+    _args: &LinearAttention,
+    _form: Form,
+) -> Result<Output> {
+    Err(Error::Unsupported(
+        "linear attention on the cube backend is not implemented yet".into(),
+    ))
+}
+
+pub(super) fn backward(
+    _ctx: &CubeContext,
+    _spec: &Spec,
+    _args: &LinearAttention,
+    _form: Form,
+    _d_o: &Tensor,
+    _d_ht: Option<&Tensor>,
+) -> Result<Grads> {
+    Err(Error::Unsupported(
+        "linear attention on the cube backend is not implemented yet".into(),
+    ))
+}

@@ -1,0 +1,340 @@
+//! The decayed linear attention engine (ops.md section 1) and its causal front-ends (GLA, RetNet,
+//! Mamba-2-style decay). One problem description ([`LinearAttention`]), validated once on the host
+//! ([`LinearAttention::validate`]), runs on any [`Backend`] in any [`Form`].
+//!
+//! Inner shape, as in every op module: this file (spec and validation), `reference` (the CPU path
+//! through `linattn-reference`), `cube` (CubeCL kernels), `cuda` (the NVRTC launcher).
+
+mod reference;
+
+#[cfg(feature = "cube")]
+pub mod cube;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+pub use linattn_reference::linear::{Dims, Direction, Form, GateKind};
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
+use crate::validation::*;
+
+/// A gate over host tensors (natural-log decays, all `<= 0`).
+#[derive(Clone, Copy, Debug)]
+pub enum Gate<'a> {
+    None,
+    /// `[H]`.
+    PerHead(&'a Tensor),
+    /// `[B, T, H]`.
+    Scalar(&'a Tensor),
+    /// `[B, T, H, K]`.
+    Vector(&'a Tensor),
+}
+
+impl<'a> Gate<'a> {
+    pub fn kind(&self) -> GateKind {
+        match self {
+            Gate::None => GateKind::None,
+            Gate::PerHead(_) => GateKind::PerHead,
+            Gate::Scalar(_) => GateKind::Scalar,
+            Gate::Vector(_) => GateKind::Vector,
+        }
+    }
+
+    pub fn tensor(&self) -> Option<&'a Tensor> {
+        match *self {
+            Gate::None => None,
+            Gate::PerHead(t) | Gate::Scalar(t) | Gate::Vector(t) => Some(t),
+        }
+    }
+}
+
+/// One engine problem over host tensors. Build it with [`LinearAttention::causal`] or
+/// [`LinearAttention::bidirectional`] and the `with_*` methods.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearAttention<'a> {
+    /// `[B, T, H, K]`.
+    pub q: &'a Tensor,
+    /// `[B, T, H, K]`.
+    pub k: &'a Tensor,
+    /// `[B, T, H, V]`.
+    pub v: &'a Tensor,
+    /// Forward gate (below the diagonal).
+    pub gate: Gate<'a>,
+    /// Bidirectional only: the gate above the diagonal; `None` uses `gate` for both.
+    pub gate_bwd: Option<Gate<'a>>,
+    pub direction: Direction,
+    /// Defaults to `K^-0.5`.
+    pub scale: Option<f64>,
+    /// Row-sum normalisation with this `eps`.
+    pub normalize: Option<f64>,
+    /// Causal only: initial state `[N, H, K, V]`.
+    pub h0: Option<&'a Tensor>,
+    /// Packed variable-length offsets `[N + 1]` (with `B = 1`).
+    pub cu_seqlens: Option<&'a [i64]>,
+}
+
+impl<'a> LinearAttention<'a> {
+    pub fn causal(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+        LinearAttention {
+            q,
+            k,
+            v,
+            gate: Gate::None,
+            gate_bwd: None,
+            direction: Direction::Causal,
+            scale: None,
+            normalize: None,
+            h0: None,
+            cu_seqlens: None,
+        }
+    }
+
+    pub fn bidirectional(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+        LinearAttention {
+            direction: Direction::Bidirectional,
+            ..Self::causal(q, k, v)
+        }
+    }
+
+    pub fn with_gate(mut self, gate: Gate<'a>) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    pub fn with_gate_bwd(mut self, gate_bwd: Gate<'a>) -> Self {
+        self.gate_bwd = Some(gate_bwd);
+        self
+    }
+
+    pub fn with_scale(mut self, scale: f64) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    pub fn with_normalize(mut self, eps: f64) -> Self {
+        self.normalize = Some(eps);
+        self
+    }
+
+    pub fn with_h0(mut self, h0: &'a Tensor) -> Self {
+        self.h0 = Some(h0);
+        self
+    }
+
+    pub fn with_cu_seqlens(mut self, cu_seqlens: &'a [i64]) -> Self {
+        self.cu_seqlens = Some(cu_seqlens);
+        self
+    }
+
+    /// Checks every shape, value and option; returns the sizes every backend works from.
+    pub fn validate(&self) -> Result<Spec> {
+        let qs = expect_rank("q", self.q, &["B", "T", "H", "K"])?;
+        expect_nonzero("q", self.q)?;
+        let (b, t, h, k) = (qs[0], qs[1], qs[2], qs[3]);
+        expect_shape("k", self.k, &["B", "T", "H", "K"], &[b, t, h, k])?;
+        let vs = expect_rank("v", self.v, &["B", "T", "H", "V"])?;
+        expect_nonzero("v", self.v)?;
+        let v = vs[3];
+        expect_shape("v", self.v, &["B", "T", "H", "V"], &[b, t, h, v])?;
+        let dtype = expect_same_dtype(&[("q", self.q), ("k", self.k), ("v", self.v)])?;
+        for (name, tensor) in [("q", self.q), ("k", self.k), ("v", self.v)] {
+            expect_finite(name, tensor)?;
+        }
+        let dims = Dims { b, t, h, k, v };
+
+        let cu_seqlens = match self.cu_seqlens {
+            None => None,
+            Some(cu) => {
+                if b != 1 {
+                    return Err(Error::BadCuSeqlens(format!(
+                        "variable length needs B = 1 (packed sequences), got B = {b}"
+                    )));
+                }
+                Some(parse_cu_seqlens(cu, t)?)
+            }
+        };
+        let num_sequences = cu_seqlens.as_ref().map_or(b, |cu| cu.len() - 1);
+
+        validate_gate("g", &self.gate, &dims)?;
+        let gate_kind = self.gate.kind();
+        if let Some(gate_bwd) = &self.gate_bwd {
+            if self.direction != Direction::Bidirectional {
+                return Err(Error::InvalidArgument(
+                    "a backward-direction gate `g_bwd` needs the bidirectional direction".into(),
+                ));
+            }
+            if gate_bwd.kind() != gate_kind {
+                return Err(Error::InvalidArgument(format!(
+                    "`g_bwd` must be the same kind of gate as `g` ({:?}), got {:?}",
+                    gate_kind,
+                    gate_bwd.kind()
+                )));
+            }
+            validate_gate("g_bwd", gate_bwd, &dims)?;
+        }
+
+        let scale = expect_scale(self.scale.unwrap_or((k as f64).powf(-0.5)))?;
+        if let Some(eps) = self.normalize
+            && !(eps.is_finite() && eps >= 0.0)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "normalisation eps must be finite and >= 0, got {eps}"
+            )));
+        }
+        if let Some(h0) = self.h0 {
+            if self.direction != Direction::Causal {
+                return Err(Error::InvalidArgument(
+                    "an initial state `h0` needs the causal direction".into(),
+                ));
+            }
+            if self.normalize.is_some() {
+                return Err(Error::Unsupported(
+                    "an initial state `h0` together with row-sum normalisation".into(),
+                ));
+            }
+            expect_shape("h0", h0, &["N", "H", "K", "V"], &[num_sequences, h, k, v])?;
+            expect_finite("h0", h0)?;
+        }
+
+        Ok(Spec {
+            dims,
+            dtype,
+            gate_kind,
+            has_gate_bwd: self.gate_bwd.is_some(),
+            direction: self.direction,
+            scale,
+            normalize: self.normalize,
+            has_h0: self.h0.is_some(),
+            cu_seqlens,
+            num_sequences,
+        })
+    }
+}
+
+fn validate_gate(name: &str, gate: &Gate, dims: &Dims) -> Result<()> {
+    let Dims { b, t, h, k, .. } = *dims;
+    match *gate {
+        Gate::None => return Ok(()),
+        Gate::PerHead(g) => expect_shape(name, g, &["H"], &[h])?,
+        Gate::Scalar(g) => expect_shape(name, g, &["B", "T", "H"], &[b, t, h])?,
+        Gate::Vector(g) => expect_shape(name, g, &["B", "T", "H", "K"], &[b, t, h, k])?,
+    }
+    expect_log_decay(name, gate.tensor().expect("not None"))
+}
+
+/// A validated problem: sizes and options every backend works from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Spec {
+    pub dims: Dims,
+    /// The dtype of `q`, `k`, `v`.
+    pub dtype: DType,
+    pub gate_kind: GateKind,
+    pub has_gate_bwd: bool,
+    pub direction: Direction,
+    pub scale: f64,
+    pub normalize: Option<f64>,
+    pub has_h0: bool,
+    pub cu_seqlens: Option<Vec<usize>>,
+    /// `B`, or the number of packed segments.
+    pub num_sequences: usize,
+}
+
+impl Spec {
+    /// Whether the final state `ht` is part of the output (causal without normalisation).
+    pub fn has_final_state(&self) -> bool {
+        self.direction == Direction::Causal && self.normalize.is_none()
+    }
+
+    /// Shape of `h0` / `ht`: `[N, H, K, V]`.
+    pub fn state_shape(&self) -> Vec<usize> {
+        vec![self.num_sequences, self.dims.h, self.dims.k, self.dims.v]
+    }
+
+    /// Shape of `o`: `[B, T, H, V]`.
+    pub fn o_shape(&self) -> Vec<usize> {
+        let d = self.dims;
+        vec![d.b, d.t, d.h, d.v]
+    }
+
+    /// Checks the cotangents of a backward call.
+    pub fn validate_cotangents(&self, d_o: &Tensor, d_ht: Option<&Tensor>) -> Result<()> {
+        expect_shape("do", d_o, &["B", "T", "H", "V"], &self.o_shape())?;
+        expect_finite("do", d_o)?;
+        if let Some(d_ht) = d_ht {
+            if !self.has_final_state() {
+                return Err(Error::InvalidArgument(
+                    "`dht` given but this problem has no final state (bidirectional or normalised)"
+                        .into(),
+                ));
+            }
+            expect_shape("dht", d_ht, &["N", "H", "K", "V"], &self.state_shape())?;
+            expect_finite("dht", d_ht)?;
+        }
+        Ok(())
+    }
+}
+
+/// Forward result. The CPU backend returns f64 tensors, the GPU backends f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Output {
+    /// `[B, T, H, V]`.
+    pub o: Tensor,
+    /// `[N, H, K, V]`, when [`Spec::has_final_state`].
+    pub ht: Option<Tensor>,
+}
+
+/// Gradients of `loss = sum(o * do) + sum(ht * dht)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grads {
+    pub dq: Tensor,
+    pub dk: Tensor,
+    pub dv: Tensor,
+    /// Shape of `g`; `None` without a gate. Without `g_bwd` in a bidirectional problem it holds both
+    /// directions' contributions.
+    pub dg: Option<Tensor>,
+    /// Shape of `g_bwd`, when given.
+    pub dg_bwd: Option<Tensor>,
+    /// Shape of `h0`, when given.
+    pub dh0: Option<Tensor>,
+}
+
+/// Runs the forward pass.
+pub fn forward(backend: &Backend, args: &LinearAttention, form: Form) -> Result<Output> {
+    let spec = args.validate()?;
+    check_form(&form)?;
+    match backend {
+        Backend::Cpu => Ok(reference::forward(&spec, args, form)),
+        #[cfg(feature = "cube")]
+        Backend::Cube(ctx) => cube::forward(ctx, &spec, args, form),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(ctx) => cuda::forward(ctx, &spec, args, form),
+    }
+}
+
+/// Runs the backward pass (recomputing what it needs from the inputs).
+pub fn backward(
+    backend: &Backend,
+    args: &LinearAttention,
+    form: Form,
+    d_o: &Tensor,
+    d_ht: Option<&Tensor>,
+) -> Result<Grads> {
+    let spec = args.validate()?;
+    check_form(&form)?;
+    spec.validate_cotangents(d_o, d_ht)?;
+    match backend {
+        Backend::Cpu => Ok(reference::backward(&spec, args, form, d_o, d_ht)),
+        #[cfg(feature = "cube")]
+        Backend::Cube(ctx) => cube::backward(ctx, &spec, args, form, d_o, d_ht),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(ctx) => cuda::backward(ctx, &spec, args, form, d_o, d_ht),
+    }
+}
+
+fn check_form(form: &Form) -> Result<()> {
+    if let Form::Chunkwise { chunk: 0 } = form {
+        return Err(Error::InvalidArgument("chunk size must be >= 1".into()));
+    }
+    Ok(())
+}
