@@ -15,6 +15,7 @@ pub mod lightnet;
 pub mod linear;
 pub mod optim;
 pub mod radial;
+pub mod testing;
 
 /// Relative RMS error `||a - b||_2 / ||b||_2` used by every test of the project.
 ///
