@@ -1,0 +1,185 @@
+//! `linattn validate`: the equivalence matrix. For every op x form x available backend it draws
+//! random inputs from a fixed (printed) seed, compares outputs and gradients with the f64 reference,
+//! and prints one row each. Exits non-zero on any failure.
+
+mod linear;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Args;
+use linattn_reference::testing::Rng;
+
+use crate::backend::{Backend, BackendKind, DeviceRequest};
+use crate::error::Result;
+use crate::tensor::DType;
+
+#[derive(Args, Debug, Clone)]
+pub struct ValidateArgs {
+    /// auto (every backend available here), cpu, cube or cuda.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// A small matrix that finishes in under a minute on 2 CPU cores.
+    #[arg(long)]
+    pub quick: bool,
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 20_261_127)]
+    pub seed: u64,
+}
+
+/// One row of the table.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub op: String,
+    pub form: String,
+    pub backend: BackendKind,
+    pub dtype: DType,
+    pub shape: String,
+    /// Largest relative RMS error over every output and gradient.
+    pub max_rel_err: f64,
+    /// Name of the tensor with the largest error.
+    pub worst: String,
+    pub threshold: f64,
+    pub pass: bool,
+    /// Set when the case could not run (e.g. a form the backend does not offer): the reason.
+    pub error: Option<String>,
+}
+
+/// Compares named results against the reference with the project's pass rule (ops.md) and folds
+/// them into one row's error and verdict.
+#[derive(Default)]
+pub(crate) struct Comparison {
+    max_rel_err: f64,
+    worst: String,
+    failed: bool,
+    count: usize,
+}
+
+impl Comparison {
+    pub(crate) fn add(&mut self, name: &str, got: &[f64], reference: &[f64], threshold: f64) {
+        let rel = linattn_reference::rel_rms(got, reference);
+        self.failed |= !linattn_reference::within_tolerance(got, reference, threshold);
+        self.count += 1;
+        // A NaN error sticks: it is the worst possible result.
+        let worse = rel.is_nan() || (!self.max_rel_err.is_nan() && rel > self.max_rel_err);
+        if self.worst.is_empty() || worse {
+            self.max_rel_err = rel;
+            self.worst = name.to_string();
+        }
+    }
+
+    /// Passes when at least one tensor was compared and none failed.
+    pub(crate) fn pass(&self) -> bool {
+        self.count > 0 && !self.failed
+    }
+}
+
+/// Backends the run covers.
+fn backends(request: &str) -> Result<Vec<std::result::Result<Backend, (BackendKind, String)>>> {
+    let request: DeviceRequest = request.parse()?;
+    Ok(match request {
+        DeviceRequest::Auto => [BackendKind::Cpu, BackendKind::Cube, BackendKind::Cuda]
+            .into_iter()
+            .map(|kind| Backend::of_kind(kind).map_err(|e| (kind, e.to_string())))
+            .collect(),
+        explicit => vec![Ok(Backend::new(explicit)?)],
+    })
+}
+
+pub fn execute(args: &ValidateArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    println!(
+        "linattn validate: seed {} ({}), device {}",
+        args.seed,
+        if args.quick { "quick" } else { "full" },
+        args.device
+    );
+    let mut rows = Vec::new();
+    for backend in backends(&args.device)? {
+        let backend = match backend {
+            Ok(b) => b,
+            Err((kind, why)) => {
+                println!("skipped: {kind}: {why}");
+                continue;
+            }
+        };
+        println!("backend: {}", backend.description());
+        let mut rng = Rng::new(args.seed);
+        rows.extend(linear::rows(&backend, args.quick, &mut rng));
+    }
+    print_table(&rows);
+    let failed = rows.iter().filter(|r| !r.pass).count();
+    println!(
+        "{} rows, {} passed, {} failed, {:.1} s",
+        rows.len(),
+        rows.len() - failed,
+        failed,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(if failed == 0 && !rows.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_table(rows: &[Row]) {
+    let header = [
+        "op",
+        "form",
+        "backend",
+        "dtype",
+        "shape",
+        "max rel err",
+        "threshold",
+        "result",
+    ];
+    let cells: Vec<[String; 8]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.op.clone(),
+                r.form.clone(),
+                r.backend.to_string(),
+                r.dtype.to_string(),
+                r.shape.clone(),
+                match &r.error {
+                    Some(_) => "-".to_string(),
+                    None => format!("{:.2e} ({})", r.max_rel_err, r.worst),
+                },
+                format!("{:.0e}", r.threshold),
+                match (&r.error, r.pass) {
+                    (Some(e), _) => format!("FAIL: {e}"),
+                    (None, true) => "pass".to_string(),
+                    (None, false) => "FAIL".to_string(),
+                },
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cols: &[String]| {
+        let padded: Vec<String> = cols
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("| {} |", padded.join(" | "));
+    };
+    line(&header.map(String::from));
+    println!(
+        "|{}|",
+        widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("|")
+    );
+    for row in &cells {
+        line(row);
+    }
+}
