@@ -5,6 +5,7 @@
 //! Inner shape, as in every op module: this file (spec and validation), `reference` (the CPU path
 //! through `linattn-reference`), `cube` (CubeCL kernels), `cuda` (the NVRTC launcher).
 
+mod frontends;
 mod reference;
 
 #[cfg(feature = "cube")]
@@ -12,6 +13,7 @@ pub mod cube;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+pub use frontends::{gla, mamba2_gate, retnet_gates};
 pub use linattn_reference::linear::{Dims, Direction, Form, GateKind};
 
 use crate::backend::Backend;

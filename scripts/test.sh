@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone. This is the README's test command; .ci/run calls it.
+#
+# What a fresh machine lacks is installed first (idempotent):
+#  - Mesa's software Vulkan driver (llvmpipe) and the Vulkan loader, so the CubeCL kernels really run
+#    on the CPU (apt, only when running as root; otherwise those tests print `skipped: no wgpu adapter`);
+#  - the NVRTC and ptxas wheels from PyPI into .tools/cuda, so every CUDA kernel is compiled for
+#    sm_80 and sm_90 and checked for register spills, without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' || ! ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing mesa-vulkan-drivers libvulkan1 (software Vulkan for the CubeCL tests)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends mesa-vulkan-drivers libvulkan1 \
+      || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends mesa-vulkan-drivers libvulkan1; }
+  else
+    echo "note: no Vulkan driver and not root: the CubeCL tests will print 'skipped: no wgpu adapter'"
+  fi
+fi
+
+echo "== NVRTC and ptxas wheels (.tools/cuda)"
+# shellcheck source=/dev/null
+source <(scripts/install-cuda-wheels.sh .tools/cuda)
+
+echo "== cargo test"
+cargo test --workspace --all-targets
+cargo test --workspace --doc
+
+echo "== ptxas: registers, spills, shared memory per kernel (kernels/RESOURCES.md)"
+scripts/ptxas-report.sh --check

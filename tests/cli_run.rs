@@ -1,0 +1,359 @@
+//! `linattn run`: the safetensors contract, end to end through the binary, on the CPU backend.
+//! Malformed input must give a one-line error naming the problem and a non-zero exit, never a panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use half::{bf16, f16};
+use linattn::cli::io::Inputs;
+use linattn_reference::testing::{Rng, logsigmoid_gates};
+use safetensors::{Dtype, tensor::TensorView};
+
+/// A tensor to write: name, dtype, shape, f64 values (converted to the dtype on write).
+struct Spec<'a>(&'a str, Dtype, Vec<usize>, Vec<f64>);
+
+fn encode(dtype: Dtype, values: &[f64]) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => values
+            .iter()
+            .flat_map(|&x| (x as f32).to_le_bytes())
+            .collect(),
+        Dtype::F64 => values.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|&x| f16::from_f64(x).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|&x| bf16::from_f64(x).to_le_bytes())
+            .collect(),
+        Dtype::I64 => values
+            .iter()
+            .flat_map(|&x| (x as i64).to_le_bytes())
+            .collect(),
+        Dtype::I32 => values
+            .iter()
+            .flat_map(|&x| (x as i32).to_le_bytes())
+            .collect(),
+        Dtype::U8 => values.iter().map(|&x| x as u8).collect(),
+        other => panic!("test helper does not encode {other:?}"),
+    }
+}
+
+fn write_inputs(path: &Path, tensors: &[Spec]) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|Spec(_, dt, _, v)| encode(*dt, v))
+        .collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(Spec(name, dt, shape, _), b)| {
+            (
+                name.to_string(),
+                TensorView::new(*dt, shape.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+struct Run {
+    ok: bool,
+    stderr: String,
+}
+
+fn linattn(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_linattn"))
+        .args(args)
+        .output()
+        .expect("binary runs");
+    Run {
+        ok: out.status.success(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn tmp(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
+
+/// q, k, v, g of a small GLA problem in `dtype`.
+fn gla_inputs(
+    rng: &mut Rng,
+    dtype: Dtype,
+    (b, t, h, k, v): (usize, usize, usize, usize, usize),
+) -> Vec<Spec<'static>> {
+    vec![
+        Spec("q", dtype, vec![b, t, h, k], rng.randn(b * t * h * k)),
+        Spec("k", dtype, vec![b, t, h, k], rng.randn(b * t * h * k)),
+        Spec("v", dtype, vec![b, t, h, v], rng.randn(b * t * h * v)),
+        Spec(
+            "g",
+            dtype,
+            vec![b, t, h, k],
+            logsigmoid_gates(rng, b * t * h * k, 1.0),
+        ),
+    ]
+}
+
+fn assert_one_line_error(run: &Run, needle: &str) {
+    assert!(!run.ok, "expected failure, stderr: {}", run.stderr);
+    assert!(!run.stderr.contains("panicked"), "panic: {}", run.stderr);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected: {:?}", run.stderr);
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "error should mention `{needle}`: {}",
+        lines[0]
+    );
+}
+
+#[test]
+fn gla_forward_and_backward_write_every_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp(&dir, "in.safetensors"), tmp(&dir, "out.safetensors"));
+    let mut rng = Rng::new(1);
+    let shape = (1, 9, 2, 4, 3);
+    let mut tensors = gla_inputs(&mut rng, Dtype::BF16, shape);
+    tensors.push(Spec("h0", Dtype::F32, vec![1, 2, 4, 3], rng.randn(24)));
+    tensors.push(Spec("do", Dtype::F16, vec![1, 9, 2, 3], rng.randn(54)));
+    tensors.push(Spec("dht", Dtype::F64, vec![1, 2, 4, 3], rng.randn(24)));
+    write_inputs(&input, &tensors);
+    let run = linattn(&[
+        "run",
+        "gla",
+        "--device",
+        "cpu",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(run.ok, "{}", run.stderr);
+    let out = Inputs::read(Some(&output)).unwrap();
+    let expect = [
+        ("o", vec![1, 9, 2, 3]),
+        ("ht", vec![1, 2, 4, 3]),
+        ("dq", vec![1, 9, 2, 4]),
+        ("dk", vec![1, 9, 2, 4]),
+        ("dv", vec![1, 9, 2, 3]),
+        ("dg", vec![1, 9, 2, 4]),
+        ("dh0", vec![1, 2, 4, 3]),
+    ];
+    for (name, shape) in &expect {
+        let t = out.float(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(t.shape(), shape.as_slice(), "{name}");
+        assert_eq!(t.dtype(), linattn::DType::F32, "{name}: outputs are f32");
+        assert!(t.first_non_finite().is_none(), "{name}");
+    }
+    assert_eq!(out.names().len(), expect.len());
+}
+
+#[test]
+fn gla_output_matches_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp(&dir, "in.safetensors"), tmp(&dir, "out.safetensors"));
+    let mut rng = Rng::new(2);
+    let (b, t, h, k, v) = (2, 7, 1, 3, 2);
+    let tensors = gla_inputs(&mut rng, Dtype::F64, (b, t, h, k, v));
+    write_inputs(&input, &tensors);
+    let run = linattn(&[
+        "run",
+        "gla",
+        "--device",
+        "cpu",
+        "--form",
+        "recurrent",
+        "--scale",
+        "0.5",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(run.ok, "{}", run.stderr);
+    let o = Inputs::read(Some(&output))
+        .unwrap()
+        .float("o")
+        .unwrap()
+        .to_f64_vec();
+    // o_t = scale * q_t S_t, S_t = diag(exp g_t) S_{t-1} + k_t^T v_t, written out directly.
+    let [q, kk, vv, g] = [0, 1, 2, 3].map(|i| &tensors[i].3);
+    let mut want = vec![0.0; b * t * h * v];
+    for bb in 0..b {
+        let mut s = vec![0.0; k * v];
+        for tt in 0..t {
+            let base = bb * t + tt;
+            for i in 0..k {
+                for j in 0..v {
+                    s[i * v + j] =
+                        s[i * v + j] * g[base * k + i].exp() + kk[base * k + i] * vv[base * v + j];
+                }
+            }
+            for j in 0..v {
+                want[base * v + j] =
+                    0.5 * (0..k).map(|i| q[base * k + i] * s[i * v + j]).sum::<f64>();
+            }
+        }
+    }
+    for (a, w) in o.iter().zip(&want) {
+        // outputs are written as f32
+        assert!((a - w).abs() <= 1e-6 * (1.0 + w.abs()), "{a} vs {w}");
+    }
+}
+
+#[test]
+fn lion_without_gate_and_with_per_head_gates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp(&dir, "in.safetensors"), tmp(&dir, "out.safetensors"));
+    let mut rng = Rng::new(3);
+    let (b, t, h, k, v) = (1, 6, 2, 4, 4);
+    let mut tensors = vec![
+        Spec(
+            "q",
+            Dtype::F32,
+            vec![b, t, h, k],
+            rng.uniform_vec(b * t * h * k, 0.1, 1.0),
+        ),
+        Spec(
+            "k",
+            Dtype::F32,
+            vec![b, t, h, k],
+            rng.uniform_vec(b * t * h * k, 0.1, 1.0),
+        ),
+        Spec("v", Dtype::F32, vec![b, t, h, v], rng.randn(b * t * h * v)),
+        Spec("do", Dtype::F32, vec![b, t, h, v], rng.randn(b * t * h * v)),
+    ];
+    write_inputs(&input, &tensors);
+    let args = |input: &Path, output: &Path| {
+        vec![
+            "run".to_string(),
+            "lion".into(),
+            "--device".into(),
+            "cpu".into(),
+            "--normalize".into(),
+            "--input".into(),
+            input.display().to_string(),
+            "--output".into(),
+            output.display().to_string(),
+        ]
+    };
+    let a = args(&input, &output);
+    let run = linattn(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(run.ok, "{}", run.stderr);
+    let out = Inputs::read(Some(&output)).unwrap();
+    // No gate: no dg. Names come back sorted.
+    assert_eq!(out.names(), vec!["dk", "dq", "dv", "o"]);
+
+    tensors.push(Spec("g", Dtype::F32, vec![h], vec![-0.1, -0.5]));
+    tensors.push(Spec("g_bwd", Dtype::F32, vec![h], vec![-0.2, -0.3]));
+    write_inputs(&input, &tensors);
+    let run = linattn(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(run.ok, "{}", run.stderr);
+    let out = Inputs::read(Some(&output)).unwrap();
+    assert_eq!(out.float("dg").unwrap().shape(), &[h]);
+    assert_eq!(out.float("dg_bwd").unwrap().shape(), &[h]);
+}
+
+#[test]
+fn malformed_inputs_give_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp(&dir, "in.safetensors"), tmp(&dir, "out.safetensors"));
+    let mut rng = Rng::new(4);
+    let shape = (1, 8, 2, 4, 4);
+    let run_gla = |tensors: &[Spec]| {
+        write_inputs(&input, tensors);
+        linattn(&[
+            "run",
+            "gla",
+            "--device",
+            "cpu",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+        ])
+    };
+
+    // missing tensor
+    let mut t = gla_inputs(&mut rng, Dtype::F32, shape);
+    t.remove(3);
+    assert_one_line_error(&run_gla(&t), "missing tensor `g`");
+
+    // wrong shape, naming the tensor and both shapes
+    let mut t = gla_inputs(&mut rng, Dtype::F32, shape);
+    t[2] = Spec("v", Dtype::F32, vec![1, 7, 2, 4], rng.randn(56));
+    assert_one_line_error(&run_gla(&t), "`v`");
+    assert_one_line_error(&run_gla(&t), "[1, 7, 2, 4]");
+
+    // positive gate
+    let mut t = gla_inputs(&mut rng, Dtype::F32, shape);
+    t[3].3[5] = 0.25;
+    assert_one_line_error(&run_gla(&t), "invalid gate `g`: element 5 is 0.25");
+
+    // NaN input
+    let mut t = gla_inputs(&mut rng, Dtype::F32, shape);
+    t[0].3[3] = f64::NAN;
+    assert_one_line_error(&run_gla(&t), "non-finite input `q`");
+
+    // bad cu_seqlens (B must be 1, offsets must end at T)
+    let mut t = gla_inputs(&mut rng, Dtype::F32, shape);
+    t.push(Spec("cu_seqlens", Dtype::I64, vec![3], vec![0.0, 3.0, 7.0]));
+    assert_one_line_error(&run_gla(&t), "bad cu_seqlens");
+    let mut t = gla_inputs(&mut rng, Dtype::F32, shape);
+    t.push(Spec("cu_seqlens", Dtype::I32, vec![2], vec![0.0, 0.0]));
+    assert_one_line_error(&run_gla(&t), "bad cu_seqlens");
+
+    // h0 of the wrong shape
+    let mut t = gla_inputs(&mut rng, Dtype::F32, shape);
+    t.push(Spec("h0", Dtype::F32, vec![1, 2, 4], rng.randn(8)));
+    assert_one_line_error(&run_gla(&t), "`h0`");
+
+    // integer tensor where a float is expected
+    let mut t = gla_inputs(&mut rng, Dtype::F32, shape);
+    t[0] = Spec("q", Dtype::I32, vec![1, 8, 2, 4], vec![1.0; 64]);
+    assert_one_line_error(&run_gla(&t), "`q` must be a float tensor");
+
+    // not a safetensors file at all
+    std::fs::write(&input, b"definitely not safetensors").unwrap();
+    let run = linattn(&[
+        "run",
+        "gla",
+        "--device",
+        "cpu",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&run, "safetensors");
+
+    // unknown device and form
+    let t = gla_inputs(&mut rng, Dtype::F32, shape);
+    write_inputs(&input, &t);
+    let run = linattn(&[
+        "run",
+        "gla",
+        "--device",
+        "tpu",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&run, "unknown device `tpu`");
+    let run = linattn(&[
+        "run",
+        "gla",
+        "--device",
+        "cpu",
+        "--form",
+        "magic",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&run, "unknown form `magic`");
+}
