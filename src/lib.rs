@@ -6,6 +6,7 @@
 //! else a wgpu adapter, else the CPU). Every op validates its input on the host and returns a typed
 //! [`Error`]; nothing panics across the public API.
 
+pub mod attention;
 pub mod backend;
 #[doc(hidden)]
 pub mod cli;

@@ -1,5 +1,6 @@
 //! `linattn run OP`: one subcommand per op, each in the file of its op family.
 
+mod attention;
 mod linear;
 
 use std::path::PathBuf;
@@ -77,6 +78,11 @@ pub enum RunOp {
     /// Bidirectional LION attention. Inputs q, k [B,T,H,K], v [B,T,H,V], optional g and g_bwd
     /// ([B,T,H] or [H]), cu_seqlens, do. Outputs o; with do: dq, dk, dv, dg, dg_bwd.
     Lion(linear::LionArgs),
+    /// Block-sparse (or dense) softmax attention. Inputs q [B,T,H,D], k, v [B,S,H,D], optional
+    /// block_mask u8 [ceil(T/bs), ceil(S/bs)], do. Outputs o, lse [B,H,T]; with do: dq, dk, dv.
+    Attention(attention::AttentionArgs),
+    /// A Radial attention block mask (no inputs). Output block_mask u8 [NB, NB].
+    RadialMask(attention::RadialMaskArgs),
 }
 
 /// Runs one op end to end: read, compute, write.
@@ -84,6 +90,8 @@ pub fn execute(op: RunOp) -> Result<()> {
     let (common, outputs) = match op {
         RunOp::Gla(args) => (args.common.clone(), linear::gla(&args)?),
         RunOp::Lion(args) => (args.common.clone(), linear::lion(&args)?),
+        RunOp::Attention(args) => (args.common.clone(), attention::attention(&args)?),
+        RunOp::RadialMask(args) => return attention::radial_mask(&args)?.write(&args.output),
     };
     outputs.write(&common.output)
 }
