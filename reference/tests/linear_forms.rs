@@ -14,7 +14,11 @@ const TOL: f64 = 1e-10;
 /// The variants of one (gate kind, direction): (normalize, h0, separate gate_bwd).
 fn variants(direction: Direction) -> Vec<(bool, bool, bool)> {
     match direction {
-        Direction::Causal => vec![(false, false, false), (false, true, false), (true, false, false)],
+        Direction::Causal => vec![
+            (false, false, false),
+            (false, true, false),
+            (true, false, false),
+        ],
         Direction::Bidirectional => vec![
             (false, false, false),
             (false, false, true),
@@ -190,7 +194,11 @@ fn strong_gates_long_sequence_stable() {
                 }
                 let out = assert_forms_agree(&format!("{spec:?}"), &case, &[16, 64], TOL);
                 let grads = case.backward(linattn_reference::linear::Form::Chunkwise { chunk: 64 });
-                let all_finite = out.o.iter().chain(out.ht.iter().flatten()).all(|x| x.is_finite())
+                let all_finite = out
+                    .o
+                    .iter()
+                    .chain(out.ht.iter().flatten())
+                    .all(|x| x.is_finite())
                     && [&grads.dq, &grads.dk, &grads.dv]
                         .into_iter()
                         .chain(grads.dg.iter())
@@ -203,14 +211,56 @@ fn strong_gates_long_sequence_stable() {
     }
 }
 
+/// Large, non-power-of-two head dims with long packed segments (one of them a single token).
+#[test]
+fn forms_agree_large_head_dims_varlen() {
+    let cu = vec![0usize, 1, 100, 300];
+    let dims = Dims {
+        b: 1,
+        t: 300,
+        h: 1,
+        k: 60,
+        v: 100,
+    };
+    let configs = [
+        (GateKind::Vector, Direction::Causal, false, true, false),
+        (
+            GateKind::Scalar,
+            Direction::Bidirectional,
+            true,
+            false,
+            true,
+        ),
+        (
+            GateKind::PerHead,
+            Direction::Bidirectional,
+            false,
+            false,
+            false,
+        ),
+    ];
+    for (i, (kind, direction, normalize, h0, separate_gb)) in configs.into_iter().enumerate() {
+        let spec = Spec {
+            strength: GATE_STRENGTHS[i],
+            normalize,
+            h0,
+            separate_gb,
+            cu_seqlens: Some(cu.clone()),
+            ..Spec::new(dims, kind, direction)
+        };
+        let case = Case::random(1200 + i as u64, &spec);
+        assert_forms_agree(&format!("{spec:?}"), &case, &[64], TOL);
+    }
+}
+
 fn head_dim() -> impl Strategy<Value = usize> {
     prop_oneof![4 => 1usize..=12, 1 => Just(60usize), 1 => Just(100usize)]
 }
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 48,
-        rng_seed: RngSeed::Fixed(0x11AA_77),
+        cases: 160,
+        rng_seed: RngSeed::Fixed(0x0011_AA77),
         failure_persistence: None,
         max_shrink_iters: 64,
         ..ProptestConfig::default()
@@ -230,9 +280,21 @@ proptest! {
         separate_gb in any::<bool>(),
         strength_idx in 0usize..3,
         chunk in prop_oneof![Just(1usize), Just(7), Just(16), Just(64), 2usize..=40],
+        varlen in any::<bool>(),
+        cuts in proptest::collection::vec(0.0f64..=1.0, 0..4),
     ) {
         // Keep B*H small when a head dim is large.
         let (b, h) = if k.max(v) > 12 { (1, 1) } else { (2, 2) };
+        // Varlen: b = 1, segments between sorted random cut points (repeats give empty segments).
+        let (b, cu_seqlens) = if varlen {
+            let mut cu: Vec<usize> = cuts.iter().map(|c| (c * t as f64) as usize).collect();
+            cu.push(0);
+            cu.push(t);
+            cu.sort_unstable();
+            (1, Some(cu))
+        } else {
+            (b, None)
+        };
         let dims = Dims { b, t, h, k, v };
         let direction = if bidirectional { Direction::Bidirectional } else { Direction::Causal };
         let spec = Spec {
@@ -240,6 +302,7 @@ proptest! {
             normalize,
             h0,
             separate_gb,
+            cu_seqlens,
             ..Spec::new(dims, ALL_KINDS[kind_idx], direction)
         };
         let case = Case::random(seed, &spec);

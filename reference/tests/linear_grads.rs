@@ -111,7 +111,11 @@ fn check(what: &str, case: &Case) -> usize {
 fn variants(direction: Direction) -> Vec<(bool, bool, bool)> {
     // (normalize, h0, separate gate_bwd)
     match direction {
-        Direction::Causal => vec![(false, false, false), (false, true, false), (true, false, false)],
+        Direction::Causal => vec![
+            (false, false, false),
+            (false, true, false),
+            (true, false, false),
+        ],
         Direction::Bidirectional => vec![
             (false, false, false),
             (false, false, true),
@@ -148,7 +152,10 @@ fn gradients_match_finite_differences() {
         }
     }
     // 4 kinds x 7 variants x 4 forms x (q, k, v) at least, plus gates and h0.
-    assert!(checked > 4 * 7 * 4 * 3, "only {checked} gradient arrays checked");
+    assert!(
+        checked > 4 * 7 * 4 * 3,
+        "only {checked} gradient arrays checked"
+    );
 }
 
 /// Varlen (with an empty segment, h0 per segment) and one strong-gate case.

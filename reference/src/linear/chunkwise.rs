@@ -81,7 +81,9 @@ pub fn chunk_states_forward(hp: &HeadProblem, gc: &[f64], chunk: usize) -> Vec<V
         let gc_last = row(gc, range.end - 1, kd);
         for c in 0..kd {
             let decay = gc_last[c].exp();
-            row_mut(&mut state, c, w).iter_mut().for_each(|x| *x *= decay);
+            row_mut(&mut state, c, w)
+                .iter_mut()
+                .for_each(|x| *x *= decay);
         }
         for j in range {
             let gc_j = row(gc, j, kd);
@@ -113,7 +115,9 @@ pub fn chunk_states_backward(hp: &HeadProblem, gbc: &[f64], chunk: usize) -> Vec
         let gbc_last = row(gbc, ranges[n].end - 1, kd);
         for c in 0..kd {
             let decay = gbc_last[c].exp();
-            row_mut(&mut state, c, w).iter_mut().for_each(|x| *x *= decay);
+            row_mut(&mut state, c, w)
+                .iter_mut()
+                .for_each(|x| *x *= decay);
         }
         for j in ranges[n].clone() {
             let gbc_j = row(gbc, j, kd);
@@ -228,7 +232,9 @@ fn forward_unnormalized(hp: &HeadProblem, chunk: usize) -> HeadOutput {
     let (kd, w, scale) = (hp.key_dim, hp.value_dim, hp.scale);
     let (gc, gbc) = cumulative_gates(hp, chunk);
     let forward_states = chunk_states_forward(hp, &gc, chunk);
-    let backward_states = gbc.as_ref().map(|gbc| chunk_states_backward(hp, gbc, chunk));
+    let backward_states = gbc
+        .as_ref()
+        .map(|gbc| chunk_states_backward(hp, gbc, chunk));
     let mut o = vec![0.0; hp.len * w];
     for (n, range) in chunk_ranges(hp.len, chunk).into_iter().enumerate() {
         let last = range.end - 1;
@@ -315,9 +321,7 @@ pub fn chunk_state_grads_backward(
             }
         }
         for i in range.clone() {
-            let q_bwd = decayed(row(&hp.q, i, kd), |c| {
-                gbc[last * kd + c] - gbc[i * kd + c]
-            });
+            let q_bwd = decayed(row(&hp.q, i, kd), |c| gbc[last * kd + c] - gbc[i * kd + c]);
             add_outer(&mut dh, hp.scale, &q_bwd, row(d_o, i, w));
         }
         grads.push(dh);
@@ -402,11 +406,16 @@ fn backward_unnormalized(
 ) -> HeadGrads {
     let (l, kd, w, scale) = (hp.len, hp.key_dim, hp.value_dim, hp.scale);
     if d_ht.is_some() {
-        assert!(hp.has_final_state(), "d_ht given for a problem without a final state");
+        assert!(
+            hp.has_final_state(),
+            "d_ht given for a problem without a final state"
+        );
     }
     let (gc, gbc) = cumulative_gates(hp, chunk);
     let forward_states = chunk_states_forward(hp, &gc, chunk);
-    let backward_states = gbc.as_ref().map(|gbc| chunk_states_backward(hp, gbc, chunk));
+    let backward_states = gbc
+        .as_ref()
+        .map(|gbc| chunk_states_backward(hp, gbc, chunk));
     let d_forward = chunk_state_grads_forward(hp, &gc, chunk, d_o, d_ht);
     let d_backward = gbc
         .as_ref()
@@ -507,7 +516,9 @@ fn backward_unnormalized(
             let mut decayed_ht = forward_states[ranges.len() - 1].clone();
             for c in 0..kd {
                 let decay = gc_last[c].exp();
-                row_mut(&mut decayed_ht, c, w).iter_mut().for_each(|x| *x *= decay);
+                row_mut(&mut decayed_ht, c, w)
+                    .iter_mut()
+                    .for_each(|x| *x *= decay);
             }
             for j in last_chunk.start..l - 1 {
                 let k_fwd = decayed(row(&hp.k, j, kd), |c| gc_last[c] - gc[j * kd + c]);

@@ -23,6 +23,10 @@
 //! column carries the normaliser, kernels.md) and divide ([`normalized_forward`],
 //! [`normalized_backward`]).
 
+// Index loops (`for c in 0..kd`) mirror the subscripts of the formulas in the doc comments, and
+// usually index several arrays at once; iterator chains would hide the math.
+#![allow(clippy::needless_range_loop)]
+
 pub mod chunkwise;
 pub mod parallel;
 pub mod recurrent;
@@ -249,7 +253,6 @@ pub struct Grads {
     pub dh0: Option<Vec<f64>>,
 }
 
-
 /// Forward pass in the given form.
 pub fn forward(p: &Problem, form: Form) -> Output {
     validate(p, form);
@@ -285,8 +288,15 @@ pub fn backward(p: &Problem, form: Form, d_o: &[f64], d_ht: Option<&[f64]>) -> G
     let n_seq = p.num_sequences();
     assert_eq!(d_o.len(), p.dims.v_len(), "d_o must be [B, T, H, V]");
     if let Some(d_ht) = d_ht {
-        assert!(p.has_final_state(), "d_ht given for a problem without a final state");
-        assert_eq!(d_ht.len(), n_seq * p.dims.state_len(), "d_ht must be [N, H, K, V]");
+        assert!(
+            p.has_final_state(),
+            "d_ht given for a problem without a final state"
+        );
+        assert_eq!(
+            d_ht.len(),
+            n_seq * p.dims.state_len(),
+            "d_ht must be [N, H, K, V]"
+        );
     }
     let split = Split::new(p);
     let mut dq = vec![0.0; p.dims.qk_len()];
@@ -358,8 +368,16 @@ pub fn decode_step(
     assert_eq!(q.len(), dims.qk_len(), "q must be [B, 1, H, K]");
     assert_eq!(k.len(), dims.qk_len(), "k must be [B, 1, H, K]");
     assert_eq!(v.len(), dims.v_len(), "v must be [B, 1, H, V]");
-    assert_eq!(state.len(), dims.b * dims.state_len(), "state must be [B, H, K, V]");
-    assert_eq!(gate.data().map_or(0, <[f64]>::len), gate.kind().len(dims), "gate length");
+    assert_eq!(
+        state.len(),
+        dims.b * dims.state_len(),
+        "state must be [B, H, K, V]"
+    );
+    assert_eq!(
+        gate.data().map_or(0, <[f64]>::len),
+        gate.kind().len(dims),
+        "gate length"
+    );
     let g = gate.expand(dims);
     assert_gates_valid(&g);
     let (kd, vd) = (dims.k, dims.v);
@@ -540,8 +558,16 @@ fn validate(p: &Problem, form: Form) {
     let gate_len = |g: &Gate| g.data().map_or(0, <[f64]>::len);
     assert_eq!(gate_len(&p.gate), p.gate.kind().len(d), "gate length");
     if let Some(gb) = &p.gate_bwd {
-        assert_eq!(p.direction, Direction::Bidirectional, "gate_bwd needs bidirectional");
-        assert_eq!(gb.kind(), p.gate.kind(), "gate_bwd must have the gate's kind");
+        assert_eq!(
+            p.direction,
+            Direction::Bidirectional,
+            "gate_bwd needs bidirectional"
+        );
+        assert_eq!(
+            gb.kind(),
+            p.gate.kind(),
+            "gate_bwd must have the gate's kind"
+        );
         assert_eq!(gate_len(gb), gb.kind().len(d), "gate_bwd length");
     }
     for g in [Some(&p.gate), p.gate_bwd.as_ref()].into_iter().flatten() {
@@ -552,12 +578,23 @@ fn validate(p: &Problem, form: Form) {
         assert!(cu.len() >= 2, "cu_seqlens needs at least one segment");
         assert_eq!(cu[0], 0, "cu_seqlens must start at 0");
         assert_eq!(*cu.last().unwrap(), d.t, "cu_seqlens must end at T");
-        assert!(cu.windows(2).all(|w| w[0] <= w[1]), "cu_seqlens must not decrease");
+        assert!(
+            cu.windows(2).all(|w| w[0] <= w[1]),
+            "cu_seqlens must not decrease"
+        );
     }
     if let Some(h0) = p.h0 {
-        assert_eq!(p.direction, Direction::Causal, "h0 only for causal problems");
+        assert_eq!(
+            p.direction,
+            Direction::Causal,
+            "h0 only for causal problems"
+        );
         assert!(p.normalize.is_none(), "h0 not with normalize");
-        assert_eq!(h0.len(), p.num_sequences() * d.state_len(), "h0 must be [N, H, K, V]");
+        assert_eq!(
+            h0.len(),
+            p.num_sequences() * d.state_len(),
+            "h0 must be [N, H, K, V]"
+        );
     }
     if let Some(eps) = p.normalize {
         assert!(eps.is_finite() && eps >= 0.0, "eps must be finite and >= 0");

@@ -168,7 +168,10 @@ fn integrate(diff: &[f64], l: usize, kd: usize) -> Vec<f64> {
 pub fn backward(hp: &HeadProblem, d_o: &[f64], d_ht: Option<&[f64]>) -> HeadGrads {
     let (l, kd, w, scale) = (hp.len, hp.key_dim, hp.value_dim, hp.scale);
     if d_ht.is_some() {
-        assert!(hp.has_final_state(), "d_ht given for a problem without a final state");
+        assert!(
+            hp.has_final_state(),
+            "d_ht given for a problem without a final state"
+        );
     }
     let mut grads = hp.zero_grads();
     let mut diff_g = vec![0.0; (l + 1) * kd];
@@ -181,10 +184,7 @@ pub fn backward(hp: &HeadProblem, d_o: &[f64], d_ht: Option<&[f64]>) -> HeadGrad
         let d_o_i = row(d_o, i, w);
         // dL/dA_ij and the weight of A_ij in o_i.
         let (d_a, a_weight): (Vec<f64>, f64) = match hp.normalize {
-            None => (
-                (0..l).map(|j| dot(d_o_i, row(&hp.v, j, w))).collect(),
-                1.0,
-            ),
+            None => ((0..l).map(|j| dot(d_o_i, row(&hp.v, j, w))).collect(), 1.0),
             Some(eps) => {
                 // o_i = sum_j A_ij v_j / den_i, den_i = sum_j A_ij + eps:
                 // dL/dA_ij = (do_i . v_j) / den_i - (do_i . o_i) / den_i.

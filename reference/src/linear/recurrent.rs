@@ -87,14 +87,17 @@ fn forward_unnormalized(hp: &HeadProblem) -> HeadOutput {
     let mut o = vec![0.0; hp.len * w];
     let forward_states = causal_scan_states(hp);
     for t in 0..hp.len {
-        row_times_mat(row_mut(&mut o, t, w), scale, row(&hp.q, t, kd), &forward_states[t + 1]);
+        row_times_mat(
+            row_mut(&mut o, t, w),
+            scale,
+            row(&hp.q, t, kd),
+            &forward_states[t + 1],
+        );
     }
     match hp.direction {
         Direction::Causal => HeadOutput {
             o,
-            ht: hp
-                .has_final_state()
-                .then(|| forward_states[hp.len].clone()),
+            ht: hp.has_final_state().then(|| forward_states[hp.len].clone()),
         },
         Direction::Bidirectional => {
             let backward_states = anticausal_scan_states(hp);
@@ -135,7 +138,12 @@ fn backward_unnormalized(hp: &HeadProblem, d_o: &[f64], d_ht: Option<&[f64]>) ->
         let d_o_t = row(d_o, t, w);
         add_outer(&mut ds, scale, q, d_o_t);
         // o_t = scale q_t S_t
-        mat_times_col(row_mut(&mut grads.dq, t, kd), scale, &forward_states[t + 1], d_o_t);
+        mat_times_col(
+            row_mut(&mut grads.dq, t, kd),
+            scale,
+            &forward_states[t + 1],
+            d_o_t,
+        );
         // S_t = diag(a_t) S_{t-1} + k_t^T v_t, a_t = exp(g_t)
         mat_times_col(row_mut(&mut grads.dk, t, kd), 1.0, &ds, v);
         row_times_mat(row_mut(&mut grads.dv, t, w), 1.0, k, &ds);
@@ -190,7 +198,12 @@ fn backward_unnormalized(hp: &HeadProblem, d_o: &[f64], d_ht: Option<&[f64]>) ->
             let (q, k, v) = (row(&hp.q, t, kd), row(&hp.k, t, kd), row(&hp.v, t, w));
             let d_o_t = row(d_o, t, w);
             add_outer(&mut ds, scale, q, d_o_t);
-            mat_times_col(row_mut(&mut grads.dq, t, kd), scale, &backward_states[t], d_o_t);
+            mat_times_col(
+                row_mut(&mut grads.dq, t, kd),
+                scale,
+                &backward_states[t],
+                d_o_t,
+            );
             mat_times_col(row_mut(&mut grads.dk, t, kd), 1.0, &ds, v);
             row_times_mat(row_mut(&mut grads.dv, t, w), 1.0, k, &ds);
         }

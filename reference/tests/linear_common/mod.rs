@@ -197,7 +197,10 @@ pub fn assert_grads(what: &str, got: &Grads, want: &Grads, tol: f64) {
 pub fn assert_forms_agree(what: &str, case: &Case, chunks: &[usize], tol: f64) -> Output {
     let want = case.forward(Form::Parallel);
     let want_grads = case.backward(Form::Parallel);
-    assert!(want.o.iter().all(|x| x.is_finite()), "{what}: parallel o not finite");
+    assert!(
+        want.o.iter().all(|x| x.is_finite()),
+        "{what}: parallel o not finite"
+    );
     let mut forms = vec![Form::Recurrent];
     forms.extend(chunks.iter().map(|&chunk| Form::Chunkwise { chunk }));
     for form in forms {
