@@ -103,9 +103,9 @@ fn brute(p: &AttnProblem, d_o: &[f64]) -> (AttnOutput, AttnGrads) {
                 let l: f64 = e.iter().sum();
                 let pr: Vec<f64> = e.iter().map(|x| x / l).collect();
                 lse[(bb * h + hh) * t + i] = m + l.ln();
-                for j in 0..s {
+                for (j, pj) in pr.iter().enumerate() {
                     for x in 0..d {
-                        o[qi(bb, i, hh) + x] += pr[j] * p.v[kj(bb, j, hh) + x];
+                        o[qi(bb, i, hh) + x] += pj * p.v[kj(bb, j, hh) + x];
                     }
                 }
                 // dp_j = d_o_i . v_j ; ds = (diag(p) - p p^T) dp

@@ -549,3 +549,26 @@ fn md_lrpe_scores_depend_on_relative_positions_only() {
         .sum();
     assert!((base - expect).abs() < 1e-12);
 }
+
+#[test]
+#[should_panic(expected = "empty prefix")]
+fn stray_state_with_an_empty_prefix_is_rejected() {
+    let mut x = data(dims(1, 3, 1, 1, 1), None, true, 1.0, 40);
+    x.state.as_mut().unwrap().z[0] = f64::NEG_INFINITY;
+    x.state.as_mut().unwrap().s[0] = 1.0;
+    forward(&problem(&x, false), Form::Recurrent);
+}
+
+#[test]
+fn empty_prefix_state_matches_no_state() {
+    let mut x = data(dims(1, 5, 2, 2, 2), None, true, 1.0, 41);
+    let st = x.state.as_mut().unwrap();
+    st.z.iter_mut().for_each(|z| *z = f64::NEG_INFINITY);
+    st.s.iter_mut().for_each(|s| *s = 0.0);
+    let with = forward(&problem(&x, false), Form::Recurrent);
+    x.state = None;
+    for form in all_forms() {
+        let without = forward(&problem(&x, false), form);
+        assert_close("o", &with.o, &without.o, 1e-12);
+    }
+}
