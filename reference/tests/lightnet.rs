@@ -1,6 +1,6 @@
 //! LightNet: the additive gate, the three causal forms against each other, hand-checked values,
 //! the non-causal form, analytic gradients against central finite differences, the reduction to the
-//! engine (ignored until the engine lands), and MD-LRPE.
+//! engine, and MD-LRPE.
 
 use linattn_reference::lightnet::{
     LightNetOutput, LightNetProblem, LightNetState, additive_gate, backward, forward, md_lrpe,
@@ -374,7 +374,6 @@ fn non_causal_gradients_match_finite_differences() {
 /// LightNet is the engine's causal GLA on `(q, khat, v)` with the vector gate `g`; its `dk` is the
 /// engine's `dk` (w.r.t. `khat`) and `dg` chained through `khat = exp(k - z)`, `g_t = z_{t-1} - z_t`.
 #[test]
-#[ignore = "needs linear engine from ref-linear branch"]
 fn lightnet_equals_engine_on_the_additive_gate() {
     for (x, form) in [
         (

@@ -1,12 +1,18 @@
 //! CubeCL block-sparse flash attention (to be written: issue 6).
 
-use super::{AttnGrads, AttnOutput, AttnSpec, Attention};
+use super::{Attention, AttnGrads, AttnOutput, AttnSpec};
 use crate::cube::CubeContext;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-pub(super) fn forward(_ctx: &CubeContext, _spec: &AttnSpec, _args: &Attention) -> Result<AttnOutput> {
-    Err(Error::Unsupported("attention on the cube backend is not implemented yet".into()))
+pub(super) fn forward(
+    _ctx: &CubeContext,
+    _spec: &AttnSpec,
+    _args: &Attention,
+) -> Result<AttnOutput> {
+    Err(Error::Unsupported(
+        "attention on the cube backend is not implemented yet".into(),
+    ))
 }
 
 pub(super) fn backward(
@@ -15,5 +21,7 @@ pub(super) fn backward(
     _args: &Attention,
     _d_o: &Tensor,
 ) -> Result<AttnGrads> {
-    Err(Error::Unsupported("attention on the cube backend is not implemented yet".into()))
+    Err(Error::Unsupported(
+        "attention on the cube backend is not implemented yet".into(),
+    ))
 }

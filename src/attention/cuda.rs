@@ -1,12 +1,18 @@
 //! Hand-written CUDA block-sparse flash attention (to be written: issue 6).
 
-use super::{AttnGrads, AttnOutput, AttnSpec, Attention};
+use super::{Attention, AttnGrads, AttnOutput, AttnSpec};
 use crate::cuda::CudaContext;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-pub(super) fn forward(_ctx: &CudaContext, _spec: &AttnSpec, _args: &Attention) -> Result<AttnOutput> {
-    Err(Error::Unsupported("attention on the cuda backend is not implemented yet".into()))
+pub(super) fn forward(
+    _ctx: &CudaContext,
+    _spec: &AttnSpec,
+    _args: &Attention,
+) -> Result<AttnOutput> {
+    Err(Error::Unsupported(
+        "attention on the cuda backend is not implemented yet".into(),
+    ))
 }
 
 pub(super) fn backward(
@@ -15,5 +21,7 @@ pub(super) fn backward(
     _args: &Attention,
     _d_o: &Tensor,
 ) -> Result<AttnGrads> {
-    Err(Error::Unsupported("attention on the cuda backend is not implemented yet".into()))
+    Err(Error::Unsupported(
+        "attention on the cuda backend is not implemented yet".into(),
+    ))
 }

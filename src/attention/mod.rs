@@ -187,7 +187,9 @@ pub fn block_mask_from_dense(
         )));
     }
     let dense: Vec<u8> = values.iter().map(|&v| v as u8).collect();
-    Ok(BlockMask::from_dense(shape[0], shape[1], block_q, block_k, &dense))
+    Ok(BlockMask::from_dense(
+        shape[0], shape[1], block_q, block_k, &dense,
+    ))
 }
 
 /// The Radial mask of `cfg` (paper rule or the released code's rule for `wan` / `hunyuan`).

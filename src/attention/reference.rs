@@ -2,7 +2,7 @@
 
 use linattn_reference::attention as reference;
 
-use super::{AttnGrads, AttnOutput, AttnSpec, Attention};
+use super::{Attention, AttnGrads, AttnOutput, AttnSpec};
 use crate::tensor::Tensor;
 
 struct F64Inputs {

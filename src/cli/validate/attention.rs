@@ -97,7 +97,9 @@ fn build_mask(case: &Case, rng: &mut Rng) -> Result<Option<BlockMask>> {
             let dense: Vec<u8> = (0..nq * nk)
                 .map(|i| u8::from(i / nk != 1 && rng.uniform() < keep))
                 .collect();
-            Some(BlockMask::from_dense(nq, nk, case.block, case.block, &dense))
+            Some(BlockMask::from_dense(
+                nq, nk, case.block, case.block, &dense,
+            ))
         }
         MaskKind::Radial(model, frames, tokens_per_frame) => {
             Some(attention::radial_mask(&RadialConfig {
@@ -138,11 +140,7 @@ pub(super) fn rows(backend: &Backend, quick: bool, rng: &mut Rng) -> Vec<Row> {
                 error: None,
             };
             match run_case(backend, &case, dtype, rng) {
-                Ok(cmp) => {
-                    row.pass = cmp.pass();
-                    row.max_rel_err = cmp.max_rel_err;
-                    row.worst = cmp.worst;
-                }
+                Ok(cmp) => cmp.fill(&mut row),
                 Err(Error::Unsupported(why)) => {
                     row.pass = true;
                     row.error = Some(format!("n/a ({why})"));
@@ -159,7 +157,9 @@ fn run_case(backend: &Backend, case: &Case, dtype: DType, rng: &mut Rng) -> Resu
     let (b, t, s, h, d) = case.shape;
     let mask = build_mask(case, rng)?;
     let tensor = |shape: Vec<usize>, data: Vec<f64>| {
-        Tensor::from_f64(shape, data).expect("sizes match").to_dtype(dtype)
+        Tensor::from_f64(shape, data)
+            .expect("sizes match")
+            .to_dtype(dtype)
     };
     let q = tensor(vec![b, t, h, d], rng.randn(b * t * h * d));
     let k = tensor(vec![b, s, h, d], rng.randn(b * s * h * d));
@@ -170,14 +170,23 @@ fn run_case(backend: &Backend, case: &Case, dtype: DType, rng: &mut Rng) -> Resu
         problem = problem.with_mask(m);
     }
     let thr = threshold(dtype);
-    let thr_o = if matches!(dtype, DType::F16 | DType::BF16) { 4e-3 } else { thr };
+    let thr_o = if matches!(dtype, DType::F16 | DType::BF16) {
+        4e-3
+    } else {
+        thr
+    };
     let got = attention::forward(backend, &problem)?;
     let grads = attention::backward(backend, &problem, &d_o)?;
     let mut cmp = Comparison::default();
     if backend.kind() == BackendKind::Cpu {
         let (o, lse) = materialised_forward(&problem)?;
         cmp.add("o", &got.o.to_f64_vec(), &o, thr_o);
-        cmp.add("lse", &finite_or_zero(&got.lse.to_f64_vec()), &finite_or_zero(&lse), thr);
+        cmp.add(
+            "lse",
+            &finite_or_zero(&got.lse.to_f64_vec()),
+            &finite_or_zero(&lse),
+            thr,
+        );
         let fd = finite_difference_samples(&problem, &d_o, &grads, rng)?;
         for (name, got, want) in fd {
             cmp.add(name, &got, &want, 1e-6);
@@ -192,12 +201,37 @@ fn run_case(backend: &Backend, case: &Case, dtype: DType, rng: &mut Rng) -> Resu
             &finite_or_zero(&want.lse.to_f64_vec()),
             thr,
         );
-        cmp.add("dq", &grads.dq.to_f64_vec(), &want_grads.dq.to_f64_vec(), thr);
-        cmp.add("dk", &grads.dk.to_f64_vec(), &want_grads.dk.to_f64_vec(), thr);
-        cmp.add("dv", &grads.dv.to_f64_vec(), &want_grads.dv.to_f64_vec(), thr);
+        cmp.add(
+            "dq",
+            &grads.dq.to_f64_vec(),
+            &want_grads.dq.to_f64_vec(),
+            thr,
+        );
+        cmp.add(
+            "dk",
+            &grads.dk.to_f64_vec(),
+            &want_grads.dk.to_f64_vec(),
+            thr,
+        );
+        cmp.add(
+            "dv",
+            &grads.dv.to_f64_vec(),
+            &want_grads.dv.to_f64_vec(),
+            thr,
+        );
         // An empty row must give exactly -inf on every backend.
-        let inf_got = got.lse.to_f64_vec().iter().filter(|x| **x == f64::NEG_INFINITY).count();
-        let inf_want = want.lse.to_f64_vec().iter().filter(|x| **x == f64::NEG_INFINITY).count();
+        let inf_got = got
+            .lse
+            .to_f64_vec()
+            .iter()
+            .filter(|x| **x == f64::NEG_INFINITY)
+            .count();
+        let inf_want = want
+            .lse
+            .to_f64_vec()
+            .iter()
+            .filter(|x| **x == f64::NEG_INFINITY)
+            .count();
         if inf_got != inf_want {
             cmp.add("lse=-inf rows", &[inf_got as f64], &[inf_want as f64], 0.0);
         }
@@ -207,7 +241,9 @@ fn run_case(backend: &Backend, case: &Case, dtype: DType, rng: &mut Rng) -> Resu
 
 /// `-inf` (empty rows) compared as 0 on both sides; the count of such rows is checked separately.
 fn finite_or_zero(x: &[f64]) -> Vec<f64> {
-    x.iter().map(|&v| if v.is_finite() { v } else { 0.0 }).collect()
+    x.iter()
+        .map(|&v| if v.is_finite() { v } else { 0.0 })
+        .collect()
 }
 
 /// The forward pass written as literally as possible: the whole `T x S` score matrix with `-inf`
@@ -223,9 +259,9 @@ fn materialised_forward(p: &Attention) -> Result<(Vec<f64>, Vec<f64>)> {
             for i in 0..dims.t {
                 let scores: Vec<f64> = (0..dims.s)
                     .map(|j| {
-                        let blocked = p.mask.is_some_and(|m| {
-                            !m.allowed(i / m.block_q(), j / m.block_k())
-                        });
+                        let blocked = p
+                            .mask
+                            .is_some_and(|m| !m.allowed(i / m.block_q(), j / m.block_k()));
                         if blocked || (spec.causal && j > i) {
                             f64::NEG_INFINITY
                         } else {
@@ -274,11 +310,25 @@ fn finite_difference_samples(
         let mut problem = Attention { q, k, v, ..*p };
         problem.mask = p.mask;
         let out = attention::forward(&Backend::Cpu, &problem)?;
-        Ok(out.o.to_f64_vec().iter().zip(&d_o).map(|(a, b)| a * b).sum())
+        Ok(out
+            .o
+            .to_f64_vec()
+            .iter()
+            .zip(&d_o)
+            .map(|(a, b)| a * b)
+            .sum())
     };
-    let (q, k, v) = (p.q.to_dtype(DType::F64), p.k.to_dtype(DType::F64), p.v.to_dtype(DType::F64));
+    let (q, k, v) = (
+        p.q.to_dtype(DType::F64),
+        p.k.to_dtype(DType::F64),
+        p.v.to_dtype(DType::F64),
+    );
     let mut samples = Vec::new();
-    for (name, which, grad) in [("dq", 0, &grads.dq), ("dk", 1, &grads.dk), ("dv", 2, &grads.dv)] {
+    for (name, which, grad) in [
+        ("dq", 0, &grads.dq),
+        ("dk", 1, &grads.dk),
+        ("dv", 2, &grads.dv),
+    ] {
         let grad = grad.to_f64_vec();
         let (mut got, mut want) = (Vec::new(), Vec::new());
         for _ in 0..8 {

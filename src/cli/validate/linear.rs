@@ -274,11 +274,7 @@ pub(super) fn rows(backend: &Backend, quick: bool, rng: &mut Rng) -> Vec<Row> {
                     reference_form,
                     dtype,
                 ) {
-                    Ok(cmp) => {
-                        row.pass = cmp.pass();
-                        row.max_rel_err = cmp.max_rel_err;
-                        row.worst = cmp.worst;
-                    }
+                    Ok(cmp) => cmp.fill(&mut row),
                     Err(Error::Unsupported(why)) => {
                         row.pass = true;
                         row.error = Some(format!("n/a ({why})"));

@@ -47,11 +47,15 @@ pub struct Row {
 }
 
 /// Compares named results against the reference with the project's pass rule (ops.md) and folds
-/// them into one row's error and verdict.
+/// them into one row's error and verdict. The row reports the tensor closest to (or furthest past)
+/// its threshold, with that threshold.
 #[derive(Default)]
 pub(crate) struct Comparison {
     max_rel_err: f64,
     worst: String,
+    worst_threshold: f64,
+    /// `error / threshold` of the worst tensor (NaN sticks: it is the worst possible result).
+    worst_ratio: f64,
     failed: bool,
     count: usize,
 }
@@ -61,17 +65,27 @@ impl Comparison {
         let rel = linattn_reference::rel_rms(got, reference);
         self.failed |= !linattn_reference::within_tolerance(got, reference, threshold);
         self.count += 1;
-        // A NaN error sticks: it is the worst possible result.
-        let worse = rel.is_nan() || (!self.max_rel_err.is_nan() && rel > self.max_rel_err);
+        let ratio = rel / threshold;
+        let worse = ratio.is_nan() || (!self.worst_ratio.is_nan() && ratio > self.worst_ratio);
         if self.worst.is_empty() || worse {
             self.max_rel_err = rel;
             self.worst = name.to_string();
+            self.worst_threshold = threshold;
+            self.worst_ratio = ratio;
         }
     }
 
     /// Passes when at least one tensor was compared and none failed.
     pub(crate) fn pass(&self) -> bool {
         self.count > 0 && !self.failed
+    }
+
+    /// Fills the result fields of `row`.
+    pub(crate) fn fill(&self, row: &mut Row) {
+        row.pass = self.pass();
+        row.max_rel_err = self.max_rel_err;
+        row.worst = self.worst.clone();
+        row.threshold = self.worst_threshold;
     }
 }
 
@@ -151,7 +165,8 @@ fn print_table(rows: &[Row]) {
                 },
                 format!("{:.0e}", r.threshold),
                 match (&r.error, r.pass) {
-                    (Some(e), _) => format!("FAIL: {e}"),
+                    (Some(e), true) => e.clone(),
+                    (Some(e), false) => format!("FAIL: {e}"),
                     (None, true) => "pass".to_string(),
                     (None, false) => "FAIL".to_string(),
                 },
