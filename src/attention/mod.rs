@@ -4,6 +4,7 @@
 //! Inner shape, as in every op module: this file (spec and validation), `reference` (the CPU path),
 //! `cube` (CubeCL kernels), `cuda` (the NVRTC launcher).
 
+pub mod plan;
 mod reference;
 
 #[cfg(feature = "cube")]
@@ -14,6 +15,7 @@ pub mod cuda;
 pub use linattn_reference::attention::AttnDims;
 pub use linattn_reference::block_mask::{BlockLists, BlockMask};
 pub use linattn_reference::radial::{RadialConfig, RadialModel};
+pub use plan::{AttentionPlan, PlanLists};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
