@@ -357,3 +357,172 @@ fn malformed_inputs_give_one_line_errors() {
     ]);
     assert_one_line_error(&run, "unknown form `magic`");
 }
+
+#[test]
+fn attention_with_block_mask_and_an_empty_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp(&dir, "in.safetensors"), tmp(&dir, "out.safetensors"));
+    let mut rng = Rng::new(5);
+    let (b, t, s, h, d, bs) = (1, 100, 70, 2, 16, 32);
+    // 4 x 3 blocks; query block 2 (tokens 64..96) sees nothing.
+    let mask = vec![1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+    let mut tensors = vec![
+        Spec("q", Dtype::F32, vec![b, t, h, d], rng.randn(b * t * h * d)),
+        Spec("k", Dtype::F32, vec![b, s, h, d], rng.randn(b * s * h * d)),
+        Spec("v", Dtype::F32, vec![b, s, h, d], rng.randn(b * s * h * d)),
+        Spec("block_mask", Dtype::U8, vec![4, 3], mask),
+        Spec("do", Dtype::F32, vec![b, t, h, d], rng.randn(b * t * h * d)),
+    ];
+    write_inputs(&input, &tensors);
+    let run = linattn(&[
+        "run",
+        "attention",
+        "--device",
+        "cpu",
+        "--block-size",
+        "32",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(run.ok, "{}", run.stderr);
+    let out = Inputs::read(Some(&output)).unwrap();
+    assert_eq!(out.names(), vec!["dk", "dq", "dv", "lse", "o"]);
+    let lse = out.float("lse").unwrap();
+    assert_eq!(lse.shape(), &[b, h, t]);
+    let lse = lse.to_f64_vec();
+    for hh in 0..h {
+        for i in 0..t {
+            let x = lse[hh * t + i];
+            if (64..96).contains(&i) {
+                assert_eq!(x, f64::NEG_INFINITY, "empty row {i}");
+            } else {
+                assert!(x.is_finite(), "row {i}");
+            }
+        }
+    }
+    let o = out.float("o").unwrap().to_f64_vec();
+    let dq = out.float("dq").unwrap().to_f64_vec();
+    for i in 64..96 {
+        for hh in 0..h {
+            let at = (i * h + hh) * d;
+            assert!(
+                o[at..at + d].iter().all(|&x| x == 0.0),
+                "o of an empty row is 0"
+            );
+            assert!(
+                dq[at..at + d].iter().all(|&x| x == 0.0),
+                "dq of an empty row is 0"
+            );
+        }
+    }
+
+    // q, k, v must share one dtype (the kernels read them with one element type).
+    tensors[1].1 = Dtype::BF16;
+    write_inputs(&input, &tensors);
+    let run = linattn(&[
+        "run", "attention", "--device", "cpu", "--block-size", "32", "--input",
+        input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&run, "`k` is bf16 but `q` is f32");
+    tensors[1].1 = Dtype::F32;
+
+    // A mask on the wrong grid names the tensor and the expected grid.
+    tensors[3] = Spec("block_mask", Dtype::U8, vec![4, 4], vec![1.0; 16]);
+    write_inputs(&input, &tensors);
+    let run = linattn(&[
+        "run",
+        "attention",
+        "--device",
+        "cpu",
+        "--block-size",
+        "32",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&run, "`block_mask`");
+    // A mask value other than 0/1.
+    tensors[3] = Spec("block_mask", Dtype::U8, vec![4, 3], vec![2.0; 12]);
+    write_inputs(&input, &tensors);
+    let run = linattn(&[
+        "run",
+        "attention",
+        "--device",
+        "cpu",
+        "--block-size",
+        "32",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&run, "block_mask element 0 is 2");
+}
+
+#[test]
+fn radial_mask_needs_no_input_and_matches_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = tmp(&dir, "mask.safetensors");
+    for model in ["wan", "hunyuan", "paper"] {
+        let run = linattn(&[
+            "run",
+            "radial-mask",
+            "--frames",
+            "8",
+            "--tokens-per-frame",
+            "256",
+            "--block-size",
+            "64",
+            "--model",
+            model,
+            "--output",
+            output.to_str().unwrap(),
+        ]);
+        assert!(run.ok, "{}", run.stderr);
+        let out = Inputs::read(Some(&output)).unwrap();
+        let mask = out.opt_int("block_mask").unwrap().expect("u8 block_mask");
+        assert_eq!(mask.shape, vec![32, 32]);
+        let want = linattn::attention::radial_mask(&linattn::attention::RadialConfig {
+            frames: 8,
+            tokens_per_frame: 256,
+            block_size: 64,
+            decay_factor: 1.0,
+            model: match model {
+                "wan" => linattn::attention::RadialModel::Wan,
+                "hunyuan" => linattn::attention::RadialModel::Hunyuan,
+                _ => linattn::attention::RadialModel::Paper,
+            },
+            text_tokens: 0,
+        })
+        .unwrap();
+        let got: Vec<u8> = mask.data.iter().map(|&x| x as u8).collect();
+        assert_eq!(got, want.to_dense(), "{model}");
+    }
+    let run = linattn(&[
+        "run",
+        "radial-mask",
+        "--frames",
+        "8",
+        "--tokens-per-frame",
+        "256",
+        "--model",
+        "sora",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&run, "unknown radial model `sora`");
+    let run = linattn(&[
+        "run",
+        "radial-mask",
+        "--frames",
+        "0",
+        "--tokens-per-frame",
+        "256",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&run, "frames must be >= 1");
+}
