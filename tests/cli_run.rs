@@ -363,7 +363,7 @@ fn attention_with_block_mask_and_an_empty_row() {
     let dir = tempfile::tempdir().unwrap();
     let (input, output) = (tmp(&dir, "in.safetensors"), tmp(&dir, "out.safetensors"));
     let mut rng = Rng::new(5);
-    let (b, t, s, h, d, bs) = (1, 100, 70, 2, 16, 32);
+    let (b, t, s, h, d) = (1, 100, 70, 2, 16); // blocks of 32 tokens
     // 4 x 3 blocks; query block 2 (tokens 64..96) sees nothing.
     let mask = vec![1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0];
     let mut tensors = vec![
