@@ -96,7 +96,7 @@ fn adamw_cautious_decay_masks_disagreeing_signs() {
     let plain = run(false);
     let cautious = run(true);
     // First step: the update is lr * sign(g) = 0.1 exactly (eps = 0).
-    close(plain[0], -1.0 * 0.5 - 0.1);
+    close(plain[0], -0.5 - 0.1); // theta (1 - 0.5) - 0.1
     close(cautious[0], -1.0 - 0.1);
     close(plain[1], 0.5 - 0.1);
     close(cautious[1], 0.5 - 0.1);
