@@ -15,6 +15,7 @@ pub mod cube;
 pub mod cuda;
 pub mod error;
 pub mod linear;
+pub mod optim;
 pub mod tensor;
 pub(crate) mod validation;
 

@@ -73,6 +73,9 @@ pub struct StepConfig {
     pub max_grad_norm: Option<f64>,
     /// EMA of the weights after the step: `ema <- ema + (1 - beta) (theta - ema)`.
     pub ema_beta: Option<f64>,
+    /// Skip the whole step when a gradient holds NaN or an infinity (the default). Off, the
+    /// non-finite values flow into the state as in plain torch.
+    pub skip_non_finite: bool,
 }
 
 impl StepConfig {
@@ -85,6 +88,7 @@ impl StepConfig {
             cautious: false,
             max_grad_norm: None,
             ema_beta: None,
+            skip_non_finite: true,
         }
     }
 }
@@ -253,7 +257,7 @@ pub fn fused_step(
 ) -> StepOutcome {
     assert_eq!(states.len(), grads.len(), "one gradient per tensor");
     let grad_norm = global_grad_norm(grads);
-    if grads.iter().any(|g| g.iter().any(|x| !x.is_finite())) {
+    if config.skip_non_finite && grads.iter().any(|g| g.iter().any(|x| !x.is_finite())) {
         return StepOutcome {
             skipped: true,
             grad_norm,
