@@ -1,6 +1,7 @@
 //! `linattn run OP`: one subcommand per op, each in the file of its op family.
 
 mod linear;
+mod optim;
 
 use std::path::PathBuf;
 
@@ -77,6 +78,13 @@ pub enum RunOp {
     /// Bidirectional LION attention. Inputs q, k [B,T,H,K], v [B,T,H,V], optional g and g_bwd
     /// ([B,T,H] or [H]), cu_seqlens, do. Outputs o; with do: dq, dk, dv, dg, dg_bwd.
     Lion(linear::LionArgs),
+    /// S fused optimizer steps (AdamW or Lion, scheduled lr, weight decay, clipping, non-finite
+    /// skip). Inputs param [*P], grads [S, *P]. Outputs param, exp_avg, exp_avg_sq (adamw), ema
+    /// (with --ema-beta), lr [S], skipped [S].
+    Optimize(optim::OptimizeArgs),
+    /// The multipliers of a learning-rate schedule for steps 0 .. T-1 (transformers' lambdas).
+    /// Output lr [T].
+    Schedule(optim::ScheduleArgs),
 }
 
 /// Runs one op end to end: read, compute, write.
@@ -84,6 +92,8 @@ pub fn execute(op: RunOp) -> Result<()> {
     let (common, outputs) = match op {
         RunOp::Gla(args) => (args.common.clone(), linear::gla(&args)?),
         RunOp::Lion(args) => (args.common.clone(), linear::lion(&args)?),
+        RunOp::Optimize(args) => (args.common.clone(), optim::optimize(&args)?),
+        RunOp::Schedule(args) => return optim::schedule(&args)?.write(&args.output),
     };
     outputs.write(&common.output)
 }
