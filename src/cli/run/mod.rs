@@ -81,7 +81,7 @@ pub enum RunOp {
     /// S fused optimizer steps (AdamW or Lion, scheduled lr, weight decay, clipping, non-finite
     /// skip). Inputs param [*P], grads [S, *P]. Outputs param, exp_avg, exp_avg_sq (adamw), ema
     /// (with --ema-beta), lr [S], skipped [S].
-    Optimize(optim::OptimizeArgs),
+    Optimize(Box<optim::OptimizeArgs>),
     /// The multipliers of a learning-rate schedule for steps 0 .. T-1 (transformers' lambdas).
     /// Output lr [T].
     Schedule(optim::ScheduleArgs),

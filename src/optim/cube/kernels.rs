@@ -7,8 +7,8 @@
 //! start is a 64-bit quad offset, `flags & 1` = apply weight decay). One cube handles one chunk.
 //!
 //! A step is three launches with no host synchronisation in between:
-//! 1. [`grad_stats`]: per chunk, the f32 sum of squared gradients and a found-non-finite flag
-//!    (decided on the bits, so no fast-math assumption can drop it);
+//! 1. [`grad_stats`]: per cube of a grid-stride pass, the f32 sum of squared gradients and a
+//!    found-non-finite flag (decided on the bits, so no fast-math assumption can drop it);
 //! 2. [`finalize_scalars`]: one cube reduces the partials, reads the call counter and the
 //!    scheduled lr from device memory, decides the skip, advances the counters and writes every
 //!    scalar the update needs (bias corrections from the integer step, in f64 where the device
@@ -163,54 +163,84 @@ fn copy_bits(x: f32, random: u32, #[comptime] kind: u32, #[comptime] stochastic:
     }
 }
 
-/// Per-chunk sum of squares and non-finite flag of the gradients.
+/// Most cubes of the statistics pass (each reduces its share of the arena to one partial).
+pub const MAX_STATS_CUBES: u32 = 1024;
+/// Groups of the two-level in-cube reduction (16 groups of 16 units): two barriers instead of
+/// the eight of a tree, which matters where barriers are expensive (llvmpipe runs a cube's units
+/// as coroutines) and costs a few dozen adds on a GPU.
+const REDUCE_GROUPS: u32 = 16;
+
+/// Sums `values[0 .. CUBE_UNITS]` of the cube's shared memory in a fixed order and ORs `flags`;
+/// the result is valid in unit 0.
+#[cube]
+fn reduce_cube<D: Float>(
+    values: &mut [D],
+    flags: &mut [u32],
+    group_values: &mut [D],
+    group_flags: &mut [u32],
+) -> (D, u32) {
+    let unit = UNIT_POS as usize;
+    let per_group = comptime![(CUBE_UNITS / REDUCE_GROUPS) as usize];
+    sync_cube();
+    if unit < comptime![REDUCE_GROUPS as usize] {
+        let mut sum = D::new(0.0);
+        let mut flag = 0u32;
+        #[unroll]
+        for k in 0..per_group {
+            sum += values[unit * per_group + k];
+            flag |= flags[unit * per_group + k];
+        }
+        group_values[unit] = sum;
+        group_flags[unit] = flag;
+    }
+    sync_cube();
+    let mut total = D::new(0.0);
+    let mut flag = 0u32;
+    if unit == 0 {
+        #[unroll]
+        for k in 0..comptime![REDUCE_GROUPS as usize] {
+            total += group_values[k];
+            flag |= group_flags[k];
+        }
+    }
+    (total, flag)
+}
+
+/// Sum of squares and non-finite flag of the whole gradient arena: a grid-stride pass of at most
+/// [`MAX_STATS_CUBES`] cubes, one partial per cube (padding is zero and adds nothing).
 #[cube(launch_unchecked)]
-pub fn grad_stats(grad: &[Quad], chunks: &[u32], partial_sq: &mut [f32], partial_bad: &mut [u32]) {
-    let chunk = CUBE_POS;
-    let num_chunks = chunks.len() / CHUNK_WORDS;
-    // Uniform per cube: every unit of a cube takes the same branch, so the barriers below are
-    // reached by all of them.
-    if chunk < num_chunks {
-        let start = chunks[chunk * CHUNK_WORDS] as usize;
-        let len = chunks[chunk * CHUNK_WORDS + 2] as usize;
-        let mut sq = 0f32;
-        let mut bad = 0u32;
+pub fn grad_stats(grad: &[Quad], partial_sq: &mut [f32], partial_bad: &mut [u32]) {
+    let stride = CUBE_COUNT * CUBE_UNITS as usize;
+    let mut sq = 0f32;
+    let mut bad = 0u32;
+    let mut i = ABSOLUTE_POS;
+    while i < grad.len() {
+        let g = grad[i];
         #[unroll]
-        for q in 0..QUADS_PER_UNIT {
-            let i = (q * CUBE_UNITS + UNIT_POS) as usize;
-            if i < len {
-                let g = grad[start + i];
-                #[unroll]
-                for lane in 0..4usize {
-                    let x = g.extract(lane);
-                    sq += x * x;
-                    bad |= non_finite_bits(x);
-                }
-            }
+        for lane in 0..4usize {
+            let x = g.extract(lane);
+            sq += x * x;
+            bad |= non_finite_bits(x);
         }
-        let mut shared_sq = Shared::<[f32]>::new_slice(comptime![CUBE_UNITS as usize]);
-        let mut shared_bad = Shared::<[u32]>::new_slice(comptime![CUBE_UNITS as usize]);
-        let unit = UNIT_POS as usize;
-        shared_sq[unit] = sq;
-        shared_bad[unit] = bad;
-        sync_cube();
-        #[unroll]
-        for level in 0..8u32 {
-            let half = comptime![(CUBE_UNITS >> (level + 1)) as usize];
-            if unit < half {
-                let other_sq = shared_sq[unit + half];
-                let other_bad = shared_bad[unit + half];
-                shared_sq[unit] += other_sq;
-                shared_bad[unit] |= other_bad;
-            }
-            sync_cube();
-        }
-        if unit == 0 {
-            let total = shared_sq[0];
-            partial_sq[chunk] = total;
-            // A finite sum can still overflow f32: that counts as non-finite too.
-            partial_bad[chunk] = shared_bad[0] | non_finite_bits(total);
-        }
+        i += stride;
+    }
+    let mut shared_sq = Shared::<[f32]>::new_slice(comptime![CUBE_UNITS as usize]);
+    let mut shared_bad = Shared::<[u32]>::new_slice(comptime![CUBE_UNITS as usize]);
+    let mut group_sq = Shared::<[f32]>::new_slice(comptime![REDUCE_GROUPS as usize]);
+    let mut group_bad = Shared::<[u32]>::new_slice(comptime![REDUCE_GROUPS as usize]);
+    let unit = UNIT_POS as usize;
+    shared_sq[unit] = sq;
+    shared_bad[unit] = bad;
+    let (total, flag) = reduce_cube::<f32>(
+        &mut shared_sq,
+        &mut shared_bad,
+        &mut group_sq,
+        &mut group_bad,
+    );
+    if unit == 0 {
+        partial_sq[CUBE_POS] = total;
+        // A finite sum can still overflow f32: that counts as non-finite too.
+        partial_bad[CUBE_POS] = flag | non_finite_bits(total);
     }
 }
 
@@ -291,33 +321,28 @@ pub fn finalize_scalars<D: Float>(
     }
     let mut shared_sum = Shared::<[D]>::new_slice(comptime![CUBE_UNITS as usize]);
     let mut shared_bad = Shared::<[u32]>::new_slice(comptime![CUBE_UNITS as usize]);
+    let mut group_sum = Shared::<[D]>::new_slice(comptime![REDUCE_GROUPS as usize]);
+    let mut group_bad = Shared::<[u32]>::new_slice(comptime![REDUCE_GROUPS as usize]);
     shared_sum[unit] = sum;
     shared_bad[unit] = bad;
-    sync_cube();
-    #[unroll]
-    for level in 0..8u32 {
-        let half = comptime![(CUBE_UNITS >> (level + 1)) as usize];
-        if unit < half {
-            let other_sum = shared_sum[unit + half];
-            let other_bad = shared_bad[unit + half];
-            shared_sum[unit] += other_sum;
-            shared_bad[unit] |= other_bad;
-        }
-        sync_cube();
-    }
+    let (sum_sq, bad_total) = reduce_cube::<D>(
+        &mut shared_sum,
+        &mut shared_bad,
+        &mut group_sum,
+        &mut group_bad,
+    );
     if unit == 0 {
         let calls = counters[C_CALLS];
         let capacity = lr_table.len() as u32;
         let index = min(calls, capacity - 1) as usize;
         let lr = lr_table[index];
-        let sum_sq = shared_sum[0];
         let norm = sum_sq.sqrt();
         // NaN from bits: WGSL has no NaN literal.
         let mut norm_f32 = f32::reinterpret(0x7fc0_0000u32);
         let mut skip = false;
         if comptime![check || clip] {
             norm_f32 = f32::cast_from(norm);
-            skip = comptime![check] && (shared_bad[0] | non_finite_bits(norm_f32)) != 0;
+            skip = comptime![check] && (bad_total | non_finite_bits(norm_f32)) != 0;
         }
         if calls < capacity {
             let h = calls as usize * HISTORY_WORDS;

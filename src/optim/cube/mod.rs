@@ -85,6 +85,8 @@ pub struct FusedOptimizer {
     /// Quads (4 elements) in the arena.
     quads: usize,
     num_chunks: usize,
+    /// Cubes of the statistics pass (= partials).
+    stats_cubes: usize,
     capacity: usize,
     exact_scalars: bool,
     param: Handle,
@@ -184,6 +186,10 @@ impl FusedOptimizer {
             }
         }
         let num_chunks = chunks.len() / CHUNK_WORDS;
+        // At least 16 quads per unit, at most MAX_STATS_CUBES cubes striding over the arena.
+        let stats_cubes = quads
+            .div_ceil(CUBE_UNITS as usize * 16)
+            .clamp(1, MAX_STATS_CUBES as usize);
 
         let client = ctx.client();
         let exact_scalars = precision == ScalarPrecision::Auto
@@ -251,6 +257,7 @@ impl FusedOptimizer {
                 config: config.clone(),
                 quads,
                 num_chunks,
+                stats_cubes,
                 capacity,
                 exact_scalars,
                 grad: zeros(),
@@ -273,8 +280,8 @@ impl FusedOptimizer {
                 history: floats(&vec![0.0; capacity * HISTORY_WORDS]),
                 lr_table: floats(&lr_table),
                 wide,
-                partial_sq: floats(&vec![0.0; num_chunks.max(1)]),
-                partial_bad: words(&vec![0; num_chunks.max(1)]),
+                partial_sq: floats(&vec![0.0; stats_cubes]),
+                partial_bad: words(&vec![0; stats_cubes]),
                 layout,
             })
         })
@@ -342,16 +349,15 @@ impl FusedOptimizer {
                 unsafe {
                     grad_stats::launch_unchecked(
                         client,
-                        cube_count(self.num_chunks),
+                        CubeCount::Static(self.stats_cubes as u32, 1, 1),
                         CubeDim::new_1d(CUBE_UNITS),
                         arg(&self.grad, quads),
-                        arg(&self.chunks, chunk_words),
-                        arg(&self.partial_sq, self.num_chunks),
-                        arg(&self.partial_bad, self.num_chunks),
+                        arg(&self.partial_sq, self.stats_cubes),
+                        arg(&self.partial_bad, self.stats_cubes),
                     )
                 };
             }
-            let num_partials = if stats { self.num_chunks } else { 0 };
+            let num_partials = if stats { self.stats_cubes } else { 0 };
             let fully_decoupled = self.config.decay_mode == DecayMode::FullyDecoupled;
             macro_rules! finalize {
                 ($wide:ty) => {
@@ -360,8 +366,8 @@ impl FusedOptimizer {
                             client,
                             CubeCount::Static(1, 1, 1),
                             CubeDim::new_1d(CUBE_UNITS),
-                            arg(&self.partial_sq, self.num_chunks.max(1)),
-                            arg(&self.partial_bad, self.num_chunks.max(1)),
+                            arg(&self.partial_sq, self.stats_cubes),
+                            arg(&self.partial_bad, self.stats_cubes),
                             arg(&self.lr_table, self.capacity),
                             arg(&self.wide, 2),
                             arg(&self.scalars, SCALARS_LEN),
@@ -518,6 +524,13 @@ impl FusedOptimizer {
                 }
             })
             .collect())
+    }
+
+    /// Waits until every enqueued step has finished on the device.
+    pub fn synchronize(&self) -> Result<()> {
+        guarded("synchronising", || {
+            cubecl::future::block_on(self.ctx.client().sync()).map_err(runtime)
+        })
     }
 
     /// The scalar slots of the latest call (see `kernels::S_*`; synchronises). For tests.
