@@ -96,6 +96,7 @@ fn bench(c: &mut Criterion) {
         opt.set_grads(&grad_refs).unwrap();
         opt.step().unwrap();
         opt.synchronize().unwrap();
+        println!("{name}: {} bucket(s)", opt.bucket_count());
         let bytes = bytes_per_param * n as u64;
         group.throughput(Throughput::Bytes(bytes));
         let mut best = f64::INFINITY;
@@ -115,25 +116,45 @@ fn bench(c: &mut Criterion) {
                 elapsed.mul_f64(iters as f64 / (iters.div_ceil(batch) * batch) as f64)
             })
         });
+        // The steps really ran: the weights moved.
+        let after = opt.read_params().unwrap();
+        assert!(
+            after.iter().zip(&params).any(|(a, p)| a != p),
+            "the fused step did not run"
+        );
         results.push((name, bytes, best));
 
-        // The copy of the same bytes: a buffer of bytes / 2 read and written once.
+        // The copy of the same bytes: buffers holding bytes / 2 in total, read and written once,
+        // split like the optimizer's buckets when they exceed the largest buffer.
         let client = ctx.client();
-        let quads = (bytes / 2 / 16) as usize;
-        let input = client.empty(quads * 16);
-        let output = client.empty(quads * 16);
-        let cubes = quads.div_ceil(256).min(65_535) as u32;
-        let launch = || unsafe {
-            copy_quads::launch_unchecked(
-                client,
-                CubeCount::Static(cubes, 1, 1),
-                CubeDim::new_1d(256),
-                BufferArg::from_raw_parts(input.clone(), quads),
-                BufferArg::from_raw_parts(output.clone(), quads),
-            )
+        let max_quads = (client.properties().memory.max_page_size / 16) as usize;
+        let mut left = (bytes / 2 / 16) as usize;
+        let mut pairs = Vec::new();
+        while left > 0 {
+            let quads = left.min(max_quads);
+            pairs.push((client.empty(quads * 16), client.empty(quads * 16), quads));
+            left -= quads;
+        }
+        let launch = || {
+            for (input, output, quads) in &pairs {
+                let cubes = quads.div_ceil(256).min(65_535) as u32;
+                unsafe {
+                    copy_quads::launch_unchecked(
+                        client,
+                        CubeCount::Static(cubes, 1, 1),
+                        CubeDim::new_1d(256),
+                        BufferArg::from_raw_parts(input.clone(), *quads),
+                        BufferArg::from_raw_parts(output.clone(), *quads),
+                    )
+                }
+            }
+        };
+        let sync = || {
+            cubecl::future::block_on(client.sync_buffers(pairs.iter().map(|p| &p.1)))
+                .expect("copy kernels ran")
         };
         launch();
-        cubecl::future::block_on(client.sync()).unwrap();
+        sync();
         let copy_name = format!("copy_{}_bytes", bytes);
         let mut best_copy = f64::INFINITY;
         group.bench_function(&copy_name, |b| {
@@ -144,7 +165,7 @@ fn bench(c: &mut Criterion) {
                     for _ in 0..batch {
                         launch();
                     }
-                    cubecl::future::block_on(client.sync()).unwrap();
+                    sync();
                     let took = start.elapsed();
                     best_copy = best_copy.min(took.as_secs_f64() / batch as f64);
                     elapsed += took;

@@ -8,7 +8,7 @@
 use half::{bf16, f16};
 use linattn::backend::Backend;
 use linattn::cube::CubeContext;
-use linattn::optim::cube::{FusedOptimizer, ScalarPrecision, kernels};
+use linattn::optim::cube::{DeviceOptions, FusedOptimizer, ScalarPrecision, kernels};
 use linattn::optim::{
     self, CopyFormat, DecayMode, Method, OptimizerConfig, Params, Rounding, Schedule, Shape,
 };
@@ -65,7 +65,7 @@ fn assert_close(what: &str, actual: &[f64], expected: &[f64], threshold: f64) {
 fn per_step_check(
     config: &OptimizerConfig,
     decay: &[bool],
-    precision: ScalarPrecision,
+    options: DeviceOptions,
     grad_scale: f64,
 ) {
     let Some(ctx) = context() else { return };
@@ -75,16 +75,12 @@ fn per_step_check(
         warmup: 1,
         total: 6,
     };
-    let mut opt = FusedOptimizer::with_precision(
-        &ctx,
-        config,
-        &schedule,
-        6,
-        &slices(&params),
-        decay,
-        precision,
-    )
-    .unwrap();
+    let mut opt =
+        FusedOptimizer::with_options(&ctx, config, &schedule, 6, &slices(&params), decay, options)
+            .unwrap();
+    if options.max_bucket_bytes.is_some() {
+        assert!(opt.bucket_count() > 1);
+    }
     let mut p = params.clone();
     let mut m: Vec<Vec<f32>> = SIZES.iter().map(|&n| vec![0.0; n]).collect();
     let mut v = m.clone();
@@ -155,6 +151,18 @@ fn per_step_check(
     assert_eq!((status.calls, status.steps, status.skipped), (5, 5, 0));
 }
 
+const F32_SCALARS: DeviceOptions = DeviceOptions {
+    precision: ScalarPrecision::F32,
+    max_bucket_bytes: None,
+};
+
+/// Buckets of 259 quads: the 4148-element arena of `SIZES` becomes 5 buffers, with the large
+/// tensor straddling three of them.
+const SMALL_BUCKETS: DeviceOptions = DeviceOptions {
+    precision: ScalarPrecision::Auto,
+    max_bucket_bytes: Some(259 * 16),
+};
+
 fn adamw(lr: f64) -> OptimizerConfig {
     OptimizerConfig {
         weight_decay: 0.1,
@@ -164,19 +172,29 @@ fn adamw(lr: f64) -> OptimizerConfig {
 
 #[test]
 fn adamw_step_matches_reference_each_step() {
-    per_step_check(&adamw(0.5), &[true; 5], ScalarPrecision::Auto, 0.5);
+    per_step_check(&adamw(0.5), &[true; 5], DeviceOptions::default(), 0.5);
 }
 
 /// Gradients of the size of eps: `m / (sqrt(v) + eps)` and `m / sqrt(v + eps)` differ by orders
 /// of magnitude here, so the placement of eps is checked.
 #[test]
 fn adamw_step_in_the_eps_regime() {
-    per_step_check(&adamw(0.5), &[true; 5], ScalarPrecision::Auto, 1e-8);
+    per_step_check(&adamw(0.5), &[true; 5], DeviceOptions::default(), 1e-8);
+}
+
+#[test]
+fn adamw_step_split_into_buckets() {
+    per_step_check(
+        &adamw(0.5),
+        &[true, false, true, true, false],
+        SMALL_BUCKETS,
+        0.5,
+    );
 }
 
 #[test]
 fn adamw_f32_scalar_path_matches_reference_each_step() {
-    per_step_check(&adamw(0.5), &[true; 5], ScalarPrecision::F32, 0.5);
+    per_step_check(&adamw(0.5), &[true; 5], F32_SCALARS, 0.5);
 }
 
 #[test]
@@ -190,7 +208,7 @@ fn adamw_cautious_fully_decoupled_with_decay_flags() {
     per_step_check(
         &config,
         &[true, false, true, true, false],
-        ScalarPrecision::Auto,
+        DeviceOptions::default(),
         0.5,
     );
 }
@@ -204,14 +222,14 @@ fn lion_step_matches_reference_each_step() {
     per_step_check(
         &config,
         &[true, true, true, false, true],
-        ScalarPrecision::Auto,
+        DeviceOptions::default(),
         0.5,
     );
     let cautious = OptimizerConfig {
         cautious: true,
         ..config
     };
-    per_step_check(&cautious, &[true; 5], ScalarPrecision::Auto, 0.5);
+    per_step_check(&cautious, &[true; 5], DeviceOptions::default(), 0.5);
 }
 
 /// `optimize` on the cube backend against the CPU backend over 100 steps with a schedule,
@@ -300,6 +318,16 @@ fn lion_hundred_steps_with_schedule_clip_and_ema() {
 
 #[test]
 fn non_finite_gradient_skips_the_whole_step() {
+    non_finite_skip(DeviceOptions::default());
+}
+
+/// The non-finite value sits in the fourth of five buckets; the skip still covers all of them.
+#[test]
+fn non_finite_gradient_skips_every_bucket() {
+    non_finite_skip(SMALL_BUCKETS);
+}
+
+fn non_finite_skip(options: DeviceOptions) {
     let Some(ctx) = context() else { return };
     let config = OptimizerConfig {
         weight_decay: 0.1,
@@ -310,8 +338,16 @@ fn non_finite_gradient_skips_the_whole_step() {
     let mut rng = Rng::new(2);
     let params = random_tensors(&mut rng, &SIZES, 1.0);
     let schedule = Schedule::Constant { warmup: 0 };
-    let mut opt =
-        FusedOptimizer::new(&ctx, &config, &schedule, 8, &slices(&params), &[true; 5]).unwrap();
+    let mut opt = FusedOptimizer::with_options(
+        &ctx,
+        &config,
+        &schedule,
+        8,
+        &slices(&params),
+        &[true; 5],
+        options,
+    )
+    .unwrap();
     let snapshot = |opt: &FusedOptimizer| {
         (
             opt.read_params().unwrap(),
@@ -421,9 +457,19 @@ fn bias_corrections_on_device_match_f64() {
     };
     let schedule = Schedule::Constant { warmup: 0 };
     for precision in [ScalarPrecision::Auto, ScalarPrecision::F32] {
-        let mut opt =
-            FusedOptimizer::with_precision(&ctx, &config, &schedule, 1, &[], &[], precision)
-                .unwrap();
+        let mut opt = FusedOptimizer::with_options(
+            &ctx,
+            &config,
+            &schedule,
+            1,
+            &[],
+            &[],
+            DeviceOptions {
+                precision,
+                max_bucket_bytes: None,
+            },
+        )
+        .unwrap();
         let checkpoints = [1u64, 2, 3, 10, 100, 400];
         let mut t = 0;
         for &target in &checkpoints {
@@ -460,8 +506,36 @@ fn bias_corrections_on_device_match_f64() {
 #[test]
 fn model_copies_match_the_rounding_recipes() {
     let Some(ctx) = context() else { return };
-    for format in [CopyFormat::Bf16, CopyFormat::F16] {
-        for rounding_mode in [Rounding::Nearest, Rounding::Stochastic { seed: 77 }] {
+    let cases = [
+        (
+            CopyFormat::Bf16,
+            Rounding::Nearest,
+            DeviceOptions::default(),
+        ),
+        (
+            CopyFormat::Bf16,
+            Rounding::Stochastic { seed: 77 },
+            DeviceOptions::default(),
+        ),
+        (CopyFormat::F16, Rounding::Nearest, DeviceOptions::default()),
+        (
+            CopyFormat::F16,
+            Rounding::Stochastic { seed: 77 },
+            DeviceOptions::default(),
+        ),
+        (
+            CopyFormat::Bf16,
+            Rounding::Stochastic { seed: 5 },
+            SMALL_BUCKETS,
+        ),
+        (
+            CopyFormat::F16,
+            Rounding::Stochastic { seed: 5 },
+            SMALL_BUCKETS,
+        ),
+    ];
+    for (format, rounding_mode, options) in cases {
+        {
             let config = OptimizerConfig {
                 model_copy: Some((format, rounding_mode)),
                 ..OptimizerConfig::lion(0.01)
@@ -469,9 +543,16 @@ fn model_copies_match_the_rounding_recipes() {
             let mut rng = Rng::new(4);
             let params = random_tensors(&mut rng, &SIZES, 1e-3);
             let schedule = Schedule::Constant { warmup: 0 };
-            let mut opt =
-                FusedOptimizer::new(&ctx, &config, &schedule, 4, &slices(&params), &[true; 5])
-                    .unwrap();
+            let mut opt = FusedOptimizer::with_options(
+                &ctx,
+                &config,
+                &schedule,
+                4,
+                &slices(&params),
+                &[true; 5],
+                options,
+            )
+            .unwrap();
             for _ in 0..3 {
                 let grads = random_tensors(&mut rng, &SIZES, 1.0);
                 opt.set_grads(&slices(&grads)).unwrap();

@@ -7,13 +7,13 @@
 //! start is a 64-bit quad offset, `flags & 1` = apply weight decay). One cube handles one chunk.
 //!
 //! A step is three launches with no host synchronisation in between:
-//! 1. [`grad_stats`]: per cube of a grid-stride pass, the f32 sum of squared gradients and a
+//! 1. `grad_stats`: per cube of a grid-stride pass, the f32 sum of squared gradients and a
 //!    found-non-finite flag (decided on the bits, so no fast-math assumption can drop it);
-//! 2. [`finalize_scalars`]: one cube reduces the partials, reads the call counter and the
+//! 2. `finalize_scalars`: one cube reduces the partials, reads the call counter and the
 //!    scheduled lr from device memory, decides the skip, advances the counters and writes every
 //!    scalar the update needs (bias corrections from the integer step, in f64 where the device
 //!    has it);
-//! 3. [`fused_update`]: reads the skip flag and the scalars and, unless skipped, updates the
+//! 3. `fused_update`: reads the skip flag and the scalars and, unless skipped, updates the
 //!    parameters, moments, EMA and 16-bit copy in one pass.
 
 use cubecl::prelude::*;
@@ -209,7 +209,12 @@ fn reduce_cube<D: Float>(
 /// Sum of squares and non-finite flag of the whole gradient arena: a grid-stride pass of at most
 /// [`MAX_STATS_CUBES`] cubes, one partial per cube (padding is zero and adds nothing).
 #[cube(launch_unchecked)]
-pub fn grad_stats(grad: &[Quad], partial_sq: &mut [f32], partial_bad: &mut [u32]) {
+pub fn grad_stats(
+    grad: &[Quad],
+    partial_sq: &mut [f32],
+    partial_bad: &mut [u32],
+    partial_offset: u32,
+) {
     let stride = CUBE_COUNT * CUBE_UNITS as usize;
     let mut sq = 0f32;
     let mut bad = 0u32;
@@ -238,9 +243,10 @@ pub fn grad_stats(grad: &[Quad], partial_sq: &mut [f32], partial_bad: &mut [u32]
         &mut group_bad,
     );
     if unit == 0 {
-        partial_sq[CUBE_POS] = total;
+        let slot = partial_offset as usize + CUBE_POS;
+        partial_sq[slot] = total;
         // A finite sum can still overflow f32: that counts as non-finite too.
-        partial_bad[CUBE_POS] = flag | non_finite_bits(total);
+        partial_bad[slot] = flag | non_finite_bits(total);
     }
 }
 
@@ -405,6 +411,7 @@ pub fn fused_update(
     chunks: &[u32],
     scalars: &[f32],
     counters: &[u32],
+    first_element: u32,
     #[comptime] adamw: bool,
     #[comptime] cautious: bool,
     #[comptime] with_ema: bool,
@@ -494,7 +501,7 @@ pub fn fused_update(
                     let mut words = HalfQuad::empty();
                     #[unroll]
                     for pair in 0..2usize {
-                        let element = (index * 4 + pair * 2) as u32;
+                        let element = first_element + (index * 4 + pair * 2) as u32;
                         let lo = copy_bits(
                             p_out.extract(pair * 2),
                             mix32(element ^ key),

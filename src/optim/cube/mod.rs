@@ -57,6 +57,16 @@ pub enum ScalarPrecision {
     F32,
 }
 
+/// Options of the device-resident optimizer beyond the [`OptimizerConfig`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DeviceOptions {
+    pub precision: ScalarPrecision,
+    /// The largest buffer to allocate, in bytes; `None` takes the device's limit (128 MiB under
+    /// wgpu's default limits). Parameter groups larger than this are split into several buckets
+    /// (each its own set of buffers and launches; tensors may straddle two buckets).
+    pub max_bucket_bytes: Option<u64>,
+}
+
 /// Counters of a [`FusedOptimizer`] (read back with a device synchronisation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Status {
@@ -70,25 +80,15 @@ pub struct Status {
     pub last_skipped: bool,
 }
 
-/// The fused optimizer with its whole state on the device.
-///
-/// The gradient arena ([`FusedOptimizer::grad_handle`], layout [`FusedOptimizer::layout`]) is
-/// read by every [`FusedOptimizer::step`]; fill it with [`FusedOptimizer::set_grads`] (an
-/// in-place, non-blocking write) or from your own kernels (keep the padding zero). The schedule is
-/// evaluated on the host once, in f64, into a device table of `capacity` learning rates indexed
-/// by the device's call counter; calls past the table keep its last value (and are not recorded
-/// in the history). Nothing in a step reads back to the host, so steps queue up back to back.
-pub struct FusedOptimizer {
-    ctx: CubeContext,
-    config: OptimizerConfig,
-    layout: ArenaLayout,
-    /// Quads (4 elements) in the arena.
+/// One contiguous range of the group's arena with its own buffers.
+struct Bucket {
+    /// First quad of the bucket in the group's arena.
+    first_quad: u64,
     quads: usize,
     num_chunks: usize,
-    /// Cubes of the statistics pass (= partials).
+    /// Cubes of the statistics pass, and where their partials start.
     stats_cubes: usize,
-    capacity: usize,
-    exact_scalars: bool,
+    partial_offset: usize,
     param: Handle,
     grad: Handle,
     exp_avg: Handle,
@@ -96,6 +96,27 @@ pub struct FusedOptimizer {
     ema: Handle,
     copy: Handle,
     chunks: Handle,
+}
+
+/// The fused optimizer with its whole state on the device.
+///
+/// The parameter group is one arena ([`FusedOptimizer::layout`]) cut into buckets of at most the
+/// device's largest buffer. Every [`FusedOptimizer::step`] reads the gradient buffers
+/// ([`FusedOptimizer::grad_buffers`]); fill them with [`FusedOptimizer::set_grads`] (an in-place,
+/// non-blocking write) or from your own kernels (keep the padding zero). The schedule is evaluated
+/// on the host once, in f64, into a device table of `capacity` learning rates indexed by the
+/// device's call counter; calls past the table keep its last value (and are not recorded in the
+/// history). Nothing in a step reads back to the host, so steps queue up back to back, and the
+/// launches of a step never change (graph-capturable on runtimes that capture).
+pub struct FusedOptimizer {
+    ctx: CubeContext,
+    config: OptimizerConfig,
+    layout: ArenaLayout,
+    buckets: Vec<Bucket>,
+    /// Partials of all buckets' statistics passes.
+    total_partials: usize,
+    capacity: usize,
+    exact_scalars: bool,
     scalars: Handle,
     counters: Handle,
     history: Handle,
@@ -117,26 +138,26 @@ impl FusedOptimizer {
         params: &[&[f32]],
         decay: &[bool],
     ) -> Result<Self> {
-        Self::with_precision(
+        Self::with_options(
             ctx,
             config,
             schedule,
             capacity,
             params,
             decay,
-            ScalarPrecision::Auto,
+            DeviceOptions::default(),
         )
     }
 
-    /// [`FusedOptimizer::new`] with an explicit scalar precision.
-    pub fn with_precision(
+    /// [`FusedOptimizer::new`] with explicit [`DeviceOptions`].
+    pub fn with_options(
         ctx: &CubeContext,
         config: &OptimizerConfig,
         schedule: &Schedule,
         capacity: usize,
         params: &[&[f32]],
         decay: &[bool],
-        precision: ScalarPrecision,
+        options: DeviceOptions,
     ) -> Result<Self> {
         config.validate()?;
         validate_schedule(schedule)?;
@@ -162,56 +183,104 @@ impl FusedOptimizer {
             }
         }
         let layout = ArenaLayout::new(&params.iter().map(|p| p.len()).collect::<Vec<_>>());
-        let quads = (layout.total / 4) as usize;
-        if layout.total / 4 > u32::MAX as u64 {
+        let total_quads = layout.total / 4;
+        if total_quads > u32::MAX as u64 {
             return Err(Error::Unsupported(format!(
                 "{} parameters in one group on the cube backend (its kernels index with 32 bits)",
                 layout.total
             )));
         }
-        let mut chunks: Vec<u32> = Vec::new();
-        for (i, &offset) in layout.offsets.iter().enumerate() {
-            let tensor_quads = (layout.sizes[i] as u64).div_ceil(4);
-            let mut done = 0u64;
-            while done < tensor_quads {
-                let start = offset / 4 + done;
-                let len = (tensor_quads - done).min(CHUNK_QUADS as u64);
-                chunks.extend_from_slice(&[
-                    start as u32,
-                    (start >> 32) as u32,
-                    len as u32,
-                    decay[i] as u32,
-                ]);
-                done += len;
-            }
-        }
-        let num_chunks = chunks.len() / CHUNK_WORDS;
-        // At least 16 quads per unit, at most MAX_STATS_CUBES cubes striding over the arena.
-        let stats_cubes = quads
-            .div_ceil(CUBE_UNITS as usize * 16)
-            .clamp(1, MAX_STATS_CUBES as usize);
-
         let client = ctx.client();
-        let exact_scalars = precision == ScalarPrecision::Auto
+        let device_limit = client.properties().memory.max_page_size;
+        let bucket_bytes = options
+            .max_bucket_bytes
+            .unwrap_or(device_limit)
+            .min(device_limit);
+        let bucket_quads = (bucket_bytes / 16).min(u32::MAX as u64);
+        if bucket_quads == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "a bucket of {bucket_bytes} bytes cannot hold one 16-byte vector"
+            )));
+        }
+        let exact_scalars = options.precision == ScalarPrecision::Auto
             && client.properties().supports_type(f64::elem_type_native());
         let arena = layout.pack(params);
+
+        // Tensor `i` covers quads [a_i, b_i) of the arena; each bucket [q0, q1) gets the chunks of
+        // every tensor piece inside it, with bucket-local starts.
+        let tensor_quads: Vec<(u64, u64, bool)> = layout
+            .offsets
+            .iter()
+            .zip(&layout.sizes)
+            .zip(decay)
+            .map(|((&offset, &n), &d)| (offset / 4, offset / 4 + (n as u64).div_ceil(4), d))
+            .collect();
+        let mut ranges = Vec::new();
+        let mut q0 = 0u64;
+        while q0 < total_quads {
+            let q1 = (q0 + bucket_quads).min(total_quads);
+            ranges.push((q0, q1));
+            q0 = q1;
+        }
+
         guarded("creating the optimizer state", || {
             let floats = |v: &[f32]| client.create_from_slice(f32::as_bytes(v));
             let words = |v: &[u32]| client.create_from_slice(u32::as_bytes(v));
-            // Every binding needs at least one quad, even for an empty group or a disabled slot.
+            // A disabled slot still needs a binding of one element.
             let dummy_quad = || floats(&[0.0; 4]);
-            let zeros = || {
-                if quads == 0 {
-                    dummy_quad()
-                } else {
-                    floats(&vec![0.0; quads * 4])
+            let mut buckets = Vec::with_capacity(ranges.len());
+            let mut total_partials = 0;
+            for &(q0, q1) in &ranges {
+                let quads = (q1 - q0) as usize;
+                let mut chunks: Vec<u32> = Vec::new();
+                for &(a, b, d) in &tensor_quads {
+                    let (mut start, end) = (a.max(q0), b.min(q1));
+                    while start < end {
+                        let len = (end - start).min(CHUNK_QUADS as u64);
+                        chunks.extend_from_slice(&[
+                            (start - q0) as u32,
+                            ((start - q0) >> 32) as u32,
+                            len as u32,
+                            d as u32,
+                        ]);
+                        start += len;
+                    }
                 }
-            };
-            let param = if quads == 0 {
-                dummy_quad()
-            } else {
-                floats(&arena)
-            };
+                let values = &arena[(q0 * 4) as usize..(q1 * 4) as usize];
+                let zeros = || floats(&vec![0.0; quads * 4]);
+                // At least 16 quads per unit, at most MAX_STATS_CUBES cubes striding over it.
+                let stats_cubes = quads
+                    .div_ceil(CUBE_UNITS as usize * 16)
+                    .clamp(1, MAX_STATS_CUBES as usize);
+                buckets.push(Bucket {
+                    first_quad: q0,
+                    quads,
+                    num_chunks: chunks.len() / CHUNK_WORDS,
+                    stats_cubes,
+                    partial_offset: total_partials,
+                    param: floats(values),
+                    grad: zeros(),
+                    exp_avg: zeros(),
+                    exp_avg_sq: if config.method.has_second_moment() {
+                        zeros()
+                    } else {
+                        dummy_quad()
+                    },
+                    ema: if config.ema_beta.is_some() {
+                        floats(values)
+                    } else {
+                        dummy_quad()
+                    },
+                    copy: match config.model_copy {
+                        // Before the first applied step the copy is the nearest image.
+                        Some((format, _)) => words(&pack_halves(values, format)),
+                        None => words(&[0, 0]),
+                    },
+                    chunks: words(&chunks),
+                });
+                total_partials += stats_cubes;
+            }
+
             let (beta1, beta2, eps) = match config.method {
                 Method::AdamW { beta1, beta2, eps } => (beta1, beta2, eps),
                 Method::Lion { beta1, beta2 } => (beta1, beta2, 0.0),
@@ -231,12 +300,11 @@ impl FusedOptimizer {
             } else {
                 0.0
             };
-            let seed = match config.model_copy {
+            let mut counters = vec![0u32; COUNTERS_LEN];
+            counters[C_SEED] = match config.model_copy {
                 Some((_, Rounding::Stochastic { seed })) => seed,
                 _ => 0,
             };
-            let mut counters = vec![0u32; COUNTERS_LEN];
-            counters[C_SEED] = seed;
             let lr_table: Vec<f32> = schedule
                 .lr_table(config.lr, capacity)
                 .into_iter()
@@ -247,54 +315,40 @@ impl FusedOptimizer {
             } else {
                 floats(&[beta1.ln() as f32, beta2.ln() as f32])
             };
-            let copy = match config.model_copy {
-                // Before the first applied step the copy is the nearest image of the weights.
-                Some((format, _)) if quads > 0 => words(&pack_halves(&arena, format)),
-                _ => words(&[0, 0]),
-            };
             Ok(FusedOptimizer {
                 ctx: ctx.clone(),
                 config: config.clone(),
-                quads,
-                num_chunks,
-                stats_cubes,
+                layout,
+                buckets,
+                total_partials,
                 capacity,
                 exact_scalars,
-                grad: zeros(),
-                exp_avg: zeros(),
-                exp_avg_sq: if config.method.has_second_moment() {
-                    zeros()
-                } else {
-                    dummy_quad()
-                },
-                ema: if config.ema_beta.is_some() && quads > 0 {
-                    floats(&arena)
-                } else {
-                    dummy_quad()
-                },
-                param,
-                copy,
-                chunks: words(if chunks.is_empty() { &[0; 4] } else { &chunks }),
                 scalars: floats(&scalars),
                 counters: words(&counters),
                 history: floats(&vec![0.0; capacity * HISTORY_WORDS]),
                 lr_table: floats(&lr_table),
                 wide,
-                partial_sq: floats(&vec![0.0; stats_cubes]),
-                partial_bad: words(&vec![0; stats_cubes]),
-                layout,
+                partial_sq: floats(&vec![0.0; total_partials.max(1)]),
+                partial_bad: words(&vec![0; total_partials.max(1)]),
             })
         })
     }
 
-    /// Where each tensor lives in the arenas.
+    /// Where each tensor lives in the group's arena.
     pub fn layout(&self) -> &ArenaLayout {
         &self.layout
     }
 
-    /// The gradient arena the next step reads (f32, [`FusedOptimizer::layout`]).
-    pub fn grad_handle(&self) -> &Handle {
-        &self.grad
+    /// The gradient buffers the next step reads: each covers the arena elements of its range
+    /// (f32, [`FusedOptimizer::layout`] positions minus the range start).
+    pub fn grad_buffers(&self) -> Vec<(std::ops::Range<u64>, &Handle)> {
+        self.buckets
+            .iter()
+            .map(|b| {
+                let start = b.first_quad * 4;
+                (start..start + b.quads as u64 * 4, &b.grad)
+            })
+            .collect()
     }
 
     /// Whether the per-step scalars are computed in f64 on this device.
@@ -302,7 +356,12 @@ impl FusedOptimizer {
         self.exact_scalars
     }
 
-    /// Writes the gradients of the next step into the gradient arena (in place, non-blocking).
+    /// Buffers per state (the group is split when it exceeds the largest buffer).
+    pub fn bucket_count(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Writes the gradients of the next step into the gradient buffers (in place, non-blocking).
     pub fn set_grads(&mut self, grads: &[&[f32]]) -> Result<()> {
         if grads.len() != self.layout.sizes.len() {
             return Err(Error::InvalidArgument(format!(
@@ -320,44 +379,48 @@ impl FusedOptimizer {
                 ));
             }
         }
-        if self.quads == 0 {
-            return Ok(());
-        }
         let arena = self.layout.pack(grads);
         guarded("writing the gradients", || {
-            self.ctx.client().write(
-                &self.grad,
-                Bytes::from_bytes_vec(f32::as_bytes(&arena).to_vec()),
-            );
+            for b in &self.buckets {
+                let start = (b.first_quad * 4) as usize;
+                let values = &arena[start..start + b.quads * 4];
+                self.ctx.client().write(
+                    &b.grad,
+                    Bytes::from_bytes_vec(f32::as_bytes(values).to_vec()),
+                );
+            }
             Ok(())
         })
     }
 
-    /// Enqueues one optimizer call: gradient statistics, scalars, update. Never waits for the
-    /// device; whether the call was skipped is in [`FusedOptimizer::status`] and the history.
+    /// Enqueues one optimizer call: gradient statistics (per bucket), scalars, update (per
+    /// bucket). Never waits for the device; whether the call was skipped is in
+    /// [`FusedOptimizer::status`] and the history.
     pub fn step(&mut self) -> Result<()> {
         let client = self.ctx.client();
         let adamw = self.config.method.has_second_moment();
         let check = self.config.skip_non_finite;
         let clip = self.config.max_grad_norm.is_some();
-        let stats = (check || clip) && self.num_chunks > 0;
-        let chunk_words = self.num_chunks * CHUNK_WORDS;
+        let stats = check || clip;
         let arg = |h: &Handle, len: usize| unsafe { BufferArg::from_raw_parts(h.clone(), len) };
         guarded("launching the fused step", || {
-            let quads = self.quads.max(1);
             if stats {
-                unsafe {
-                    grad_stats::launch_unchecked(
-                        client,
-                        CubeCount::Static(self.stats_cubes as u32, 1, 1),
-                        CubeDim::new_1d(CUBE_UNITS),
-                        arg(&self.grad, quads),
-                        arg(&self.partial_sq, self.stats_cubes),
-                        arg(&self.partial_bad, self.stats_cubes),
-                    )
-                };
+                for b in &self.buckets {
+                    unsafe {
+                        grad_stats::launch_unchecked(
+                            client,
+                            CubeCount::Static(b.stats_cubes as u32, 1, 1),
+                            CubeDim::new_1d(CUBE_UNITS),
+                            arg(&b.grad, b.quads),
+                            arg(&self.partial_sq, self.total_partials),
+                            arg(&self.partial_bad, self.total_partials),
+                            b.partial_offset as u32,
+                        )
+                    };
+                }
             }
-            let num_partials = if stats { self.stats_cubes } else { 0 };
+            let num_partials = if stats { self.total_partials } else { 0 };
+            let partial_len = self.total_partials.max(1);
             let fully_decoupled = self.config.decay_mode == DecayMode::FullyDecoupled;
             macro_rules! finalize {
                 ($wide:ty) => {
@@ -366,8 +429,8 @@ impl FusedOptimizer {
                             client,
                             CubeCount::Static(1, 1, 1),
                             CubeDim::new_1d(CUBE_UNITS),
-                            arg(&self.partial_sq, self.stats_cubes),
-                            arg(&self.partial_bad, self.stats_cubes),
+                            arg(&self.partial_sq, partial_len),
+                            arg(&self.partial_bad, partial_len),
                             arg(&self.lr_table, self.capacity),
                             arg(&self.wide, 2),
                             arg(&self.scalars, SCALARS_LEN),
@@ -388,33 +451,36 @@ impl FusedOptimizer {
             } else {
                 finalize!(f32);
             }
-            if self.num_chunks > 0 {
-                let (copy_kind, stochastic) = match self.config.model_copy {
-                    None => (COPY_NONE, false),
-                    Some((format, rounding)) => (
-                        match format {
-                            CopyFormat::Bf16 => COPY_BF16,
-                            CopyFormat::F16 => COPY_F16,
-                        },
-                        matches!(rounding, Rounding::Stochastic { .. }),
-                    ),
-                };
-                let with_ema = self.config.ema_beta.is_some();
-                let optional = |on: bool| if on { quads } else { 1 };
+            let (copy_kind, stochastic) = match self.config.model_copy {
+                None => (COPY_NONE, false),
+                Some((format, rounding)) => (
+                    match format {
+                        CopyFormat::Bf16 => COPY_BF16,
+                        CopyFormat::F16 => COPY_F16,
+                    },
+                    matches!(rounding, Rounding::Stochastic { .. }),
+                ),
+            };
+            let with_ema = self.config.ema_beta.is_some();
+            for b in self.buckets.iter().filter(|b| b.num_chunks > 0) {
+                let optional = |on: bool| if on { b.quads } else { 1 };
                 unsafe {
                     fused_update::launch_unchecked(
                         client,
-                        cube_count(self.num_chunks),
+                        cube_count(b.num_chunks),
                         CubeDim::new_1d(CUBE_UNITS),
-                        arg(&self.param, quads),
-                        arg(&self.grad, quads),
-                        arg(&self.exp_avg, quads),
-                        arg(&self.exp_avg_sq, optional(adamw)),
-                        arg(&self.ema, optional(with_ema)),
-                        arg(&self.copy, optional(copy_kind != COPY_NONE)),
-                        arg(&self.chunks, chunk_words),
+                        arg(&b.param, b.quads),
+                        arg(&b.grad, b.quads),
+                        arg(&b.exp_avg, b.quads),
+                        arg(&b.exp_avg_sq, optional(adamw)),
+                        arg(&b.ema, optional(with_ema)),
+                        arg(&b.copy, optional(copy_kind != COPY_NONE)),
+                        arg(&b.chunks, b.num_chunks * CHUNK_WORDS),
                         arg(&self.scalars, SCALARS_LEN),
                         arg(&self.counters, COUNTERS_LEN),
+                        // Arena position of the bucket's first element (mod 2^32), for the
+                        // stochastic-rounding hash.
+                        (b.first_quad * 4) as u32,
                         adamw,
                         self.config.cautious,
                         with_ema,
@@ -427,18 +493,7 @@ impl FusedOptimizer {
         })
     }
 
-    fn read_f32(&self, handle: &Handle) -> Result<Vec<f32>> {
-        guarded("reading back", || {
-            let bytes = self
-                .ctx
-                .client()
-                .read_one(handle.clone())
-                .map_err(runtime)?;
-            Ok(f32::from_bytes(&bytes).to_vec())
-        })
-    }
-
-    fn read_u32(&self, handle: &Handle) -> Result<Vec<u32>> {
+    fn read_words(&self, handle: &Handle) -> Result<Vec<u32>> {
         guarded("reading back", || {
             let bytes = self
                 .ctx
@@ -449,21 +504,31 @@ impl FusedOptimizer {
         })
     }
 
-    fn read_arena(&self, handle: &Handle) -> Result<Vec<Vec<f32>>> {
-        if self.quads == 0 {
-            return Ok(self.layout.sizes.iter().map(|_| Vec::new()).collect());
+    fn read_f32(&self, handle: &Handle) -> Result<Vec<f32>> {
+        Ok(self
+            .read_words(handle)?
+            .into_iter()
+            .map(f32::from_bits)
+            .collect())
+    }
+
+    /// One state of every bucket, concatenated into the arena and cut into tensors.
+    fn read_arena(&self, pick: impl Fn(&Bucket) -> &Handle) -> Result<Vec<Vec<f32>>> {
+        let mut arena = Vec::with_capacity(self.layout.total as usize);
+        for b in &self.buckets {
+            arena.extend(self.read_f32(pick(b))?);
         }
-        Ok(self.layout.unpack(&self.read_f32(handle)?))
+        Ok(self.layout.unpack(&arena))
     }
 
     /// The f32 master weights, tensor by tensor (synchronises).
     pub fn read_params(&self) -> Result<Vec<Vec<f32>>> {
-        self.read_arena(&self.param)
+        self.read_arena(|b| &b.param)
     }
 
     /// The first moments (synchronises).
     pub fn read_exp_avg(&self) -> Result<Vec<Vec<f32>>> {
-        self.read_arena(&self.exp_avg)
+        self.read_arena(|b| &b.exp_avg)
     }
 
     /// The second moments, AdamW only (synchronises).
@@ -471,7 +536,7 @@ impl FusedOptimizer {
         if !self.config.method.has_second_moment() {
             return Ok(None);
         }
-        self.read_arena(&self.exp_avg_sq).map(Some)
+        self.read_arena(|b| &b.exp_avg_sq).map(Some)
     }
 
     /// The EMA weights, when enabled (synchronises).
@@ -479,7 +544,7 @@ impl FusedOptimizer {
         if self.config.ema_beta.is_none() {
             return Ok(None);
         }
-        self.read_arena(&self.ema).map(Some)
+        self.read_arena(|b| &b.ema).map(Some)
     }
 
     /// The 16-bit copy as raw bits (bf16 or f16 per the config), when enabled (synchronises).
@@ -487,20 +552,20 @@ impl FusedOptimizer {
         if self.config.model_copy.is_none() {
             return Ok(None);
         }
-        if self.quads == 0 {
-            return Ok(Some(self.layout.sizes.iter().map(|_| Vec::new()).collect()));
+        let mut halves = Vec::with_capacity(self.layout.total as usize);
+        for b in &self.buckets {
+            halves.extend(
+                self.read_words(&b.copy)?
+                    .iter()
+                    .flat_map(|&w| [w as u16, (w >> 16) as u16]),
+            );
         }
-        let words = self.read_u32(&self.copy)?;
-        let halves: Vec<u16> = words
-            .iter()
-            .flat_map(|&w| [w as u16, (w >> 16) as u16])
-            .collect();
         Ok(Some(self.layout.unpack(&halves)))
     }
 
     /// The counters (synchronises).
     pub fn status(&self) -> Result<Status> {
-        let c = self.read_u32(&self.counters)?;
+        let c = self.read_words(&self.counters)?;
         Ok(Status {
             calls: c[C_CALLS] as u64,
             steps: c[C_STEPS] as u64,
@@ -526,10 +591,14 @@ impl FusedOptimizer {
             .collect())
     }
 
-    /// Waits until every enqueued step has finished on the device.
+    /// Waits until every enqueued step has finished, and reports a failed launch (which a bare
+    /// device barrier would not: the failure is attached to the buffers the launch should have
+    /// written).
     pub fn synchronize(&self) -> Result<()> {
+        let mut handles = vec![&self.scalars, &self.counters];
+        handles.extend(self.buckets.iter().map(|b| &b.param));
         guarded("synchronising", || {
-            cubecl::future::block_on(self.ctx.client().sync()).map_err(runtime)
+            cubecl::future::block_on(self.ctx.client().sync_buffers(handles)).map_err(runtime)
         })
     }
 
@@ -619,84 +688,89 @@ pub(super) fn merge(
 ) -> Result<Vec<Tensor>> {
     let shapes: Vec<Vec<usize>> = checkpoints[0].iter().map(|t| t.shape().to_vec()).collect();
     let layout = ArenaLayout::new(&checkpoints[0].iter().map(|t| t.numel()).collect::<Vec<_>>());
-    let quads = (layout.total / 4) as usize;
+    let total_quads = (layout.total / 4) as usize;
     let count = checkpoints.len();
-    if (count as u64) * layout.total / 4 > u32::MAX as u64 {
-        return Err(Error::Unsupported(format!(
-            "merging {count} checkpoints of {} parameters on the cube backend (32-bit indexing)",
-            layout.total
-        )));
-    }
     let copy_format = match dtype {
         DType::BF16 => Some(CopyFormat::Bf16),
         DType::F16 => Some(CopyFormat::F16),
         DType::F32 | DType::F64 => None,
     };
-    if quads == 0 {
-        return Ok(shapes
-            .into_iter()
-            .map(|s| Tensor::zeros(s, dtype))
-            .collect());
-    }
-    let mut stack = Vec::with_capacity(count * quads * 4);
-    for checkpoint in checkpoints {
-        let values: Vec<Vec<f32>> = checkpoint.iter().map(|t| t.to_f32_vec()).collect();
-        let slices: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
-        stack.extend(layout.pack(&slices));
-    }
     let client = ctx.client();
-    let (merged, bits) = guarded("merging checkpoints", || {
-        let stack = client.create_from_slice(f32::as_bytes(&stack));
-        let coefficients: Vec<f32> = coefficients.iter().map(|&c| c as f32).collect();
-        let coefficients = client.create_from_slice(f32::as_bytes(&coefficients));
-        let out = client.empty(quads * 16);
-        let copy = client.empty(if copy_format.is_some() { quads * 8 } else { 8 });
-        let copy_kind = match copy_format {
-            None => COPY_NONE,
-            Some(CopyFormat::Bf16) => COPY_BF16,
-            Some(CopyFormat::F16) => COPY_F16,
-        };
-        let cubes = quads.div_ceil(CUBE_UNITS as usize).min(65_535);
-        unsafe {
-            weighted_merge::launch_unchecked(
-                client,
-                CubeCount::Static(cubes as u32, 1, 1),
-                CubeDim::new_1d(CUBE_UNITS),
-                BufferArg::from_raw_parts(stack, count * quads),
-                BufferArg::from_raw_parts(coefficients, count),
-                BufferArg::from_raw_parts(out.clone(), quads),
-                BufferArg::from_raw_parts(
-                    copy.clone(),
-                    if copy_format.is_some() { quads } else { 1 },
-                ),
-                quads as u32,
-                copy_kind,
-            )
-        };
-        let merged = client.read_one(out).map_err(runtime)?;
-        let merged = f32::from_bytes(&merged).to_vec();
-        let bits = match copy_format {
-            None => None,
-            Some(_) => {
+    // The stack of one bucket, `count` checkpoints of `bucket_quads` quads, must fit in the
+    // largest buffer the device allows.
+    let bucket_quads = (client.properties().memory.max_page_size / (16 * count as u64))
+        .min(u32::MAX as u64) as usize;
+    if bucket_quads == 0 {
+        return Err(Error::Unsupported(format!(
+            "merging {count} checkpoints at once on the cube backend (the stack of one vector \
+             each exceeds the largest buffer)"
+        )));
+    }
+    let arenas: Vec<Vec<f32>> = checkpoints
+        .iter()
+        .map(|checkpoint| {
+            let values: Vec<Vec<f32>> = checkpoint.iter().map(|t| t.to_f32_vec()).collect();
+            let slices: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
+            layout.pack(&slices)
+        })
+        .collect();
+    let coefficients: Vec<f32> = coefficients.iter().map(|&c| c as f32).collect();
+    let copy_kind = match copy_format {
+        None => COPY_NONE,
+        Some(CopyFormat::Bf16) => COPY_BF16,
+        Some(CopyFormat::F16) => COPY_F16,
+    };
+    let mut merged = Vec::with_capacity(layout.total as usize);
+    let mut bits: Vec<u16> = Vec::new();
+    let mut q0 = 0;
+    while q0 < total_quads {
+        let quads = bucket_quads.min(total_quads - q0);
+        let mut stack = Vec::with_capacity(count * quads * 4);
+        for arena in &arenas {
+            stack.extend_from_slice(&arena[q0 * 4..(q0 + quads) * 4]);
+        }
+        guarded("merging checkpoints", || {
+            let stack = client.create_from_slice(f32::as_bytes(&stack));
+            let coefficients = client.create_from_slice(f32::as_bytes(&coefficients));
+            let out = client.empty(quads * 16);
+            let copy_quads = if copy_format.is_some() { quads } else { 1 };
+            let copy = client.empty(copy_quads * 8);
+            let cubes = quads.div_ceil(CUBE_UNITS as usize).min(65_535);
+            unsafe {
+                weighted_merge::launch_unchecked(
+                    client,
+                    CubeCount::Static(cubes as u32, 1, 1),
+                    CubeDim::new_1d(CUBE_UNITS),
+                    BufferArg::from_raw_parts(stack, count * quads),
+                    BufferArg::from_raw_parts(coefficients, count),
+                    BufferArg::from_raw_parts(out.clone(), quads),
+                    BufferArg::from_raw_parts(copy.clone(), copy_quads),
+                    quads as u32,
+                    copy_kind,
+                )
+            };
+            let values = client.read_one(out).map_err(runtime)?;
+            merged.extend_from_slice(f32::from_bytes(&values));
+            if copy_format.is_some() {
                 let words = client.read_one(copy).map_err(runtime)?;
-                Some(
+                bits.extend(
                     u32::from_bytes(&words)
                         .iter()
-                        .flat_map(|&w| [w as u16, (w >> 16) as u16])
-                        .collect::<Vec<u16>>(),
-                )
+                        .flat_map(|&w| [w as u16, (w >> 16) as u16]),
+                );
             }
-        };
-        Ok((merged, bits))
-    })?;
-    Ok(match (bits, copy_format) {
-        (Some(bits), Some(format)) => layout
+            Ok(())
+        })?;
+        q0 += quads;
+    }
+    Ok(match copy_format {
+        Some(format) => layout
             .unpack(&bits)
             .into_iter()
             .zip(shapes)
             .map(|(b, s)| half_tensor(s, &b, format))
             .collect(),
-        _ => layout
+        None => layout
             .unpack(&merged)
             .into_iter()
             .zip(shapes)
