@@ -17,6 +17,7 @@ pub mod cuda;
 pub mod error;
 pub mod linear;
 pub mod lion;
+pub mod optim;
 pub mod tensor;
 pub(crate) mod validation;
 

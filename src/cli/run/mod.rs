@@ -2,6 +2,7 @@
 
 mod attention;
 mod linear;
+mod optim;
 
 use std::path::PathBuf;
 
@@ -83,6 +84,13 @@ pub enum RunOp {
     Attention(attention::AttentionArgs),
     /// A Radial attention block mask (no inputs). Output block_mask u8 [NB, NB].
     RadialMask(attention::RadialMaskArgs),
+    /// S fused optimizer steps (AdamW or Lion, scheduled lr, weight decay, clipping, non-finite
+    /// skip). Inputs param [*P], grads [S, *P]. Outputs param, exp_avg, exp_avg_sq (adamw), ema
+    /// (with --ema-beta), lr [S], skipped [S].
+    Optimize(Box<optim::OptimizeArgs>),
+    /// The multipliers of a learning-rate schedule for steps 0 .. T-1 (transformers' lambdas).
+    /// Output lr [T].
+    Schedule(optim::ScheduleArgs),
 }
 
 /// Runs one op end to end: read, compute, write.
@@ -92,6 +100,8 @@ pub fn execute(op: RunOp) -> Result<()> {
         RunOp::Lion(args) => (args.common.clone(), linear::lion(&args)?),
         RunOp::Attention(args) => (args.common.clone(), attention::attention(&args)?),
         RunOp::RadialMask(args) => return attention::radial_mask(&args)?.write(&args.output),
+        RunOp::Optimize(args) => (args.common.clone(), optim::optimize(&args)?),
+        RunOp::Schedule(args) => return optim::schedule(&args)?.write(&args.output),
     };
     outputs.write(&common.output)
 }

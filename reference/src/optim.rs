@@ -1,1 +1,0 @@
-//! Optimizer steps, LR schedules, WSM merging and EMA in f64 (optim.md).
