@@ -422,8 +422,16 @@ fn attention_with_block_mask_and_an_empty_row() {
     tensors[1].1 = Dtype::BF16;
     write_inputs(&input, &tensors);
     let run = linattn(&[
-        "run", "attention", "--device", "cpu", "--block-size", "32", "--input",
-        input.to_str().unwrap(), "--output", output.to_str().unwrap(),
+        "run",
+        "attention",
+        "--device",
+        "cpu",
+        "--block-size",
+        "32",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
     ]);
     assert_one_line_error(&run, "`k` is bf16 but `q` is f32");
     tensors[1].1 = Dtype::F32;

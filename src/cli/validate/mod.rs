@@ -4,6 +4,7 @@
 
 mod attention;
 mod linear;
+mod optim;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -122,6 +123,7 @@ pub fn execute(args: &ValidateArgs) -> Result<ExitCode> {
         let mut rng = Rng::new(args.seed);
         rows.extend(linear::rows(&backend, args.quick, &mut rng));
         rows.extend(attention::rows(&backend, args.quick, &mut rng));
+        rows.extend(optim::rows(&backend, args.quick, &mut rng));
     }
     print_table(&rows);
     let failed = rows.iter().filter(|r| !r.pass).count();
