@@ -133,7 +133,7 @@ LA_KERNEL(64) la_cumsum(LA_PARAMS p) {
 }
 
 // ================================================================================================
-// la_states / la_dstates: grid (ceil(K/64), ceil(V/64), N*H), 128 threads. Warp w owns state rows
+// la_states / la_dstates: grid (N*H, ceil(K/64), ceil(V/64)), 128 threads. Warp w owns state rows
 // 16w..16w+15 of the 64 x 64 tile; the tile lives in registers across the sequential chunk loop.
 //   forward:  hs[c+1] = 2^Glast hs[c] + (k 2^(Glast - G))^T v      (stores hs[c] before the update)
 //   backward: dhs[c]  = 2^Glast dhs[c+1] + (scale q 2^G)^T do      (stores dhs[c+1] before it)
@@ -163,8 +163,8 @@ LA_DEVICE void state_scan(const LaParams& p) {
     sm.Ys = cv.take<T>(ybytes);
     sm.Yf = reinterpret_cast<float*>(sm.Ys);
 
-    const int k0 = blockIdx.x * 64, v0 = blockIdx.y * 64;
-    const int n = blockIdx.z / p.H, h = blockIdx.z % p.H;
+    const int k0 = blockIdx.y * 64, v0 = blockIdx.z * 64;
+    const int n = blockIdx.x / p.H, h = blockIdx.x % p.H;
     const int w = warp_id();
     const SeqRange seq = seq_range(p, n);
     const int num_chunks = (seq.len + LA_BT - 1) / LA_BT;
@@ -342,7 +342,7 @@ LA_KERNEL(LA_CHUNK_THREADS) la_intra_A(LA_PARAMS p) {
         // (jn runs over every column tile so that register indices stay compile-time constants.)
         for_each_acc<1, 2 * LA_NC>([&](int, int jn, int e, int r, int c) {
             if ((jn >> 1) != i) return;
-            const int R = 16 * i + r, C = 8 * jn + c;
+            const int R = 16 * i + r, C = c;
             if (C > R || (p.strict && C == R)) return;
             float s = 0.0f;
             for (int kk = 0; kk < LA_TK; ++kk) {
@@ -357,7 +357,7 @@ LA_KERNEL(LA_CHUNK_THREADS) la_intra_A(LA_PARAMS p) {
     // Epilogue: scale, scalar decay, causal mask; whole rows are written (zeros above the diagonal).
     float* A = reinterpret_cast<float*>(p.A);
     for_each_acc<1, 2 * LA_NC>([&](int, int jn, int e, int r, int c) {
-        const int R = 16 * i + r, C = 8 * jn + c;
+        const int R = 16 * i + r, C = c;
         if (R >= ci.rows) return;
         const bool keep = p.strict ? C < R : C <= R;
         float x = 0.0f;
@@ -370,7 +370,7 @@ LA_KERNEL(LA_CHUNK_THREADS) la_intra_A(LA_PARAMS p) {
 }
 
 // ================================================================================================
-// la_fwd_o: grid (ceil(V/64), num_chunks, H), NC warps; warp i owns rows 16i..16i+15 x 64 values.
+// la_fwd_o: grid (num_chunks, ceil(V/64), H), NC warps; warp i owns rows 16i..16i+15 x 64 values.
 // ================================================================================================
 
 #define FWD_O_PHASE1 (LA_BT * LD_T * (int)sizeof(T) + LA_BT * LD_F * 4 + 64 * LD_FK * 4)
@@ -388,8 +388,8 @@ LA_KERNEL(LA_CHUNK_THREADS) la_fwd_o(LA_PARAMS p) {
     float* As = cv.take<float>(LA_BT * LD_A * 4);
     T* Vs = cv.take<T>(LA_BT * LD_T * (int)sizeof(T));
 
-    const int v0 = blockIdx.x * 64;
-    const ChunkInfo ci = chunk_info(p, blockIdx.y);
+    const int v0 = blockIdx.y * 64;
+    const ChunkInfo ci = chunk_info(p, blockIdx.x);
     const int h = blockIdx.z;
     const int i = warp_id();
     const i64 KV = (i64)p.K * p.V;
@@ -463,7 +463,7 @@ LA_KERNEL(LA_CHUNK_THREADS) la_fwd_o(LA_PARAMS p) {
 }
 
 // ================================================================================================
-// la_bwd_dv: grid (ceil(V/64), num_chunks, H), NC warps; warp i owns rows 16i.. x 64 values.
+// la_bwd_dv: grid (num_chunks, ceil(V/64), H), NC warps; warp i owns rows 16i.. x 64 values.
 //   dv_t = sum_{s >= t} A_st do_s + (k_t 2^(Glast - G_t)) dhs[c+1]
 // ================================================================================================
 
@@ -483,8 +483,8 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dv(LA_PARAMS p) {
     T* dOs = cv.take<T>(LA_BT * LD_FK * 4);  // T tile, or f32 tile (row stride LD_FK) when do_f32
     float* dOf = reinterpret_cast<float*>(dOs);
 
-    const int v0 = blockIdx.x * 64;
-    const ChunkInfo ci = chunk_info(p, blockIdx.y);
+    const int v0 = blockIdx.y * 64;
+    const ChunkInfo ci = chunk_info(p, blockIdx.x);
     const int h = blockIdx.z;
     const int i = warp_id();
     const i64 KV = (i64)p.K * p.V;
@@ -624,7 +624,7 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dA(LA_PARAMS p) {
     }
     float* dA = reinterpret_cast<float*>(p.dA);
     for_each_acc<1, 2 * LA_NC>([&](int, int jn, int e, int r, int c) {
-        const int R = 16 * i + r, C = 8 * jn + c;
+        const int R = 16 * i + r, C = c;
         if (R >= ci.rows) return;
         const bool keep = p.strict ? C < R : C <= R;
         dA[((ci.seq.bos + ci.t0 + R) * p.H + h) * (i64)LA_BT + C] = keep ? acc.c[0][jn][e] * p.scale : 0.0f;
@@ -632,9 +632,9 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dA(LA_PARAMS p) {
 }
 
 // ================================================================================================
-// la_bwd_dqk_intra: grid (ceil(K/64), num_chunks, H), NC warps. Warp i: dq of rows in block i and
-// dk of rows in block i, key channels k0..k0+63.
-//   dq_r = sum_{c <= r} dA_rc k_c 2^(G_r - G_c),   dk_c = sum_{r >= c} dA_rc q_r 2^(G_r - G_c)
+// la_bwd_dqk_intra: grid (num_chunks, ceil(K/64), H), NC warps. Warp i: dq of rows in block i and
+// dk of rows in block i, key channels k0..k0+63, WITHOUT the diagonal term dA_rr:
+//   dq_r = sum_{c < r} dA_rc k_c 2^(G_r - G_c),   dk_c = sum_{r > c} dA_rc q_r 2^(G_r - G_c)
 // ================================================================================================
 
 #define DQK_SMEM_BYTES (2 * LA_BT * LD_T * (int)sizeof(T) + LA_BT * LD_F * 4 + LA_BT * LD_A * 4 + LA_BT * 4 + 64)
@@ -647,8 +647,8 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqk_intra(LA_PARAMS p) {
     float* dAs = cv.take<float>(LA_BT * LD_A * 4);
     float* Gc = cv.take<float>(LA_BT * 4);
 
-    const int k0 = blockIdx.x * LA_TK;
-    const ChunkInfo ci = chunk_info(p, blockIdx.y);
+    const int k0 = blockIdx.y * LA_TK;
+    const ChunkInfo ci = chunk_info(p, blockIdx.x);
     const int h = blockIdx.z;
     const int i = warp_id();
 
@@ -731,23 +731,25 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqk_intra(LA_PARAMS p) {
     if (LA_GATE_VEC) {
         // Undo the anchors: dq rows by 2^(G_r - G_16i), dk rows by 2^(G_anchor - G_c) (both <= 0).
         for_each_acc<1, 8>([&](int, int jn, int e, int r, int c) {
-            const int R = 16 * i + r, kk = 8 * jn + c;
+            const int R = 16 * i + r, kk = c;
             dq.c[0][jn][e] *= fast_exp2(Gs[R * LD_F + kk] - Gs[(16 * i) * LD_F + kk]);
             dk.c[0][jn][e] *= fast_exp2(Gs[(16 * i + 15) * LD_F + kk] - Gs[R * LD_F + kk]);
         });
     }
 
-    // ---- diagonal block, exact f32 (dA is already zero above the diagonal / on it when strict) ----
+    // ---- diagonal block, exact f32, without the diagonal element itself ----
+    // (The element (R, R) carries no decay; la_bwd_dqkg adds it to the outputs but keeps it out of
+    // the closed-form gate gradient, where it would cancel as a difference of O(1) terms.)
     for_each_acc<1, 8>([&](int, int jn, int e, int r, int c) {
-        const int R = 16 * i + r, kk = 8 * jn + c;
+        const int R = 16 * i + r, kk = c;
         const float gr = G(R, kk);
         float sq = 0.0f, sk = 0.0f;
         for (int x = 0; x < 16; ++x) {
             const int X = 16 * i + x;
-            if (x <= r) {  // dq: column X <= R
+            if (x < r) {  // dq: column X < R
                 sq = fmaf(dAs[R * LD_A + X] * to_float(Ks[X * LD_T + kk]), fast_exp2(gr - G(X, kk)), sq);
             }
-            if (x >= r) {  // dk: row X >= R (R is the key row here)
+            if (x > r) {  // dk: row X > R (R is the key row here)
                 sk = fmaf(dAs[X * LD_A + R] * to_float(Qs[X * LD_T + kk]), fast_exp2(G(X, kk) - gr), sk);
             }
         }
@@ -758,7 +760,7 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqk_intra(LA_PARAMS p) {
     float* dqi = reinterpret_cast<float*>(p.dq_intra);
     float* dki = reinterpret_cast<float*>(p.dk_intra);
     for_each_acc<1, 8>([&](int, int jn, int e, int r, int c) {
-        const int R = 16 * i + r, kk = k0 + 8 * jn + c;
+        const int R = 16 * i + r, kk = k0 + c;
         if (R >= ci.rows || kk >= p.K) return;
         const i64 idx = ((ci.seq.bos + ci.t0 + R) * p.H + h) * (i64)p.K + kk;
         dqi[idx] = dq.c[0][jn][e];
@@ -768,15 +770,21 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqk_intra(LA_PARAMS p) {
 
 // ================================================================================================
 // la_bwd_dqkg: grid (num_chunks, H), NC warps. For each key tile: inter-chunk dq, dk through the
-// states, totals with the intra parts, and this pass's gate gradient in closed form
-//   dG_t = sum_{i >= t in chunk} (q_i dq_i - k_i dk_i) + rowsum_V(hs[c+1] * dhs[c+1])
-// (kernels.md: the chunk-end state term stands for everything after the chunk).
+// states, totals with the intra parts and the diagonal, and this pass's gate gradient in closed
+// form. With the pairs (query i, key j) a gate g_t decays (j < t <= i) split by where i and j lie,
+// for t in this chunk (kernels.md "Useful identities", arranged so that no undecayed term cancels):
+//   dG_t = rowsum_V(2^Glast hs[c] * dhs[c+1])                    keys before, queries after the chunk
+//        + sum_{i >= t} (q_i dq'_i - k_i dk'^intra_i)             queries in the chunk from t on
+//        + sum_{i <  t} k_i dk^inter_i                             keys in the chunk before t, queries after
+// where dq' = dq^intra + dq^inter and the intra parts leave out the diagonal (dA_ii), whose O(1)
+// contributions to q dq and k dk are equal. Every term is then a sum of decayed contributions, so
+// the result keeps its relative accuracy when it is exponentially small (strong gates).
 // ================================================================================================
 
 #define DQKG_LOOP (LA_BT * LD_FK * 4 + LA_BT * LD_T * (int)sizeof(T) + 2 * 64 * LD_F * 4)
-#define DQKG_EPI (LA_BT * LD_FK * 4)
+#define DQKG_EPI (2 * LA_BT * LD_FK * 4)
 #define DQKG_SMEM_BYTES                                                                                 \
-    (LA_BT * LD_F * 4 + (DQKG_LOOP > DQKG_EPI ? DQKG_LOOP : DQKG_EPI) + 64 * 4 + 2 * LA_BT * 4 + 64 * 4 + 64)
+    (LA_BT * LD_F * 4 + (DQKG_LOOP > DQKG_EPI ? DQKG_LOOP : DQKG_EPI) + 64 * 4 + 3 * LA_BT * 4 + 64 * 4 + 64)
 
 LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
     Carver cv{la_smem, 0};
@@ -789,11 +797,13 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
     float* dHs = cv.take<float>(64 * LD_F * 4);
     const int loop_end = cv.offset;
     cv.offset = loop_base;
-    float* W = cv.take<float>(LA_BT * LD_FK * 4);  // q dq - k dk, after the V loop
+    float* W = cv.take<float>(LA_BT * LD_FK * 4);  // q dq' - k dk'^intra, after the value loop
+    float* U = cv.take<float>(LA_BT * LD_FK * 4);  // k dk^inter
     cv.offset = loop_end > cv.offset ? loop_end : cv.offset;
     float* dgk = cv.take<float>(64 * 4);
     float* Gc = cv.take<float>(LA_BT * 4);
-    float* dgrow = cv.take<float>(LA_BT * 4);
+    float* row_w = cv.take<float>(LA_BT * 4);
+    float* row_u = cv.take<float>(LA_BT * 4);
     float* dgk_total = cv.take<float>(64 * 4);
 
     const ChunkInfo ci = chunk_info(p, blockIdx.x);
@@ -801,12 +811,12 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
     const int i = warp_id(), lane = lane_id();
     const i64 KV = (i64)p.K * p.V;
     const float* h_cur = reinterpret_cast<const float*>(p.hs) + ((i64)ci.state * p.H + h) * KV;
-    const float* h_next = reinterpret_cast<const float*>(p.hs) + ((i64)(ci.state + 1) * p.H + h) * KV;
     const float* dh_next = reinterpret_cast<const float*>(p.dhs) + ((i64)(ci.state + 1) * p.H + h) * KV;
     const T* q = reinterpret_cast<const T*>(p.q);
     const T* k = reinterpret_cast<const T*>(p.k);
     const float* dqi = reinterpret_cast<const float*>(p.dq_intra);
     const float* dki = reinterpret_cast<const float*>(p.dk_intra);
+    const float* dA = reinterpret_cast<const float*>(p.dA);
     float* dq_out = reinterpret_cast<float*>(p.dq);
     float* dk_out = reinterpret_cast<float*>(p.dk);
     float* dgl = reinterpret_cast<float*>(p.dgl);
@@ -814,7 +824,10 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
 
     if (!LA_GATE_VEC) {
         stage_gcum_scalar(Gc, p, ci, h, LA_CHUNK_THREADS);
-        for (int r = threadIdx.x; r < LA_BT; r += LA_CHUNK_THREADS) dgrow[r] = 0.0f;
+        for (int r = threadIdx.x; r < LA_BT; r += LA_CHUNK_THREADS) {
+            row_w[r] = 0.0f;
+            row_u[r] = 0.0f;
+        }
         if (threadIdx.x == 0) dgk_total[0] = 0.0f;
     }
 
@@ -835,14 +848,10 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
             stage_state<LA_CHUNK_THREADS>(dHs, LD_F, dh_next, p, k0, v0);
             block_sync();
 
-            // rowsum(hs[c+1] * dhs[c+1]) for this value tile: warp per key row, lanes over values.
+            // rowsum(hs[c] * dhs[c+1]) for this value tile: warp per key row, lanes over values.
             for (int kr = i; kr < 64; kr += LA_NC) {
                 float s = 0.0f;
-                if (k0 + kr < p.K) {
-                    for (int vc = lane; vc < 64; vc += 32) {
-                        if (v0 + vc < p.V) s += h_next[(i64)(k0 + kr) * p.V + v0 + vc] * dHs[kr * LD_F + vc];
-                    }
-                }
+                for (int vc = lane; vc < 64; vc += 32) s += Hs[kr * LD_F + vc] * dHs[kr * LD_F + vc];
                 s = warp_sum(s);
                 if (lane == 0) dgk[kr] += s;
             }
@@ -882,57 +891,79 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
             block_sync();
         }
 
-        // Totals, outputs, and q dq - k dk into W.
+        // Totals and outputs; the closed-form pieces into W and U.
         for_each_acc<1, 8>([&](int, int jn, int e, int r, int c) {
-            const int R = 16 * i + r, kc = 8 * jn + c, kk = k0 + kc;
-            float w = 0.0f;
+            const int R = 16 * i + r, kc = c, kk = k0 + kc;
+            float w = 0.0f, u = 0.0f;
             if (R < ci.rows && kk < p.K) {
                 const float gr = LA_GATE_VEC ? Gs[R * LD_F + kc] : Gc[R];
                 const float gl = LA_GATE_VEC ? Gs[last * LD_F + kc] : Gc[last];
-                const i64 li = ((ci.seq.bos + ci.t0 + R) * p.H + h) * (i64)p.K + kk;
+                const i64 lrow = (ci.seq.bos + ci.t0 + R) * p.H + h;
+                const i64 li = lrow * (i64)p.K + kk;
                 const i64 mi = (mem_tok(p, ci.seq, ci.t0 + R) * p.H + h) * (i64)p.K + kk;
-                const float dqt = dqi[li] + p.scale * dq.c[0][jn][e] * fast_exp2(gr);
-                const float dkt = dki[li] + dk.c[0][jn][e] * fast_exp2(gl - gr);
-                la_store(dq_out + mi, dqt, p.accumulate);
-                la_store(dk_out + mi, dkt, p.accumulate);
-                w = to_float(q[mi]) * dqt - to_float(k[mi]) * dkt;
+                const float qv = to_float(q[mi]), kv = to_float(k[mi]);
+                const float d_diag = dA[lrow * (i64)LA_BT + R];  // 0 when strict
+                const float dq_inter = p.scale * dq.c[0][jn][e] * fast_exp2(gr);
+                const float dk_inter = dk.c[0][jn][e] * fast_exp2(gl - gr);
+                const float dq_nd = dqi[li] + dq_inter;
+                la_store(dq_out + mi, dq_nd + d_diag * kv, p.accumulate);
+                la_store(dk_out + mi, dki[li] + dk_inter + d_diag * qv, p.accumulate);
+                w = qv * dq_nd - kv * dki[li];
+                u = kv * dk_inter;
             }
             W[R * LD_FK + kc] = w;
+            U[R * LD_FK + kc] = u;
         });
         block_sync();
 
         if (LA_GATE_VEC) {
-            // Reverse inclusive cumsum within the chunk, plus the chunk-end state term.
             for (int kc = threadIdx.x; kc < 64; kc += LA_CHUNK_THREADS) {
                 const int kk = k0 + kc;
                 if (kk >= p.K) continue;
-                float run = dgk[kc];
+                // Keys before t: exclusive prefix sums of U, kept in U.
+                float pre = 0.0f;
+                for (int R = 0; R < ci.rows; ++R) {
+                    const float u = U[R * LD_FK + kc];
+                    U[R * LD_FK + kc] = pre;
+                    pre += u;
+                }
+                float run = dgk[kc] * fast_exp2(Gs[last * LD_F + kc]);
                 for (int R = ci.rows - 1; R >= 0; --R) {
                     run += W[R * LD_FK + kc];
-                    dgl[((ci.seq.bos + ci.t0 + R) * p.H + h) * (i64)p.K + kk] = run;
+                    dgl[((ci.seq.bos + ci.t0 + R) * p.H + h) * (i64)p.K + kk] = run + U[R * LD_FK + kc];
                 }
             }
         } else {
             // One gate per token: sum the channels first (the sums commute).
             for (int R = threadIdx.x; R < ci.rows; R += LA_CHUNK_THREADS) {
-                float s = 0.0f;
-                for (int kc = 0; kc < 64; ++kc) s += W[R * LD_FK + kc];
-                dgrow[R] += s;
+                float sw = 0.0f, su = 0.0f;
+                for (int kc = 0; kc < 64; ++kc) {
+                    sw += W[R * LD_FK + kc];
+                    su += U[R * LD_FK + kc];
+                }
+                row_w[R] += sw;
+                row_u[R] += su;
             }
             if (threadIdx.x == 0) {
                 float s = 0.0f;
                 for (int kc = 0; kc < 64; ++kc) s += dgk[kc];
-                dgk_total[0] += s;
+                dgk_total[0] += s * fast_exp2(Gc[last]);
             }
         }
         block_sync();
     }
 
     if (!LA_GATE_VEC && threadIdx.x == 0) {
+        float pre = 0.0f;
+        for (int R = 0; R < ci.rows; ++R) {
+            const float u = row_u[R];
+            row_u[R] = pre;
+            pre += u;
+        }
         float run = dgk_total[0];
         for (int R = ci.rows - 1; R >= 0; --R) {
-            run += dgrow[R];
-            dgl[(ci.seq.bos + ci.t0 + R) * p.H + h] = run;
+            run += row_w[R];
+            dgl[(ci.seq.bos + ci.t0 + R) * p.H + h] = run + row_u[R];
         }
     }
 }

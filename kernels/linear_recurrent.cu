@@ -74,12 +74,12 @@ LA_DEVICE void rec_store_state(const float S[REC_ROWS], u64 dst, const LaParams&
     }
 }
 
-// grid (ceil(V/32), N*H). o (f32, memory order), ht when given. `strict` leaves out the diagonal:
+// grid (N*H, ceil(V/32)). o (f32, memory order), ht when given. `strict` leaves out the diagonal:
 // o_t = scale q_t exp(g_t) S_{t-1}.
 LA_KERNEL(REC_THREADS) la_rec_fwd(LA_PARAMS p) {
     __shared__ RecSmem sm;
-    const int v0 = blockIdx.x * 32;
-    const int n = blockIdx.y / p.H, h = blockIdx.y % p.H;
+    const int v0 = blockIdx.y * 32;
+    const int n = blockIdx.x / p.H, h = blockIdx.x % p.H;
     const int w = warp_id(), lane = lane_id();
     const int vv = v0 + lane;
     const SeqRange seq = seq_range(p, n);
@@ -113,21 +113,32 @@ LA_KERNEL(REC_THREADS) la_rec_fwd(LA_PARAMS p) {
     if (p.ht) rec_store_state(S, p.ht, p, n, h, vv);
 }
 
-// grid (ceil(V/32), N*H). Writes dv (complete over K, memory order, store or accumulate), and
-// atomically adds this block's value-column share of dq, dk into the zeroed logical-order scratch
-// p.dq_intra, p.dk_intra, and of rowsum_V(ht * dht) into p.aux [N, H, K]. dh0 when requested.
+// grid (N*H, ceil(V/32)). The backward scan. Writes dv (complete over K, memory order, store or
+// accumulate) and dh0, and atomically adds this block's value-column share of the q/k gradient
+// pieces into zeroed logical-order scratch:
+//   p.dq_intra  dq'_t = scale (exp(g_t) S_{t-1}) do_t          (no diagonal term)
+//   p.dk_intra  dk^seq_t = dS^seq_t v_t                         (through later queries, no diagonal)
+//   p.A         dk^ht_t  = dS^ht_t v_t                          (through the final state, [tokens,H,K])
+//   p.dA        dov_t = do_t . v_t                              ([tokens, H])
+//   p.aux       rowsum_V(h0 * dS^ht_{-1})                       ([N, H, K], when h0 and dht)
+// dS^seq carries the gradient from the outputs, dS^ht the one from dht; keeping them apart (and the
+// diagonal out) lets la_rec_dg form the gate gradient from decayed terms only.
 LA_KERNEL(REC_THREADS) la_rec_bwd(LA_PARAMS p) {
     __shared__ RecSmem sm;
-    const int v0 = blockIdx.x * 32;
-    const int n = blockIdx.y / p.H, h = blockIdx.y % p.H;
+    __shared__ float qk_part[REC_SLICES];
+    const int v0 = blockIdx.y * 32;
+    const int n = blockIdx.x / p.H, h = blockIdx.x % p.H;
     const int w = warp_id(), lane = lane_id();
     const int vv = v0 + lane;
     const SeqRange seq = seq_range(p, n);
     float* dq_s = reinterpret_cast<float*>(p.dq_intra);
-    float* dk_s = reinterpret_cast<float*>(p.dk_intra);
+    float* dk_seq = reinterpret_cast<float*>(p.dk_intra);
+    float* dk_ht = reinterpret_cast<float*>(p.A);
+    float* dov = reinterpret_cast<float*>(p.dA);
     float* dv = reinterpret_cast<float*>(p.dv);
+    const bool has_dht = p.dht != 0;
 
-    // Phase 1, forward in time: dq_t = scale S_t do_t (strict: the pre-update state).
+    // Phase 1, forward in time: dq'_t from the state before token t's own update.
     float S[REC_ROWS];
     rec_load_state(S, p.h0, p, n, h, vv);
     for (int t = 0; t < seq.len; ++t) {
@@ -139,88 +150,118 @@ LA_KERNEL(REC_THREADS) la_rec_bwd(LA_PARAMS p) {
             const int kk = w + REC_SLICES * m;
             if (kk < p.K) {  // uniform per warp
                 S[m] *= sm.decay[kk];
-                float x = 0.0f;
-                if (p.strict) x = S[m] * sm.d_o[lane];
-                S[m] = fmaf(sm.k[kk], sm.v[lane], S[m]);
-                if (!p.strict) x = S[m] * sm.d_o[lane];
-                x = warp_sum(x);
+                float x = warp_sum(S[m] * sm.d_o[lane]);
                 if (lane == 0) atomic_add(dq_s + row * p.K + kk, p.scale * x);
+                S[m] = fmaf(sm.k[kk], sm.v[lane], S[m]);
             }
+        }
+        if (w == 0) {
+            const float x = warp_sum(sm.d_o[lane] * sm.v[lane]);
+            if (lane == 0) atomic_add(dov + row, x);
         }
         block_sync();
     }
-    // The final state's share of the gate gradient: rowsum_V(ht * dht).
-    const float* dht = reinterpret_cast<const float*>(p.dht);
-    if (dht && p.aux) {
-        #pragma unroll
-        for (int m = 0; m < REC_ROWS; ++m) {
-            const int kk = w + REC_SLICES * m;
-            if (kk < p.K) {
-                float x = vv < p.V ? S[m] * dht[(((i64)n * p.H + h) * p.K + kk) * p.V + vv] : 0.0f;
-                x = warp_sum(x);
-                if (lane == 0) atomic_add(reinterpret_cast<float*>(p.aux) + ((i64)n * p.H + h) * p.K + kk, x);
-            }
-        }
-    }
 
-    // Phase 2, backward in time: dS carries dL/dS_t.
-    float dS[REC_ROWS];
-    rec_load_state(dS, p.dht, p, n, h, vv);
+    // Phase 2, backward in time.
+    float dSs[REC_ROWS], dSh[REC_ROWS];
+    rec_load_state(dSh, p.dht, p, n, h, vv);
+    #pragma unroll
+    for (int m = 0; m < REC_ROWS; ++m) dSs[m] = 0.0f;
     for (int t = seq.len - 1; t >= 0; --t) {
         rec_stage(sm, p, seq, t, h, v0, true);
         block_sync();
         const i64 row = (seq.bos + t) * p.H + h;
-        float dvp = 0.0f;
+        float dvp = 0.0f, qk = 0.0f;
         #pragma unroll
         for (int m = 0; m < REC_ROWS; ++m) {
             const int kk = w + REC_SLICES * m;
             if (kk < p.K) {
-                const float qdo = p.scale * sm.q[kk] * sm.d_o[lane];
-                if (!p.strict) dS[m] += qdo;
-                float x = dS[m] * sm.v[lane];
-                x = warp_sum(x);
-                if (lane == 0) atomic_add(dk_s + row * p.K + kk, x);
-                dvp = fmaf(dS[m], sm.k[kk], dvp);
-                if (p.strict) dS[m] += qdo;
-                dS[m] *= sm.decay[kk];
+                float x = warp_sum(dSs[m] * sm.v[lane]);
+                if (lane == 0) atomic_add(dk_seq + row * p.K + kk, x);
+                if (has_dht) {
+                    x = warp_sum(dSh[m] * sm.v[lane]);
+                    if (lane == 0) atomic_add(dk_ht + row * p.K + kk, x);
+                }
+                dvp = fmaf(dSs[m] + dSh[m], sm.k[kk], dvp);
+                qk = fmaf(sm.q[kk], sm.k[kk], qk);
+                dSs[m] = fmaf(p.scale * sm.q[kk], sm.d_o[lane], dSs[m]) * sm.decay[kk];
+                dSh[m] *= sm.decay[kk];
             }
         }
         sm.red[w][lane] = dvp;
+        if (lane == 0) qk_part[w] = qk;
         block_sync();
         if (w == 0 && vv < p.V) {
-            float s = 0.0f;
+            float s = 0.0f, qks = 0.0f;
             #pragma unroll
-            for (int i = 0; i < REC_SLICES; ++i) s += sm.red[i][lane];
+            for (int i = 0; i < REC_SLICES; ++i) {
+                s += sm.red[i][lane];
+                qks += qk_part[i];
+            }
+            if (!p.strict) s = fmaf(p.scale * qks, sm.d_o[lane], s);  // the diagonal's share
             la_store(dv + (mem_tok(p, seq, t) * p.H + h) * (i64)p.V + vv, s, p.accumulate);
         }
     }
-    if (p.dh0) rec_store_state(dS, p.dh0, p, n, h, vv);
+    if (p.dh0) {
+        float sum[REC_ROWS];
+        #pragma unroll
+        for (int m = 0; m < REC_ROWS; ++m) sum[m] = dSs[m] + dSh[m];
+        rec_store_state(sum, p.dh0, p, n, h, vv);
+    }
+    // Keys before the sequence (h0) paired with queries after it (ht).
+    if (p.h0 && has_dht && p.aux) {
+        const float* h0 = reinterpret_cast<const float*>(p.h0);
+        #pragma unroll
+        for (int m = 0; m < REC_ROWS; ++m) {
+            const int kk = w + REC_SLICES * m;
+            if (kk < p.K) {
+                const float hv = vv < p.V ? h0[(((i64)n * p.H + h) * p.K + kk) * p.V + vv] : 0.0f;
+                const float x = warp_sum(hv * dSh[m]);
+                if (lane == 0) atomic_add(reinterpret_cast<float*>(p.aux) + ((i64)n * p.H + h) * p.K + kk, x);
+            }
+        }
+    }
 }
 
-// grid (N*H), 256 threads (thread per key channel). Moves the scratch dq, dk into the outputs
-// (memory order, store or accumulate) and computes this pass's gate gradient per key channel:
-//   dgl_t = sum_{i >= t} (q_i dq_i - k_i dk_i) + rowsum_V(ht * dht)
+// grid (N*H), 256 threads (thread per key channel). Combines the scratch of la_rec_bwd into dq, dk
+// (memory order, store or accumulate; the diagonal's share scale (do.v) k, scale (do.v) q unless
+// strict) and computes this pass's gate gradient per key channel (width K):
+//   dG_t = aux + sum_{i >= t} (q_i dq'_i - k_i dk^seq_i) + sum_{i < t} k_i dk^ht_i
 LA_KERNEL(REC_THREADS) la_rec_dg(LA_PARAMS p) {
     const int n = blockIdx.x / p.H, h = blockIdx.x % p.H;
     const SeqRange seq = seq_range(p, n);
     const T* q = reinterpret_cast<const T*>(p.q);
     const T* k = reinterpret_cast<const T*>(p.k);
     const float* dq_s = reinterpret_cast<const float*>(p.dq_intra);
-    const float* dk_s = reinterpret_cast<const float*>(p.dk_intra);
-    const float* final_term = reinterpret_cast<const float*>(p.aux);
+    const float* dk_seq = reinterpret_cast<const float*>(p.dk_intra);
+    const float* dk_ht = reinterpret_cast<const float*>(p.A);
+    const float* dov = reinterpret_cast<const float*>(p.dA);
+    const float* h0_term = reinterpret_cast<const float*>(p.aux);
     float* dq = reinterpret_cast<float*>(p.dq);
     float* dk = reinterpret_cast<float*>(p.dk);
     float* dgl = reinterpret_cast<float*>(p.dgl);
+    const float diag = p.strict ? 0.0f : p.scale;
     for (int kk = threadIdx.x; kk < p.K; kk += REC_THREADS) {
-        float run = final_term ? final_term[((i64)n * p.H + h) * p.K + kk] : 0.0f;
+        // Forward sweep: outputs, and the exclusive prefix of k dk^ht into dgl.
+        float pre = 0.0f;
+        for (int t = 0; t < seq.len; ++t) {
+            const i64 lrow = (seq.bos + t) * p.H + h;
+            const i64 li = lrow * (i64)p.K + kk;
+            const i64 mi = (mem_tok(p, seq, t) * p.H + h) * (i64)p.K + kk;
+            const float qv = to_float(q[mi]), kv = to_float(k[mi]);
+            const float dd = diag * dov[lrow];
+            la_store(dq + mi, dq_s[li] + dd * kv, p.accumulate);
+            la_store(dk + mi, dk_seq[li] + dk_ht[li] + dd * qv, p.accumulate);
+            if (dgl) dgl[li] = pre;
+            pre += kv * dk_ht[li];
+        }
+        if (!dgl) continue;
+        float run = h0_term ? h0_term[((i64)n * p.H + h) * p.K + kk] : 0.0f;
         for (int t = seq.len - 1; t >= 0; --t) {
             const i64 li = ((seq.bos + t) * p.H + h) * (i64)p.K + kk;
             const i64 mi = (mem_tok(p, seq, t) * p.H + h) * (i64)p.K + kk;
-            const float a = dq_s[li], b = dk_s[li];
-            la_store(dq + mi, a, p.accumulate);
-            la_store(dk + mi, b, p.accumulate);
-            run += to_float(q[mi]) * a - to_float(k[mi]) * b;
-            if (dgl) dgl[li] = run;
+            run += to_float(q[mi]) * dq_s[li] - to_float(k[mi]) * dk_seq[li];
+            dgl[li] += run;
         }
     }
 }

@@ -6,15 +6,15 @@
 #include "common.cuh"
 #include "linear_params.cuh"
 
-// grid (ceil(Lmax / 128), N, H), 128 threads. Scatters this pass's gate gradient dgl (logical order,
+// grid (N, ceil(Lmax / 128), H), 128 threads. Scatters this pass's gate gradient dgl (logical order,
 // width p.dgl_width per token) to the gate it came from, p.aux: vector [tokens, H, K] or scalar
 // [tokens, H] (gate_kind). Forward pass: logical t -> token bos + t. Reverse pass: logical t >= 1
 // used the backward gate of token bos + L - t; token bos gets nothing from it (written as 0 unless
 // accumulating).
 LA_KERNEL(128) la_gate_grad(LA_PARAMS p) {
-    const int n = blockIdx.y, h = blockIdx.z;
+    const int n = blockIdx.x, h = blockIdx.z;
     const SeqRange seq = seq_range(p, n);
-    const int t = blockIdx.x * 128 + threadIdx.x;
+    const int t = blockIdx.y * 128 + threadIdx.x;
     if (t >= seq.len) return;
     const float* dgl = reinterpret_cast<const float*>(p.dgl);
     float* target = reinterpret_cast<float*>(p.aux);
