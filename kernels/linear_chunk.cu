@@ -784,7 +784,7 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqk_intra(LA_PARAMS p) {
 #define DQKG_LOOP (LA_BT * LD_FK * 4 + LA_BT * LD_T * (int)sizeof(T) + 2 * 64 * LD_F * 4)
 #define DQKG_EPI (2 * LA_BT * LD_FK * 4)
 #define DQKG_SMEM_BYTES                                                                                 \
-    (LA_BT * LD_F * 4 + (DQKG_LOOP > DQKG_EPI ? DQKG_LOOP : DQKG_EPI) + 64 * 4 + 3 * LA_BT * 4 + 64 * 4 + 64)
+    (LA_BT * LD_F * 4 + (DQKG_LOOP > DQKG_EPI ? DQKG_LOOP : DQKG_EPI) + 64 * 4 + LA_BT * 4 + 2 * LA_BT * 8 + 64 + 64)
 
 LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
     Carver cv{la_smem, 0};
@@ -802,9 +802,9 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
     cv.offset = loop_end > cv.offset ? loop_end : cv.offset;
     float* dgk = cv.take<float>(64 * 4);
     float* Gc = cv.take<float>(LA_BT * 4);
-    float* row_w = cv.take<float>(LA_BT * 4);
-    float* row_u = cv.take<float>(LA_BT * 4);
-    float* dgk_total = cv.take<float>(64 * 4);
+    double* row_w = cv.take<double>(LA_BT * 8);
+    double* row_u = cv.take<double>(LA_BT * 8);
+    double* dgk_total = cv.take<double>(64);
 
     const ChunkInfo ci = chunk_info(p, blockIdx.x);
     const int h = blockIdx.y;
@@ -825,10 +825,10 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
     if (!LA_GATE_VEC) {
         stage_gcum_scalar(Gc, p, ci, h, LA_CHUNK_THREADS);
         for (int r = threadIdx.x; r < LA_BT; r += LA_CHUNK_THREADS) {
-            row_w[r] = 0.0f;
-            row_u[r] = 0.0f;
+            row_w[r] = 0.0;
+            row_u[r] = 0.0;
         }
-        if (threadIdx.x == 0) dgk_total[0] = 0.0f;
+        if (threadIdx.x == 0) dgk_total[0] = 0.0;
     }
 
     for (int k0 = 0; k0 < p.K; k0 += LA_TK) {
@@ -916,27 +916,30 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
         });
         block_sync();
 
+        // The scans and channel sums below run in f64: the gate gradient is a sum of terms of both
+        // signs that can be much larger than the result (per-head gates sum it over every token
+        // too), and these loops are short.
         if (LA_GATE_VEC) {
             for (int kc = threadIdx.x; kc < 64; kc += LA_CHUNK_THREADS) {
                 const int kk = k0 + kc;
                 if (kk >= p.K) continue;
                 // Keys before t: exclusive prefix sums of U, kept in U.
-                float pre = 0.0f;
+                double pre = 0.0;
                 for (int R = 0; R < ci.rows; ++R) {
                     const float u = U[R * LD_FK + kc];
-                    U[R * LD_FK + kc] = pre;
+                    U[R * LD_FK + kc] = (float)pre;
                     pre += u;
                 }
-                float run = dgk[kc] * fast_exp2(Gs[last * LD_F + kc]);
+                double run = (double)dgk[kc] * fast_exp2(Gs[last * LD_F + kc]);
                 for (int R = ci.rows - 1; R >= 0; --R) {
                     run += W[R * LD_FK + kc];
-                    dgl[((ci.seq.bos + ci.t0 + R) * p.H + h) * (i64)p.K + kk] = run + U[R * LD_FK + kc];
+                    dgl[((ci.seq.bos + ci.t0 + R) * p.H + h) * (i64)p.K + kk] = (float)(run + U[R * LD_FK + kc]);
                 }
             }
         } else {
             // One gate per token: sum the channels first (the sums commute).
             for (int R = threadIdx.x; R < ci.rows; R += LA_CHUNK_THREADS) {
-                float sw = 0.0f, su = 0.0f;
+                double sw = 0.0, su = 0.0;
                 for (int kc = 0; kc < 64; ++kc) {
                     sw += W[R * LD_FK + kc];
                     su += U[R * LD_FK + kc];
@@ -945,7 +948,7 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
                 row_u[R] += su;
             }
             if (threadIdx.x == 0) {
-                float s = 0.0f;
+                double s = 0.0;
                 for (int kc = 0; kc < 64; ++kc) s += dgk[kc];
                 dgk_total[0] += s * fast_exp2(Gc[last]);
             }
@@ -954,16 +957,16 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
     }
 
     if (!LA_GATE_VEC && threadIdx.x == 0) {
-        float pre = 0.0f;
+        double pre = 0.0;
         for (int R = 0; R < ci.rows; ++R) {
-            const float u = row_u[R];
+            const double u = row_u[R];
             row_u[R] = pre;
             pre += u;
         }
-        float run = dgk_total[0];
+        double run = dgk_total[0];
         for (int R = ci.rows - 1; R >= 0; --R) {
             run += row_w[R];
-            dgl[(ci.seq.bos + ci.t0 + R) * p.H + h] = run + row_u[R];
+            dgl[(ci.seq.bos + ci.t0 + R) * p.H + h] = (float)(run + row_u[R]);
         }
     }
 }

@@ -243,7 +243,7 @@ LA_KERNEL(REC_THREADS) la_rec_dg(LA_PARAMS p) {
     const float diag = p.strict ? 0.0f : p.scale;
     for (int kk = threadIdx.x; kk < p.K; kk += REC_THREADS) {
         // Forward sweep: outputs, and the exclusive prefix of k dk^ht into dgl.
-        float pre = 0.0f;
+        double pre = 0.0;  // scans in f64: terms of both signs, often larger than the result
         for (int t = 0; t < seq.len; ++t) {
             const i64 lrow = (seq.bos + t) * p.H + h;
             const i64 li = lrow * (i64)p.K + kk;
@@ -252,16 +252,16 @@ LA_KERNEL(REC_THREADS) la_rec_dg(LA_PARAMS p) {
             const float dd = diag * dov[lrow];
             la_store(dq + mi, dq_s[li] + dd * kv, p.accumulate);
             la_store(dk + mi, dk_seq[li] + dk_ht[li] + dd * qv, p.accumulate);
-            if (dgl) dgl[li] = pre;
+            if (dgl) dgl[li] = (float)pre;
             pre += kv * dk_ht[li];
         }
         if (!dgl) continue;
-        float run = h0_term ? h0_term[((i64)n * p.H + h) * p.K + kk] : 0.0f;
+        double run = h0_term ? h0_term[((i64)n * p.H + h) * p.K + kk] : 0.0;
         for (int t = seq.len - 1; t >= 0; --t) {
             const i64 li = ((seq.bos + t) * p.H + h) * (i64)p.K + kk;
             const i64 mi = (mem_tok(p, seq, t) * p.H + h) * (i64)p.K + kk;
-            run += to_float(q[mi]) * dq_s[li] - to_float(k[mi]) * dk_seq[li];
-            dgl[li] += run;
+            run += (double)to_float(q[mi]) * dq_s[li] - (double)to_float(k[mi]) * dk_seq[li];
+            dgl[li] = (float)(dgl[li] + run);
         }
     }
 }

@@ -39,9 +39,9 @@ LA_KERNEL(128) la_gate_grad(LA_PARAMS p) {
     if (vector) {
         for (int kk = 0; kk < p.K; ++kk) la_store(target + dst + kk, zero ? 0.0f : dgl[src + kk], p.accumulate);
     } else {
-        float s = 0.0f;
+        double s = 0.0;  // channel sums in f64 (terms of both signs)
         for (int x = 0; x < width; ++x) s += dgl[src + x];
-        la_store(target + dst, zero ? 0.0f : s, p.accumulate);
+        la_store(target + dst, zero ? 0.0f : (float)s, p.accumulate);
     }
 }
 
@@ -49,11 +49,11 @@ LA_KERNEL(128) la_gate_grad(LA_PARAMS p) {
 // of every sequence (and every channel of the width), skipping the reverse pass's t = 0 (whose gate
 // is the constant 0, not g[h]). Fixed-order reduction: deterministic.
 LA_KERNEL(256) la_gate_grad_head(LA_PARAMS p) {
-    __shared__ float red[256];
+    __shared__ double red[256];  // f64: the total is often much smaller than its terms
     const int h = blockIdx.x;
     const float* dgl = reinterpret_cast<const float*>(p.dgl);
     const int width = p.dgl_width;
-    float s = 0.0f;
+    double s = 0.0;
     for (int n = 0; n < p.N; ++n) {
         const SeqRange seq = seq_range(p, n);
         for (int t = threadIdx.x; t < seq.len; t += 256) {
@@ -68,7 +68,7 @@ LA_KERNEL(256) la_gate_grad_head(LA_PARAMS p) {
         if ((int)threadIdx.x < stride) red[threadIdx.x] += red[threadIdx.x + stride];
         block_sync();
     }
-    if (threadIdx.x == 0) la_store(reinterpret_cast<float*>(p.aux) + h, red[0], p.accumulate);
+    if (threadIdx.x == 0) la_store(reinterpret_cast<float*>(p.aux) + h, (float)red[0], p.accumulate);
 }
 
 // grid (ceil(tokens * H / 256)). v' = [v, 1] of width V + 1 (element type T) into p.aux.

@@ -5,7 +5,7 @@
 #[path = "common/cuda_cases.rs"]
 mod cuda_cases;
 
-use cuda_cases::{Case, Inputs, run_case, summary};
+use cuda_cases::{Case, FORMS, Inputs, SHAPES, full_matrix, ops, run_case, summary, varlen_cases};
 use linattn::DType;
 use linattn::cuda::emu::EmuExec;
 use linattn::linear::cuda::{backward_on, forward_on};
@@ -67,3 +67,127 @@ fn smoke_chunk_f32() {
         1
     ));
 }
+
+
+/// Runs cases and reports every failure at the end (so one run shows the whole picture).
+fn run_all(exec: &EmuExec, runs: &[(Case, DType, Form)]) {
+    let mut failed = Vec::new();
+    for (i, (case, dtype, form)) in runs.iter().enumerate() {
+        if !run(exec, case, *dtype, *form, 1000 + i as u64) {
+            failed.push(case.label(*dtype, *form));
+        }
+    }
+    assert!(failed.is_empty(), "{} of {} failed:\n{}", failed.len(), runs.len(), failed.join("\n"));
+}
+
+const CHUNK64: Form = Form::Chunkwise { chunk: 64 };
+const CHUNK16: Form = Form::Chunkwise { chunk: 16 };
+
+/// Every op (gate kind x direction x normalisation) on the small shape, bf16 and f32, chunk 64.
+#[test]
+fn every_op_chunk64() {
+    let Some(exec) = exec() else { return };
+    let mut runs = Vec::new();
+    for dtype in [DType::BF16, DType::F32] {
+        for case in ops(SHAPES[0], 1.0) {
+            runs.push((case, dtype, CHUNK64));
+        }
+    }
+    run_all(&exec, &runs);
+}
+
+/// Every op with chunk 16 on the K = 32, V = 48 shape (padding, several 16-row chunks).
+#[test]
+fn every_op_chunk16_padded() {
+    let Some(exec) = exec() else { return };
+    let runs: Vec<_> = ops(SHAPES[3], 1.0).into_iter().map(|c| (c, DType::F32, CHUNK16)).collect();
+    run_all(&exec, &runs);
+}
+
+/// The recurrent form and the decode path's kernel, every op.
+#[test]
+fn every_op_recurrent() {
+    let Some(exec) = exec() else { return };
+    let mut runs = Vec::new();
+    for dtype in [DType::BF16, DType::F32] {
+        for case in ops(SHAPES[0], 1.0) {
+            runs.push((case, dtype, Form::Recurrent));
+        }
+    }
+    run_all(&exec, &runs);
+}
+
+/// Strong and weak gates (n = 0.1, 10) where the exponents matter.
+#[test]
+fn gate_strengths() {
+    let Some(exec) = exec() else { return };
+    let mut runs = Vec::new();
+    for strength in [0.1, 10.0] {
+        for case in ops(SHAPES[0], strength) {
+            if matches!(case.name.as_str(), "gla" | "mamba2" | "lion-s" | "bidir-vector") {
+                runs.push((case.clone(), DType::BF16, CHUNK64));
+                runs.push((case, DType::F32, CHUNK16));
+            }
+        }
+    }
+    run_all(&exec, &runs);
+}
+
+/// Packed variable-length sequences, including empty and one-token segments.
+#[test]
+fn variable_length() {
+    let Some(exec) = exec() else { return };
+    let mut runs = Vec::new();
+    for case in varlen_cases() {
+        for form in FORMS {
+            runs.push((case.clone(), DType::BF16, form));
+        }
+    }
+    run_all(&exec, &runs);
+}
+
+/// K = 60, V = 100 (zero padding inside the 64-channel tiles, two value tiles), f16 and bf16.
+#[test]
+fn padded_head_dims() {
+    let Some(exec) = exec() else { return };
+    let mut runs = Vec::new();
+    for case in ops(SHAPES[1], 1.0) {
+        if matches!(case.name.as_str(), "gla" | "lion-s") {
+            runs.push((case.clone(), DType::BF16, CHUNK64));
+            runs.push((case, DType::F16, CHUNK64));
+        }
+    }
+    run_all(&exec, &runs);
+}
+
+/// Head dims 128 and 256, several key/value tiles.
+#[test]
+fn large_head_dims() {
+    let Some(exec) = exec() else { return };
+    let runs = vec![
+        (Case::causal("gla", (1, 70, 1, 256, 192), GateKind::Vector), DType::BF16, CHUNK64),
+        (Case::causal("mamba2", (1, 70, 1, 128, 256), GateKind::Scalar), DType::BF16, CHUNK64),
+        (Case::causal("gla", (1, 40, 1, 256, 256), GateKind::Vector), DType::F32, Form::Recurrent),
+    ];
+    run_all(&exec, &runs);
+}
+
+/// The complete GPU matrix on the emulation: hours on 2 cores, so only with LINATTN_EMU_FULL=1.
+#[test]
+fn full_matrix_on_request() {
+    if std::env::var_os("LINATTN_EMU_FULL").is_none() {
+        println!("skipped: set LINATTN_EMU_FULL=1 to run the whole matrix on the emulation");
+        return;
+    }
+    let Some(exec) = exec() else { return };
+    let mut runs = Vec::new();
+    for case in full_matrix() {
+        for form in FORMS {
+            for dtype in [DType::BF16, DType::F16, DType::F32] {
+                runs.push((case.clone(), dtype, form));
+            }
+        }
+    }
+    run_all(&exec, &runs);
+}
+

@@ -104,8 +104,18 @@ impl Inputs {
                     .to_dtype(DType::F32),
             )
         };
-        let q = tensor(vec![b, t, h, k], rng.randn(b * t * h * k));
-        let kk = tensor(vec![b, t, h, k], rng.randn(b * t * h * k));
+        // Normalised problems get LION's positive features (elu + 1): row sums of A are then
+        // positive and the division well conditioned (with raw normal q, k some rows sum to about
+        // zero and any rounding is amplified without bound).
+        let features = |x: Vec<f64>| -> Vec<f64> {
+            if case.normalize {
+                x.into_iter().map(|x| if x > 0.0 { x + 1.0 } else { x.exp() }).collect()
+            } else {
+                x
+            }
+        };
+        let q = tensor(vec![b, t, h, k], features(rng.randn(b * t * h * k)));
+        let kk = tensor(vec![b, t, h, k], features(rng.randn(b * t * h * k)));
         let vv = tensor(vec![b, t, h, v], rng.randn(b * t * h * v));
         let g = gate(&mut rng);
         let g_bwd = if case.separate_gate_bwd {
@@ -267,3 +277,88 @@ pub fn summary(checks: &[Check]) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// The shapes of the engine test matrix (B, T, H, K, V); K = 60, V = 100 and K = 32, V = 48 run
+/// through the zero padding of the 64-channel tiles.
+pub const SHAPES: [(usize, usize, usize, usize, usize); 4] = [
+    (1, 63, 1, 64, 64),
+    (2, 200, 2, 60, 100),
+    (2, 256, 4, 128, 128),
+    (1, 130, 2, 32, 48),
+];
+
+/// Packed-sequence offsets of the variable-length cases (B = 1, T = last entry).
+pub const VARLEN: [&[i64]; 3] = [&[0, 15], &[0, 0, 16], &[0, 1, 100, 300]];
+
+/// The engine configurations (ops) of the matrix on one shape and gate strength.
+pub fn ops(shape: (usize, usize, usize, usize, usize), strength: f64) -> Vec<Case> {
+    let with = |c: Case| Case { strength, ..c };
+    vec![
+        with(Case::causal("gla", shape, GateKind::Vector)),
+        with(Case::causal("retnet", shape, GateKind::PerHead)),
+        with(Case::causal("mamba2", shape, GateKind::Scalar)),
+        Case {
+            h0: false,
+            ..Case::causal("linear", shape, GateKind::None)
+        },
+        Case {
+            normalize: true,
+            ..Case::bidirectional("lion-lit", shape, GateKind::None)
+        },
+        with(Case {
+            normalize: true,
+            ..Case::bidirectional("lion-d", shape, GateKind::PerHead)
+        }),
+        with(Case {
+            normalize: true,
+            separate_gate_bwd: true,
+            ..Case::bidirectional("lion-s", shape, GateKind::Scalar)
+        }),
+        with(Case::bidirectional("bidir-vector", shape, GateKind::Vector)),
+    ]
+}
+
+/// Variable-length cases: causal GLA (with h0 per segment) and LION-S.
+pub fn varlen_cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    for cu in VARLEN {
+        let t = *cu.last().unwrap() as usize;
+        let shape = (1, t, 2, 32, 48);
+        out.push(Case {
+            cu_seqlens: Some(cu.to_vec()),
+            ..Case::causal("gla-varlen", shape, GateKind::Vector)
+        });
+        out.push(Case {
+            cu_seqlens: Some(cu.to_vec()),
+            normalize: true,
+            separate_gate_bwd: true,
+            ..Case::bidirectional("lion-s-varlen", shape, GateKind::Scalar)
+        });
+    }
+    out
+}
+
+/// The whole matrix: every shape x gate strength x op (ungated ops once per shape), plus the
+/// variable-length cases.
+pub fn full_matrix() -> Vec<Case> {
+    let mut out = Vec::new();
+    for shape in SHAPES {
+        for (si, strength) in linattn::reference::testing::GATE_STRENGTHS.into_iter().enumerate() {
+            for case in ops(shape, strength) {
+                if case.gate == GateKind::None && si > 0 {
+                    continue;
+                }
+                out.push(case);
+            }
+        }
+    }
+    out.extend(varlen_cases());
+    out
+}
+
+/// The forms every case runs in.
+pub const FORMS: [Form; 3] = [
+    Form::Chunkwise { chunk: 64 },
+    Form::Chunkwise { chunk: 16 },
+    Form::Recurrent,
+];
