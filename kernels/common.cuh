@@ -31,6 +31,26 @@ typedef long long i64;
 extern __shared__ __align__(16) unsigned char la_smem[];
 #endif
 
+// Kernels take one parameter struct: by value on the GPU, by reference in the host emulation
+// (same ABI as a pointer, so its launcher can call every kernel the same way).
+#ifdef LA_EMULATION
+#define LA_PARAM_REF(type) const type&
+#else
+#define LA_PARAM_REF(type) const type
+#endif
+
+// Every module that carves dynamic shared memory publishes the bytes each kernel needs in an int
+// table and defines `la_smem_query` with this macro; the host runs it once per loaded module
+// (NVRTC gives module globals internal linkage, so the symbol itself is not looked up).
+struct LaSmemQuery {
+    u64 out;  // int[len] on the device
+};
+#define LA_DEFINE_SMEM_QUERY(table, len)                                       \
+    LA_KERNEL(32) la_smem_query(LA_PARAM_REF(LaSmemQuery) q) {                 \
+        int* out = reinterpret_cast<int*>(q.out);                              \
+        for (int i = (int)threadIdx.x; i < (len); i += 32) out[i] = (table)[i]; \
+    }
+
 // Storage types of the 16-bit inputs. Distinct structs so that overloads pick the right conversion.
 struct bf16_t {
     u16 bits;

@@ -971,10 +971,11 @@ LA_KERNEL(LA_CHUNK_THREADS) la_bwd_dqkg(LA_PARAMS p) {
     }
 }
 
-// Dynamic shared memory (bytes) of each kernel above, read by the host after loading the module
-// (single source of truth for the launch configuration). Order: see KERNELS in
-// src/linear/cuda/kernels.rs.
-__constant__ int la_smem_table[9] = {
+// Dynamic shared memory (bytes) of each kernel above: the single source of truth for the launch
+// configuration, read by the host once per loaded module through la_smem_query. Order: see
+// CHUNK_KERNELS in src/linear/cuda/kernels.rs.
+#define LA_SMEM_TABLE_LEN 9
+__constant__ int la_smem_table[LA_SMEM_TABLE_LEN] = {
     0,                 // la_cumsum
     STATE_SMEM_BYTES,  // la_states
     STATE_SMEM_BYTES,  // la_dstates
@@ -985,3 +986,5 @@ __constant__ int la_smem_table[9] = {
     DQK_SMEM_BYTES,
     DQKG_SMEM_BYTES,
 };
+
+LA_DEFINE_SMEM_QUERY(la_smem_table, LA_SMEM_TABLE_LEN)

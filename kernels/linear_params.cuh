@@ -47,13 +47,7 @@ struct LaParams {
 };
 static_assert(sizeof(LaParams) == 264, "LaParams layout changed: update src/linear/cuda/params.rs");
 
-// Kernels take the parameters by value on the GPU; the host emulation passes a reference (same
-// ABI as a pointer, so its launcher can call every kernel the same way).
-#ifdef LA_EMULATION
-#define LA_PARAMS const LaParams&
-#else
-#define LA_PARAMS const LaParams
-#endif
+#define LA_PARAMS LA_PARAM_REF(LaParams)
 
 #define LA_GATE_NONE 0
 #define LA_GATE_PER_HEAD 1

@@ -82,6 +82,8 @@ type LaunchFn = unsafe extern "C" fn(
 struct EmuLib {
     lib: libloading::Library,
     launch: LaunchFn,
+    /// The module's `la_smem_table` (read through `la_smem_query`), empty without one.
+    smem_table: Vec<u32>,
 }
 
 fn libraries() -> &'static Mutex<HashMap<Variant, Arc<EmuLib>>> {
@@ -179,7 +181,50 @@ fn build(variant: &Variant) -> Result<EmuLib> {
         *lib.get::<LaunchFn>(b"la_emu_launch\0")
             .map_err(|e| emu_error(format!("la_emu_launch: {e}")))?
     };
-    Ok(EmuLib { lib, launch })
+    let smem_table = query_smem_table(&lib, launch, variant)?;
+    Ok(EmuLib {
+        lib,
+        launch,
+        smem_table,
+    })
+}
+
+/// Runs the library's `la_smem_query`, when it has one, and returns its table.
+fn query_smem_table(
+    lib: &libloading::Library,
+    launch: LaunchFn,
+    variant: &Variant,
+) -> Result<Vec<u32>> {
+    // SAFETY: `la_smem_query` (kernels/common.cuh) takes `const LaSmemQuery&` = one u64 address.
+    let query: *const c_void = match unsafe { lib.get::<*const c_void>(b"la_smem_query\0") } {
+        Ok(sym) => *sym,
+        Err(_) => return Ok(Vec::new()),
+    };
+    let mut table = vec![0i32; 32];
+    let params = (table.as_mut_ptr() as u64).to_le_bytes();
+    let mut err = vec![0 as c_char; 256];
+    let _guard = launch_lock().lock().unwrap_or_else(|p| p.into_inner());
+    // SAFETY: `query` writes at most 32 ints to the address in `params`.
+    let rc = unsafe {
+        launch(
+            query,
+            1,
+            1,
+            1,
+            32,
+            0,
+            params.as_ptr() as *const c_void,
+            err.as_mut_ptr(),
+            err.len() as c_int,
+        )
+    };
+    if rc != 0 {
+        return Err(emu_error(format!(
+            "la_smem_query of {} failed",
+            variant.label()
+        )));
+    }
+    Ok(table.into_iter().map(|x| x as u32).collect())
 }
 
 fn library(variant: &Variant) -> Result<Arc<EmuLib>> {
@@ -243,6 +288,13 @@ impl Executor for EmuExec {
         })
     }
 
+    fn alloc(&self, bytes: usize) -> Result<EmuBuffer> {
+        // 0xff bytes are NaN as f32: any read of scratch no kernel wrote poisons the results.
+        Ok(EmuBuffer {
+            data: UnsafeCell::new(vec![u128::MAX; bytes.div_ceil(16).max(1)]),
+        })
+    }
+
     fn upload(&self, bytes: &[u8]) -> Result<EmuBuffer> {
         let buf = self.alloc_zeroed(bytes.len())?;
         // SAFETY: fresh buffer of at least bytes.len() bytes, no other reference to it.
@@ -292,16 +344,12 @@ impl Executor for EmuExec {
                 .map_err(|e| emu_error(format!("{}: {e}", kernel.name)))?
         };
         let smem = match kernel.smem_slot {
-            Some(slot) => {
-                // SAFETY: la_smem_table is an int array with an entry per dynamic-smem kernel.
-                unsafe {
-                    let table = *lib
-                        .lib
-                        .get::<*const i32>(b"la_smem_table\0")
-                        .map_err(|e| emu_error(format!("la_smem_table: {e}")))?;
-                    *table.add(slot) as u32
-                }
-            }
+            Some(slot) => *lib.smem_table.get(slot).ok_or_else(|| {
+                emu_error(format!(
+                    "{} has no shared-memory entry {slot}",
+                    kernel.variant.label()
+                ))
+            })?,
             None => 0,
         };
         let mut err = vec![0 as c_char; 256];

@@ -37,6 +37,9 @@ pub trait Executor {
 
     /// A zero-filled buffer of at least `bytes` bytes, 16-byte aligned.
     fn alloc_zeroed(&self, bytes: usize) -> Result<Self::Buffer>;
+    /// A buffer of at least `bytes` bytes, 16-byte aligned, with unspecified contents (scratch
+    /// that kernels overwrite; the emulation fills it with NaN bytes so stray reads show up).
+    fn alloc(&self, bytes: usize) -> Result<Self::Buffer>;
     /// A buffer holding a copy of `bytes`.
     fn upload(&self, bytes: &[u8]) -> Result<Self::Buffer>;
     /// Copies the first `out.len()` bytes of `buf` to the host (waits for pending work).
@@ -117,18 +120,22 @@ impl CudaExec {
             .driver_context()
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx.to_string()))
             .map_err(|e| runtime(format!("loading {}: {e:?}", variant.label())))?;
-        let smem_table = match module.get_global("la_smem_table", &self.stream) {
-            Ok(view) => {
-                let bytes = self
-                    .stream
-                    .clone_dtoh(&view)
-                    .map_err(|e| runtime(format!("reading la_smem_table: {e:?}")))?;
-                bytes
-                    .chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect()
-            }
-            Err(_) => Vec::new(),
+        // Modules that carve dynamic shared memory report their table through `la_smem_query`.
+        let smem_table = if ptx.contains(".entry la_smem_query(") {
+            let f = module
+                .load_function("la_smem_query")
+                .map_err(|e| runtime(format!("la_smem_query of {}: {e:?}", variant.label())))?;
+            let out = self.alloc_zeroed(SMEM_TABLE_MAX * 4)?;
+            let params = self.address(&out).to_le_bytes();
+            self.raw_launch(&f, [1, 1, 1], 32, 0, &params, "la_smem_query", variant)?;
+            let mut bytes = vec![0u8; SMEM_TABLE_MAX * 4];
+            self.download(&out, &mut bytes)?;
+            bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        } else {
+            Vec::new()
         };
         let loaded = Arc::new(LoadedModule {
             module,
@@ -196,8 +203,14 @@ impl Executor for CudaExec {
             .map_err(|e| runtime(format!("allocating {bytes} bytes: {e:?}")))
     }
 
+    fn alloc(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: u8 has no invalid bit patterns; the engines only read what kernels wrote.
+        unsafe { self.stream.alloc::<u8>(bytes.max(16)) }
+            .map_err(|e| runtime(format!("allocating {bytes} bytes: {e:?}")))
+    }
+
     fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
-        let mut buf = self.alloc_zeroed(bytes.len())?;
+        let mut buf = self.alloc(bytes.len())?;
         if !bytes.is_empty() {
             let mut view = buf.slice_mut(0..bytes.len());
             self.stream
@@ -244,6 +257,32 @@ impl Executor for CudaExec {
             None => 0,
         };
         let f = self.function(&module, &kernel, smem)?;
+        self.raw_launch(&f, grid, block, smem, params, kernel.name, kernel.variant)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| runtime(format!("{e:?}")))
+    }
+}
+
+/// Entries read from a module's `la_smem_table` (at least its length).
+const SMEM_TABLE_MAX: usize = 32;
+
+impl CudaExec {
+    /// cuLaunchKernel of `f` with one by-value parameter whose bytes are `params`.
+    #[allow(clippy::too_many_arguments)]
+    fn raw_launch(
+        &self,
+        f: &CudaFunction,
+        grid: [u32; 3],
+        block: u32,
+        smem: u32,
+        params: &[u8],
+        name: &str,
+        variant: &Variant,
+    ) -> Result<()> {
         // cuLaunchKernel copies the parameter's bytes; the kernel declares one struct parameter of
         // exactly `params.len()` bytes.
         let mut args = [params.as_ptr() as *mut c_void];
@@ -251,9 +290,10 @@ impl Executor for CudaExec {
             .driver_context()
             .bind_to_thread()
             .map_err(|e| runtime(format!("{e:?}")))?;
-        // SAFETY: the function's single parameter is a struct of `params.len()` bytes (checked by
-        // the caller against the kernel-side static_assert); every address in it points to live
-        // allocations of this context for the duration of the launch (the engines keep them).
+        // SAFETY: the function's single parameter is a struct of `params.len()` bytes (LaParams is
+        // checked against the kernel-side static_assert, LaSmemQuery is one u64); every address in
+        // it points to live allocations of this context for the duration of the launch (the
+        // engines keep them).
         unsafe {
             cudarc::driver::result::launch_kernel(
                 f.cu_function(),
@@ -264,18 +304,6 @@ impl Executor for CudaExec {
                 &mut args,
             )
         }
-        .map_err(|e| {
-            runtime(format!(
-                "launching {} ({}): {e:?}",
-                kernel.name,
-                kernel.variant.label()
-            ))
-        })
-    }
-
-    fn synchronize(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| runtime(format!("{e:?}")))
+        .map_err(|e| runtime(format!("launching {name} ({}): {e:?}", variant.label())))
     }
 }

@@ -109,7 +109,9 @@ impl Inputs {
         // zero and any rounding is amplified without bound).
         let features = |x: Vec<f64>| -> Vec<f64> {
             if case.normalize {
-                x.into_iter().map(|x| if x > 0.0 { x + 1.0 } else { x.exp() }).collect()
+                x.into_iter()
+                    .map(|x| if x > 0.0 { x + 1.0 } else { x.exp() })
+                    .collect()
             } else {
                 x
             }
@@ -229,14 +231,20 @@ fn check_opt(
     }
 }
 
+/// A forward implementation under test.
+pub type FwdFn<'a> = dyn Fn(&Spec, &LinearAttention, Form) -> Result<Output> + 'a;
+/// A backward implementation under test.
+pub type BwdFn<'a> =
+    dyn Fn(&Spec, &LinearAttention, Form, &Tensor, Option<&Tensor>) -> Result<Grads> + 'a;
+
 /// Runs forward and backward through `fwd`/`bwd` and compares every output and gradient with the
 /// f64 reference (recurrent form). Returns the checks.
 pub fn run_case(
     inputs: &Inputs,
     dtype: DType,
     form: Form,
-    fwd: &dyn Fn(&Spec, &LinearAttention, Form) -> Result<Output>,
-    bwd: &dyn Fn(&Spec, &LinearAttention, Form, &Tensor, Option<&Tensor>) -> Result<Grads>,
+    fwd: &FwdFn,
+    bwd: &BwdFn,
 ) -> Result<Vec<Check>> {
     let problem = inputs.problem();
     let spec = problem.validate()?;
@@ -343,7 +351,10 @@ pub fn varlen_cases() -> Vec<Case> {
 pub fn full_matrix() -> Vec<Case> {
     let mut out = Vec::new();
     for shape in SHAPES {
-        for (si, strength) in linattn::reference::testing::GATE_STRENGTHS.into_iter().enumerate() {
+        for (si, strength) in linattn::reference::testing::GATE_STRENGTHS
+            .into_iter()
+            .enumerate()
+        {
             for case in ops(shape, strength) {
                 if case.gate == GateKind::None && si > 0 {
                     continue;

@@ -208,8 +208,16 @@ impl<'e, E: Executor> Engine<'e, E> {
         Ok(addr)
     }
 
-    /// A zeroed f32 buffer of `n` elements.
+    /// An f32 scratch buffer of `n` elements that the kernels overwrite before reading.
     fn scratch(&mut self, n: usize) -> Result<u64> {
+        let buf = self.exec.alloc(n * 4)?;
+        let addr = self.exec.address(&buf);
+        self.keep.push(buf);
+        Ok(addr)
+    }
+
+    /// A zeroed f32 buffer of `n` elements (targets of atomic additions).
+    fn zeroed(&mut self, n: usize) -> Result<u64> {
         let buf = self.exec.alloc_zeroed(n * 4)?;
         let addr = self.exec.address(&buf);
         self.keep.push(buf);
@@ -412,11 +420,11 @@ impl<'e, E: Executor> Engine<'e, E> {
         p.dk = out.dk;
         p.dv = dv;
         // Zeroed scratch for the atomics of la_rec_bwd (fresh per pass).
-        p.dq_intra = self.scratch(self.tokens * h * k)?;
-        p.dk_intra = self.scratch(self.tokens * h * k)?;
-        p.a = self.scratch(self.tokens * h * k)?;
-        p.d_a = self.scratch(self.tokens * h)?;
-        p.aux = self.scratch(self.num_sequences * h * k)?;
+        p.dq_intra = self.zeroed(self.tokens * h * k)?;
+        p.dk_intra = self.zeroed(self.tokens * h * k)?;
+        p.a = self.zeroed(self.tokens * h * k)?;
+        p.d_a = self.zeroed(self.tokens * h)?;
+        p.aux = self.zeroed(self.num_sequences * h * k)?;
         p.dgl = if pass.gate_target != 0 {
             self.scratch(self.tokens * h * k)?
         } else {
@@ -478,7 +486,7 @@ impl<'e, E: Executor> Engine<'e, E> {
     fn pack_ones(&mut self, v: u64) -> Result<u64> {
         let Dims { h, v: vd, .. } = self.cfg.dims;
         let bytes = self.tokens * h * (vd + 1) * self.cfg.dtype.size_in_bytes();
-        let buf = self.exec.alloc_zeroed(bytes)?;
+        let buf = self.exec.alloc(bytes)?;
         let out = self.exec.address(&buf);
         self.keep.push(buf);
         let p = LaParams {

@@ -75,8 +75,9 @@ pub fn all_variants() -> Vec<Variant> {
     out
 }
 
-/// The kernels of linear_chunk.cu, with their slot in `la_smem_table`.
-pub const CHUNK_KERNELS: [(&str, Option<usize>); 9] = [
+/// The kernels of linear_chunk.cu, with their slot in `la_smem_table` (read through
+/// `la_smem_query`, listed last).
+pub const CHUNK_KERNELS: [(&str, Option<usize>); 10] = [
     ("la_cumsum", None),
     ("la_states", Some(1)),
     ("la_dstates", Some(2)),
@@ -86,6 +87,7 @@ pub const CHUNK_KERNELS: [(&str, Option<usize>); 9] = [
     ("la_bwd_dA", Some(6)),
     ("la_bwd_dqk_intra", Some(7)),
     ("la_bwd_dqkg", Some(8)),
+    ("la_smem_query", None),
 ];
 
 /// The kernels of linear_recurrent.cu (static shared memory only).

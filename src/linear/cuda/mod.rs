@@ -135,9 +135,10 @@ impl<'e, E: Executor> Buffers<'e, E> {
         t.map_or(Ok(0), |t| self.upload(&f32_bytes(t)))
     }
 
-    /// An f32 result buffer of `n` elements; returns (index, address).
+    /// An f32 result buffer of `n` elements (every element is written by the engine); returns
+    /// (index, address).
     fn result(&mut self, n: usize) -> Result<(usize, u64)> {
-        let buf = self.exec.alloc_zeroed(n * 4)?;
+        let buf = self.exec.alloc(n * 4)?;
         let a = self.exec.address(&buf);
         self.keep.push(buf);
         Ok((self.keep.len() - 1, a))
