@@ -214,3 +214,121 @@ fn full_matrix_on_request() {
     }
     run_all(&exec, &runs);
 }
+
+/// The decoding step (the recurrent kernel on one token per sequence), chained, against the
+/// reference's decode step.
+#[test]
+fn decode_step_chain() {
+    use linattn::linear::Gate;
+    use linattn::reference::testing::{Rng, logsigmoid_gates};
+    use linattn::{Tensor, reference};
+    let Some(exec) = exec() else { return };
+    let (b, h, k, v) = (2, 2, 32, 40);
+    let dims = reference::linear::Dims { b, t: 1, h, k, v };
+    for (kind, dtype) in [
+        (GateKind::Vector, DType::BF16),
+        (GateKind::Scalar, DType::F32),
+        (GateKind::PerHead, DType::F16),
+    ] {
+        let mut rng = Rng::new(5);
+        let mut state = Tensor::from_f64(vec![b, h, k, v], rng.randn(b * h * k * v))
+            .unwrap()
+            .to_dtype(DType::F32);
+        let mut ref_state = state.to_f64_vec();
+        let mut worst: f64 = 0.0;
+        for _ in 0..6 {
+            let tensor = |rng: &mut Rng, shape: Vec<usize>| {
+                let n = shape.iter().product();
+                Tensor::from_f64(shape, rng.randn(n))
+                    .unwrap()
+                    .to_dtype(dtype)
+            };
+            let q = tensor(&mut rng, vec![b, 1, h, k]);
+            let kk = tensor(&mut rng, vec![b, 1, h, k]);
+            let vv = tensor(&mut rng, vec![b, 1, h, v]);
+            let gshape = match kind {
+                GateKind::PerHead => vec![h],
+                GateKind::Scalar => vec![b, 1, h],
+                _ => vec![b, 1, h, k],
+            };
+            let n = gshape.iter().product();
+            let g = Tensor::from_f64(gshape, logsigmoid_gates(&mut rng, n, 1.0))
+                .unwrap()
+                .to_dtype(DType::F32);
+            let gate = match kind {
+                GateKind::PerHead => Gate::PerHead(&g),
+                GateKind::Scalar => Gate::Scalar(&g),
+                _ => Gate::Vector(&g),
+            };
+            let o =
+                linattn::linear::cuda::decode_step_on(&exec, &mut state, &q, &kk, &vv, gate, None)
+                    .unwrap();
+            let g64 = g.to_f64_vec();
+            let o_ref = reference::linear::decode_step(
+                &dims,
+                &mut ref_state,
+                &q.to_f64_vec(),
+                &kk.to_f64_vec(),
+                &vv.to_f64_vec(),
+                reference::linear::Gate::from_kind(kind, &g64),
+                (k as f64).powf(-0.5),
+            );
+            worst = worst.max(reference::rel_rms(&o.to_f64_vec(), &o_ref));
+            worst = worst.max(reference::rel_rms(&state.to_f64_vec(), &ref_state));
+        }
+        println!("decode {kind:?} {dtype}: worst rel err {worst:.2e}");
+        assert!(worst <= 1e-5, "{kind:?} {dtype}: {worst:e}");
+    }
+}
+
+/// What the kernels do not take is refused with typed errors before anything is launched.
+#[test]
+fn unsupported_inputs_are_typed_errors() {
+    use linattn::{Error, Tensor};
+    let Some(exec) = exec() else { return };
+    let run = |case: &Case, dtype: DType, form: Form| {
+        let inputs = Inputs::draw(case, dtype, 3);
+        let p = inputs.problem();
+        let spec = p.validate().unwrap();
+        forward_on(&exec, &spec, &p, form).map(|_| ())
+    };
+    let small = Case::causal("gla", (1, 8, 1, 16, 16), GateKind::Vector);
+    assert!(matches!(
+        run(&small, DType::F64, CHUNK64),
+        Err(Error::UnsupportedDtype { .. })
+    ));
+    let wide_k = Case::causal("gla", (1, 8, 1, 300, 16), GateKind::Vector);
+    assert!(matches!(
+        run(&wide_k, DType::F32, CHUNK64),
+        Err(Error::UnsupportedHeadDim { dim: 300, .. })
+    ));
+    let wide_v = Case::causal("gla", (1, 8, 1, 16, 600), GateKind::Vector);
+    assert!(matches!(
+        run(&wide_v, DType::F32, CHUNK64),
+        Err(Error::UnsupportedHeadDim { dim: 600, .. })
+    ));
+    assert!(matches!(
+        run(&small, DType::F32, Form::Chunkwise { chunk: 7 }),
+        Err(Error::Unsupported(_))
+    ));
+    assert!(matches!(
+        run(&small, DType::F32, Form::Parallel),
+        Err(Error::Unsupported(_))
+    ));
+    // A one-token decode step with a two-token q is a shape error, not a launch.
+    let q = Tensor::zeros(vec![1, 2, 1, 4], DType::F32);
+    let mut state = Tensor::zeros(vec![1, 1, 4, 4], DType::F32);
+    let v = Tensor::zeros(vec![1, 2, 1, 4], DType::F32);
+    assert!(matches!(
+        linattn::linear::cuda::decode_step_on(
+            &exec,
+            &mut state,
+            &q,
+            &q,
+            &v,
+            linattn::linear::Gate::None,
+            None
+        ),
+        Err(Error::ShapeMismatch { .. })
+    ));
+}
