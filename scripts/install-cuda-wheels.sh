@@ -5,6 +5,8 @@
 #   nvidia-cuda-runtime-cu12  headers (not needed by our kernels, kept for other kernel families)
 #   nvidia-cuda-nvcc-cu12     ptxas (register / spill / shared-memory report without a GPU)
 # Idempotent: a second run with the wheels present only prints the paths.
+# linattn finds libnvrtc there by itself when DEST is this checkout's .tools/cuda; elsewhere point
+# LINATTN_NVRTC_DIR (or LD_LIBRARY_PATH) at NVRTC_LIB_DIR.
 # Prints (last lines, machine-readable):
 #   NVRTC_LIB_DIR=<folder to put on LD_LIBRARY_PATH>
 #   PTXAS=<path of ptxas>

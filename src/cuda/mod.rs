@@ -22,9 +22,41 @@ use crate::error::{Error, Result};
 pub(crate) const NVRTC_MISSING: &str = "libnvrtc not found (install the CUDA toolkit or the `nvidia-cuda-nvrtc-cu12` wheel, e.g. scripts/install-cuda-wheels.sh, and put its lib folder on LD_LIBRARY_PATH)";
 
 /// Whether libnvrtc can be loaded (kernels can be compiled, with or without a GPU).
+///
+/// cudarc looks for libnvrtc on the dynamic loader's search path only. Before asking it, a copy in
+/// `$LINATTN_NVRTC_DIR`, or else in this checkout's `.tools/cuda` (where
+/// scripts/install-cuda-wheels.sh puts the `nvidia-cuda-nvrtc-cu12` wheel), is loaded and kept
+/// loaded: the loader then resolves cudarc's `dlopen("libnvrtc.so.12")` to it by its soname (the
+/// wheel's library finds its builtins next to itself through its `$ORIGIN` runpath).
 pub fn nvrtc_available() -> bool {
+    preload_nvrtc();
     // SAFETY: only tries to dlopen the library.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+fn preload_nvrtc() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let mut dirs: Vec<std::path::PathBuf> = Vec::new();
+        if let Some(d) = std::env::var_os("LINATTN_NVRTC_DIR") {
+            dirs.push(d.into());
+        }
+        dirs.push(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(".tools/cuda/nvidia/cuda_nvrtc/lib"),
+        );
+        for dir in dirs {
+            let lib = dir.join("libnvrtc.so.12");
+            if lib.exists() {
+                // SAFETY: loading libnvrtc runs no code beyond its initialisers.
+                if let Ok(l) = unsafe { libloading::Library::new(&lib) } {
+                    // Keep it loaded for the life of the process.
+                    std::mem::forget(l);
+                    return;
+                }
+            }
+        }
+    });
 }
 
 /// Whether libcuda (the driver) can be loaded.
