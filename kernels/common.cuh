@@ -143,6 +143,21 @@ LA_DEVICE void mma_f16_16816(float c[4], const u32 a[4], const u32 b[2]) {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// Asynchronous 16-byte global -> shared copy (sm_80+): the first `src_bytes` (0..16) bytes come
+// from `gmem_src`, the rest of the 16 are zero-filled. Both addresses 16-byte aligned.
+LA_DEVICE void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :
+                 : "r"(smem_addr(smem_dst)), "l"(gmem_src), "r"(src_bytes)
+                 : "memory");
+}
+LA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most N committed groups of this thread are still in flight.
+template <int N>
+LA_DEVICE void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 LA_DEVICE void block_sync() { __syncthreads(); }
 LA_DEVICE int lane_id() { return threadIdx.x & 31; }
 LA_DEVICE int warp_id() { return threadIdx.x >> 5; }
@@ -500,6 +515,26 @@ LA_DEVICE void stage_tile(Dst* dst, int ld, RowPtr row_ptr, int col0, int ncols,
 struct Identity {
     LA_DEVICE float operator()(int, int, float x) const { return x; }
 };
+
+// Issues the asynchronous copy of a ROWS x COLS tile of E (raw bytes, no conversion) into shared
+// memory `dst` (row stride `ld`): row r from `row_ptr(r)` (column 0 of the tile) or zeros for
+// nullptr; columns col0 + c >= ncols zero-filled. Preconditions (the callers' `vec` test): every
+// row pointer + col0 is 16-byte aligned and the row length is a multiple of 16 bytes. `any` is a
+// valid global address used as the (unread) source of fully zero-filled chunks.
+template <int ROWS, int COLS, int NTHREADS, class E, class RowPtr>
+LA_DEVICE void stage_tile_async(E* dst, int ld, RowPtr row_ptr, int col0, int ncols, const E* any) {
+    constexpr int PER = 16 / (int)sizeof(E);
+    constexpr int CHUNKS = ROWS * (COLS / PER);
+    for (int i = threadIdx.x; i < CHUNKS; i += NTHREADS) {
+        const int r = i / (COLS / PER);
+        const int c = (i % (COLS / PER)) * PER;
+        const E* row = row_ptr(r);
+        int valid = row ? ncols - (col0 + c) : 0;
+        valid = valid < 0 ? 0 : (valid > PER ? PER : valid);
+        cp_async16(dst + r * ld + c, valid > 0 ? (const void*)(row + col0 + c) : (const void*)any,
+                   valid * (int)sizeof(E));
+    }
+}
 
 // Bytes of a shared tile of ROWS x COLS elements of E with the standard row padding, rounded up
 // to 16 bytes.

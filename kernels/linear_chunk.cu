@@ -139,7 +139,9 @@ LA_KERNEL(64) la_cumsum(LA_PARAMS p) {
 //   backward: dhs[c]  = 2^Glast dhs[c+1] + (scale q 2^G)^T do      (stores dhs[c+1] before it)
 // ================================================================================================
 
-struct StateSmem {
+// One chunk's staged operands. The scan keeps two of them: while chunk c is multiplied, the
+// copies of chunk c + 1 are in flight (cp.async where the rows are 16-byte aligned).
+struct StateBuf {
     T* Xs;      // [BT][LD_T] raw k (forward) or q (backward), channels k0..
     float* Gs;  // [BT][LD_F] cumulative gate (vector gates)
     float* Gc;  // [BT] cumulative gate (scalar gates)
@@ -147,24 +149,30 @@ struct StateSmem {
     float* Yf;  // [BT][LD_FK] do as f32 (aliases Ys)
 };
 
-#define STATE_SMEM_BYTES                                                                      \
+#define STATE_Y_BYTES \
+    (LA_BT * LD_FK * 4 > LA_BT * LD_T * (int)sizeof(T) ? LA_BT * LD_FK * 4 : LA_BT * LD_T * (int)sizeof(T))
+#define STATE_BUF_BYTES                                                                   \
     (((LA_BT * LD_T * (int)sizeof(T) + 15) / 16 * 16) + LA_BT * LD_F * 4 + 16 * ((LA_BT * 4 + 15) / 16) + \
-     (LA_BT * LD_FK * 4 > LA_BT * LD_T * (int)sizeof(T) ? LA_BT * LD_FK * 4 : LA_BT * LD_T * (int)sizeof(T)))
+     STATE_Y_BYTES)
+#define STATE_SMEM_BYTES (2 * STATE_BUF_BYTES)
 
 template <bool BACKWARD>
 LA_DEVICE void state_scan(const LaParams& p) {
-    Carver cv{la_smem, 0};
-    StateSmem sm;
-    sm.Xs = cv.take<T>(LA_BT * LD_T * (int)sizeof(T));
-    sm.Gs = cv.take<float>(LA_BT * LD_F * 4);
-    sm.Gc = cv.take<float>(LA_BT * 4);
-    const int ybytes = LA_BT * LD_FK * 4 > LA_BT * LD_T * (int)sizeof(T) ? LA_BT * LD_FK * 4
-                                                                          : LA_BT * LD_T * (int)sizeof(T);
-    sm.Ys = cv.take<T>(ybytes);
-    sm.Yf = reinterpret_cast<float*>(sm.Ys);
+    // Buffer b lives at la_smem + b * STATE_BUF_BYTES (computed, not indexed, so that the
+    // pointers stay in registers).
+    auto buffer = [](int b) {
+        Carver cv{la_smem, b * STATE_BUF_BYTES};
+        StateBuf sb;
+        sb.Xs = cv.take<T>(LA_BT * LD_T * (int)sizeof(T));
+        sb.Gs = cv.take<float>(LA_BT * LD_F * 4);
+        sb.Gc = cv.take<float>(LA_BT * 4);
+        sb.Ys = cv.take<T>(STATE_Y_BYTES);
+        sb.Yf = reinterpret_cast<float*>(sb.Ys);
+        return sb;
+    };
 
-    const int k0 = blockIdx.y * 64, v0 = blockIdx.z * 64;
     const int n = blockIdx.x / p.H, h = blockIdx.x % p.H;
+    const int k0 = blockIdx.y * 64, v0 = blockIdx.z * 64;
     const int w = warp_id();
     const SeqRange seq = seq_range(p, n);
     const int num_chunks = (seq.len + LA_BT - 1) / LA_BT;
@@ -173,6 +181,16 @@ LA_DEVICE void state_scan(const LaParams& p) {
     float* states = reinterpret_cast<float*>(BACKWARD ? p.dhs : p.hs);
     const float* init = reinterpret_cast<const float*>(BACKWARD ? p.dht : p.h0);
     const i64 nh = (i64)n * p.H + h;
+
+    const T* xsrc = reinterpret_cast<const T*>(BACKWARD ? p.q : p.k);
+    const u64 ysrc = BACKWARD ? p.d_o : p.v;
+    const bool y_f32 = BACKWARD && p.do_f32;
+    const int ysize = y_f32 ? 4 : (int)sizeof(T);
+    const float* gcum = reinterpret_cast<const float*>(p.gcum);
+    // 16-byte asynchronous copies need 16-byte aligned rows.
+    const bool x_async = (p.K * (int)sizeof(T)) % 16 == 0 && aligned16(xsrc);
+    const bool y_async = (p.V * ysize) % 16 == 0 && (ysrc & 15u) == 0;
+    const bool g_async = LA_GATE_VEC && p.K % 4 == 0 && aligned16(gcum);
 
     Acc<1, 8> acc;
     for_each_acc<1, 8>([&](int i, int j, int e, int r, int c) {
@@ -187,8 +205,7 @@ LA_DEVICE void state_scan(const LaParams& p) {
         });
     };
 
-    const bool y_f32 = BACKWARD && p.do_f32;
-    for (int step = 0; step < num_chunks; ++step) {
+    auto chunk_of = [&](int step) {
         const int c = BACKWARD ? num_chunks - 1 - step : step;
         ChunkInfo ci;
         ci.n = n;
@@ -197,27 +214,77 @@ LA_DEVICE void state_scan(const LaParams& p) {
         ci.seq = seq;
         ci.t0 = c * LA_BT;
         ci.rows = seq.len - ci.t0 < LA_BT ? seq.len - ci.t0 : LA_BT;
+        return ci;
+    };
+
+    // Stages chunk `ci` into buffer b and commits one cp.async group (possibly empty).
+    auto stage = [&](const StateBuf& sb, const ChunkInfo& ci) {
+        auto x_row = [&](int r) -> const T* {
+            return r < ci.rows ? xsrc + (mem_tok(p, ci.seq, ci.t0 + r) * p.H + h) * (i64)p.K : nullptr;
+        };
+        if (x_async) {
+            stage_tile_async<LA_BT, 64, LA_STATE_THREADS, T>(sb.Xs, LD_T, x_row, k0, p.K, xsrc);
+        } else {
+            stage_rows<LA_STATE_THREADS, T, T>(sb.Xs, LD_T, p, ci, BACKWARD ? p.q : p.k, h, p.K, k0);
+        }
+        if (LA_GATE_VEC) {
+            if (g_async) {
+                auto g_row = [&](int r) -> const float* {
+                    const int rr = r < ci.rows ? r : ci.rows - 1;  // clamp past the end
+                    return gcum + ((ci.seq.bos + ci.t0 + rr) * p.H + h) * (i64)p.K;
+                };
+                stage_tile_async<LA_BT, 64, LA_STATE_THREADS, float>(sb.Gs, LD_F, g_row, k0, p.K, gcum);
+            } else {
+                stage_gcum_vec(sb.Gs, p, ci, h, k0, LA_STATE_THREADS);
+            }
+        } else {
+            stage_gcum_scalar(sb.Gc, p, ci, h, LA_STATE_THREADS);
+        }
+        if (y_f32) {
+            const float* y = reinterpret_cast<const float*>(ysrc);
+            if (y_async) {
+                auto y_row = [&](int r) -> const float* {
+                    return r < ci.rows ? y + (mem_tok(p, ci.seq, ci.t0 + r) * p.H + h) * (i64)p.V : nullptr;
+                };
+                stage_tile_async<LA_BT, 64, LA_STATE_THREADS, float>(sb.Yf, LD_FK, y_row, v0, p.V, y);
+            } else {
+                stage_rows<LA_STATE_THREADS, float, float>(sb.Yf, LD_FK, p, ci, ysrc, h, p.V, v0);
+            }
+        } else {
+            const T* y = reinterpret_cast<const T*>(ysrc);
+            if (y_async) {
+                auto y_row = [&](int r) -> const T* {
+                    return r < ci.rows ? y + (mem_tok(p, ci.seq, ci.t0 + r) * p.H + h) * (i64)p.V : nullptr;
+                };
+                stage_tile_async<LA_BT, 64, LA_STATE_THREADS, T>(sb.Ys, LD_T, y_row, v0, p.V, y);
+            } else {
+                stage_rows<LA_STATE_THREADS, T, T>(sb.Ys, LD_T, p, ci, ysrc, h, p.V, v0);
+            }
+        }
+        cp_async_commit();
+    };
+
+    if (num_chunks > 0) stage(buffer(0), chunk_of(0));
+    for (int step = 0; step < num_chunks; ++step) {
+        const ChunkInfo ci = chunk_of(step);
+        const StateBuf sb = buffer(step & 1);
+        // Prefetch the next chunk into the other buffer (its last readers finished at the barrier
+        // ending the previous step), then wait for this chunk's copies only.
+        if (step + 1 < num_chunks) {
+            stage(buffer((step + 1) & 1), chunk_of(step + 1));
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        block_sync();
 
         // The state entering this step: hs[c] (forward) or dhs[c+1] (backward).
         store_state(states + ((i64)(ci.state + (BACKWARD ? 1 : 0)) * p.H + h) * KV);
 
-        stage_rows<LA_STATE_THREADS, T, T>(sm.Xs, LD_T, p, ci, BACKWARD ? p.q : p.k, h, p.K, k0);
-        if (LA_GATE_VEC) {
-            stage_gcum_vec(sm.Gs, p, ci, h, k0, LA_STATE_THREADS);
-        } else {
-            stage_gcum_scalar(sm.Gc, p, ci, h, LA_STATE_THREADS);
-        }
-        if (y_f32) {
-            stage_rows<LA_STATE_THREADS, float, float>(sm.Yf, LD_FK, p, ci, p.d_o, h, p.V, v0);
-        } else {
-            stage_rows<LA_STATE_THREADS, T, T>(sm.Ys, LD_T, p, ci, BACKWARD ? p.d_o : p.v, h, p.V, v0);
-        }
-        block_sync();
-
         const int last = ci.rows - 1;
         // Decay of the carried state over the whole chunk: 2^Glast per key row.
         for_each_acc<1, 8>([&](int i, int j, int e, int r, int) {
-            const float gl = LA_GATE_VEC ? sm.Gs[last * LD_F + 16 * w + r] : sm.Gc[last];
+            const float gl = LA_GATE_VEC ? sb.Gs[last * LD_F + 16 * w + r] : sb.Gc[last];
             acc.c[i][j][e] *= fast_exp2(gl);
         });
 
@@ -228,13 +295,13 @@ LA_DEVICE void state_scan(const LaParams& p) {
             FragA<T> a, alo;
             make_a<T>(a, SPLIT ? &alo : (FragA<T>*)nullptr, [&](int m, int kq) {
                 const int t = 16 * ks + kq, kk = 16 * w + m;
-                const float x = to_float(sm.Xs[t * LD_T + kk]);
+                const float x = to_float(sb.Xs[t * LD_T + kk]);
                 float e;
                 if (LA_GATE_VEC) {
-                    const float gt = sm.Gs[t * LD_F + kk];
-                    e = BACKWARD ? gt : sm.Gs[last * LD_F + kk] - gt;
+                    const float gt = sb.Gs[t * LD_F + kk];
+                    e = BACKWARD ? gt : sb.Gs[last * LD_F + kk] - gt;
                 } else {
-                    e = BACKWARD ? sm.Gc[t] : sm.Gc[last] - sm.Gc[t];
+                    e = BACKWARD ? sb.Gc[t] : sb.Gc[last] - sb.Gc[t];
                 }
                 return scale * x * fast_exp2(e);
             });
@@ -242,13 +309,13 @@ LA_DEVICE void state_scan(const LaParams& p) {
             for (int np = 0; np < 4; ++np) {
                 FragB<T> b0, b1, b0lo, b1lo;
                 if (y_f32) {
-                    const float* Y = sm.Yf + (16 * ks) * LD_FK + 16 * np;
+                    const float* Y = sb.Yf + (16 * ks) * LD_FK + 16 * np;
                     make_b<T>(b0, SPLIT ? &b0lo : (FragB<T>*)nullptr, [&](int kq, int nn) { return Y[kq * LD_FK + nn]; });
                     make_b<T>(b1, SPLIT ? &b1lo : (FragB<T>*)nullptr, [&](int kq, int nn) { return Y[kq * LD_FK + nn + 8]; });
                     mma_split<T, SPLIT, SPLIT>(acc.c[0][2 * np], a, alo, b0, b0lo);
                     mma_split<T, SPLIT, SPLIT>(acc.c[0][2 * np + 1], a, alo, b1, b1lo);
                 } else {
-                    load_b2<T, true>(b0, b1, sm.Ys + (16 * ks) * LD_T + 16 * np, LD_T);
+                    load_b2<T, true>(b0, b1, sb.Ys + (16 * ks) * LD_T + 16 * np, LD_T);
                     mma_split<T, SPLIT, false>(acc.c[0][2 * np], a, alo, b0, b0);
                     mma_split<T, SPLIT, false>(acc.c[0][2 * np + 1], a, alo, b1, b1);
                 }

@@ -48,6 +48,18 @@ LA_DEVICE float fast_exp2(float x) {
     return (r < 1.17549435e-38f) ? 0.0f : r;
 }
 
+// cp.async: the runtime queues each thread's copies and performs them only when a
+// cp.async.wait_group releases their group, so a kernel that reads a destination before waiting,
+// or reuses a buffer with copies still pending, computes wrong results in the emulation too.
+LA_DEVICE void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
+    la_emu_cp_async(smem_dst, gmem_src, src_bytes);
+}
+LA_DEVICE void cp_async_commit() { la_emu_cp_commit(); }
+template <int N>
+LA_DEVICE void cp_async_wait() {
+    la_emu_cp_wait(N);
+}
+
 LA_DEVICE void block_sync() { la_emu_block_barrier(); }
 LA_DEVICE int lane_id() { return (int)(threadIdx.x & 31u); }
 LA_DEVICE int warp_id() { return (int)(threadIdx.x >> 5); }

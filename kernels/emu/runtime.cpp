@@ -51,7 +51,16 @@ constexpr int kExchangeBytes = 64;  // largest warp-collective deposit per lane
 
 enum class Wait { None, Block, Warp };
 
+struct PendingCopy {
+    void* dst;
+    const void* src;
+    int bytes;
+    unsigned long long group;
+};
+
 struct Fiber {
+    std::vector<PendingCopy> copies;     // queued cp.async of this thread
+    unsigned long long committed = 0;    // cp.async groups committed so far
     void* sp = nullptr;
     char* stack = nullptr;
     unsigned tid = 0;
@@ -142,6 +151,8 @@ bool run_block(unsigned nthreads) {
         f.done = false;
         f.wait = Wait::None;
         f.collectives = 0;
+        f.copies.clear();
+        f.committed = 0;
         start_fiber(f);
     }
     while (rt.live > 0) {
@@ -204,6 +215,31 @@ const unsigned char* la_emu_warp_exchange(const void* data, int bytes) {
     static thread_local unsigned char out[32 * kExchangeBytes];
     for (int l = 0; l < 32; ++l) std::memcpy(out + l * bytes, w.data[buf][l], (size_t)bytes);
     return out;
+}
+
+void la_emu_cp_async(void* dst, const void* src, int src_bytes) {
+    Fiber& f = rt.fibers[rt.current];
+    if (src_bytes < 0 || src_bytes > 16) rt.error = "cp.async with a source size outside 0..16";
+    f.copies.push_back(PendingCopy{dst, src, src_bytes, f.committed});
+}
+
+void la_emu_cp_commit() { rt.fibers[rt.current].committed += 1; }
+
+void la_emu_cp_wait(int n) {
+    Fiber& f = rt.fibers[rt.current];
+    // Groups older than the newest n committed ones complete; uncommitted copies stay queued.
+    const unsigned long long limit = f.committed >= (unsigned long long)n ? f.committed - (unsigned long long)n : 0;
+    std::vector<PendingCopy> keep;
+    for (const PendingCopy& c : f.copies) {
+        if (c.group < limit) {
+            unsigned char* d = static_cast<unsigned char*>(c.dst);
+            std::memcpy(d, c.src, (size_t)c.bytes);
+            std::memset(d + c.bytes, 0, (size_t)(16 - c.bytes));
+        } else {
+            keep.push_back(c);
+        }
+    }
+    f.copies.swap(keep);
 }
 
 // Runs `kernel` (a kernel taking its parameter struct by reference) on a grid. `smem_bytes` of
