@@ -15,6 +15,10 @@
 // value per token), LA_BT (chunk size). Head dims K, V are run-time: tiles of 64 channels with
 // zero padding in the kernel.
 //
+// The two sequential scans (la_states, la_dstates) double-buffer their operand tiles: the copies
+// of chunk c + 1 (cp.async, 16-byte, zero-filled past the data) are in flight while chunk c is
+// multiplied. Every other kernel is parallel over chunks and stages its tiles synchronously.
+//
 // Numerics. Every exponent is G_late - G_early <= 0 (gates are validated <= 0 on the host), so every
 // factor 2^x lies in [0, 1]. Rows past the end of a sequence read the cumulative gate of the last
 // valid row, which keeps those exponents <= 0 too (their q, k, v are zero). Matmul-shaped stages run

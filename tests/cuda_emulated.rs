@@ -196,6 +196,19 @@ fn large_head_dims() {
     run_all(&exec, &runs);
 }
 
+/// The largest shape of the matrix (B 2, T 256, H 4, K = V = 128: four chunks per sequence, two
+/// key and value tiles), causal GLA and LION-S in bf16.
+#[test]
+fn largest_matrix_shape() {
+    let Some(exec) = exec() else { return };
+    let runs: Vec<_> = ops(SHAPES[2], 1.0)
+        .into_iter()
+        .filter(|c| matches!(c.name.as_str(), "gla" | "lion-s"))
+        .map(|c| (c, DType::BF16, CHUNK64))
+        .collect();
+    run_all(&exec, &runs);
+}
+
 /// The complete GPU matrix on the emulation: hours on 2 cores, so only with LINATTN_EMU_FULL=1.
 #[test]
 fn full_matrix_on_request() {
