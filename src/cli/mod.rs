@@ -1,6 +1,7 @@
 //! The `linattn` command line: `validate` (the equivalence matrix) and `run OP` (safetensors in,
 //! safetensors out). It lives in the library so that tests can drive it in-process.
 
+pub mod bench;
 pub mod io;
 pub mod run;
 pub mod validate;
@@ -30,6 +31,9 @@ pub enum Command {
         #[command(subcommand)]
         op: run::RunOp,
     },
+    /// Times the CUDA chunkwise engine on flash-linear-attention's benchmark shapes (JSON output
+    /// for benches/peers.py, which adds flash-linear-attention and FlashAttention).
+    Bench(bench::BenchArgs),
 }
 
 /// Entry point of the binary: parses the arguments, runs, and turns any error into one line on
@@ -57,5 +61,6 @@ pub fn execute(cli: Cli) -> crate::Result<ExitCode> {
     match cli.command {
         Command::Validate(args) => validate::execute(&args),
         Command::Run { op } => run::execute(op).map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench::execute(&args).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -2,6 +2,15 @@
 //! through cudarc. libcuda and libnvrtc are loaded dynamically; their absence is reported as
 //! [`Error::DeviceUnavailable`], never as a panic (cudarc itself panics on a missing library, so we
 //! probe first).
+//!
+//! Layout: [`compile`] (embedded sources, NVRTC, PTX cache; usable without a GPU), [`exec`] (the
+//! [`exec::Executor`] interface, its CUDA implementation with a per-context module cache, and
+//! launches), [`emu`] (the same interface on the host emulation of `kernels/emu`, for checks
+//! without a GPU). Kernel families (e.g. `linear::cuda`) build on these.
+
+pub mod compile;
+pub mod emu;
+pub mod exec;
 
 use std::sync::{Arc, OnceLock};
 
@@ -9,10 +18,45 @@ use cudarc::driver::{CudaContext as DriverContext, CudaStream};
 
 use crate::error::{Error, Result};
 
+/// Why the CUDA backend cannot compile kernels when libnvrtc is missing.
+pub(crate) const NVRTC_MISSING: &str = "libnvrtc not found (install the CUDA toolkit or the `nvidia-cuda-nvrtc-cu12` wheel, e.g. scripts/install-cuda-wheels.sh, and put its lib folder on LD_LIBRARY_PATH)";
+
 /// Whether libnvrtc can be loaded (kernels can be compiled, with or without a GPU).
+///
+/// cudarc looks for libnvrtc on the dynamic loader's search path only. Before asking it, a copy in
+/// `$LINATTN_NVRTC_DIR`, or else in this checkout's `.tools/cuda` (where
+/// scripts/install-cuda-wheels.sh puts the `nvidia-cuda-nvrtc-cu12` wheel), is loaded and kept
+/// loaded: the loader then resolves cudarc's `dlopen("libnvrtc.so.12")` to it by its soname (the
+/// wheel's library finds its builtins next to itself through its `$ORIGIN` runpath).
 pub fn nvrtc_available() -> bool {
+    preload_nvrtc();
     // SAFETY: only tries to dlopen the library.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+fn preload_nvrtc() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let mut dirs: Vec<std::path::PathBuf> = Vec::new();
+        if let Some(d) = std::env::var_os("LINATTN_NVRTC_DIR") {
+            dirs.push(d.into());
+        }
+        dirs.push(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(".tools/cuda/nvidia/cuda_nvrtc/lib"),
+        );
+        for dir in dirs {
+            let lib = dir.join("libnvrtc.so.12");
+            if lib.exists() {
+                // SAFETY: loading libnvrtc runs no code beyond its initialisers.
+                if let Ok(l) = unsafe { libloading::Library::new(&lib) } {
+                    // Keep it loaded for the life of the process.
+                    std::mem::forget(l);
+                    return;
+                }
+            }
+        }
+    });
 }
 
 /// Whether libcuda (the driver) can be loaded.
@@ -33,6 +77,8 @@ struct CudaInner {
     name: String,
     /// Compute capability, e.g. (9, 0).
     capability: (i32, i32),
+    /// Loaded modules of this context, per kernel variant.
+    modules: exec::ModuleCache,
 }
 
 impl CudaContext {
@@ -53,7 +99,7 @@ impl CudaContext {
             return Err("libcuda (the NVIDIA driver library) not found".into());
         }
         if !nvrtc_available() {
-            return Err("libnvrtc not found (install the CUDA toolkit or the `nvidia-cuda-nvrtc-cu12` wheel and put its lib folder on LD_LIBRARY_PATH)".into());
+            return Err(NVRTC_MISSING.into());
         }
         let count = DriverContext::device_count().map_err(|e| format!("cuInit failed: {e:?}"))?;
         if count <= ordinal as i32 {
@@ -62,6 +108,12 @@ impl CudaContext {
         let context = DriverContext::new(ordinal).map_err(|e| format!("{e:?}"))?;
         let name = context.name().map_err(|e| format!("{e:?}"))?;
         let capability = context.compute_capability().map_err(|e| format!("{e:?}"))?;
+        if capability.0 < 8 {
+            return Err(format!(
+                "{name} has compute capability {}.{}; the kernels need 8.0 or newer",
+                capability.0, capability.1
+            ));
+        }
         let stream = context.default_stream();
         Ok(CudaContext {
             inner: Arc::new(CudaInner {
@@ -69,6 +121,7 @@ impl CudaContext {
                 stream,
                 name,
                 capability,
+                modules: exec::ModuleCache::default(),
             }),
         })
     }
@@ -94,5 +147,9 @@ impl CudaContext {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.inner.stream
+    }
+
+    pub(crate) fn module_cache(&self) -> &exec::ModuleCache {
+        &self.inner.modules
     }
 }
