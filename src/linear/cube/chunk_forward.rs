@@ -1,0 +1,258 @@
+//! Chunkwise forward kernels: the chunk-state pass, the intra-chunk scores, and the output.
+//!
+//! Notation (one pass, one sequence, one head; rows are logical, see [`super::layout`]): chunk `c`
+//! has rows `t`, its state at the chunk start is `h_c` (`[K, V]`), the factors are those of
+//! [`super::gates`]. The pass computes, for every row `t` of chunk `c`,
+//! ```text
+//! o_t = scale * (q_t * exp(Fc_t)) h_c  +  sum_{j in c, j <= t} A_tj v_j
+//! h_{c+1} = exp(Fc_last) * h_c + sum_{t in c} (k_t * exp(Rc_t))^T v_t
+//! ```
+//! with `j < t` instead of `j <= t` in a strict (reverse) pass.
+
+use cubecl::prelude::*;
+
+use super::gates::{
+    MAX_CHUNK, PLANE_FC_EXP, PLANE_FS, PLANE_FS_EXP, PLANE_RC_EXP, PLANE_RS_EXP, SUB,
+};
+use super::layout::{CHUNK_FIELDS, physical_row};
+use crate::cube::launch::cube_index;
+
+/// Side of the state tile one cube owns in the state passes (`TILE x TILE` threads, one state
+/// element each).
+pub const TILE: usize = 16;
+
+/// Chunk-state pass, one cube per (sequence, head, K tile, V tile), one thread per state element:
+/// walks the sequence's chunks in order, stores the state at each chunk start in `states`
+/// (`[n_chunks, H, K, V]`), then applies `h <- exp(Fc_last) h + sum_t (k_t exp(Rc_t))^T v_t`. Both
+/// exponents are sums of gates, `<= 0`. The chunk's scaled keys and values of this tile are
+/// staged in shared memory once per chunk. Starts from `h0` when `has_h0`, writes the final state
+/// to `ht` when `want_ht` (an empty sequence gives back `h0`, or zeros).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn chunk_states(
+    k: &[f32],
+    v: &[f32],
+    factors: &[f32],
+    chunks: &[u32],
+    chunk_first: &[u32],
+    h0: &[f32],
+    states: &mut [f32],
+    ht: &mut [f32],
+    n_seq: usize,
+    heads: usize,
+    dk: usize,
+    dv: usize,
+    k_tiles: usize,
+    v_tiles: usize,
+    plane_len: usize,
+    reverse: u32,
+    has_h0: u32,
+    want_ht: u32,
+) {
+    let cube = cube_index();
+    if cube < n_seq * heads * k_tiles * v_tiles {
+        let vb = cube % v_tiles;
+        let kb = (cube / v_tiles) % k_tiles;
+        let h = (cube / (v_tiles * k_tiles)) % heads;
+        let n = cube / (v_tiles * k_tiles * heads);
+        let tx = UNIT_POS_X as usize;
+        let ty = UNIT_POS_Y as usize;
+        let tid = ty * TILE + tx;
+        let kk = kb * TILE + ty;
+        let vv = vb * TILE + tx;
+        let active = kk < dk && vv < dv;
+        let state_idx = ((n * heads + h) * dk + kk) * dv + vv;
+
+        let mut key_tile = Shared::<[f32]>::new_slice(MAX_CHUNK * TILE);
+        let mut value_tile = Shared::<[f32]>::new_slice(MAX_CHUNK * TILE);
+
+        let mut s = 0.0f32;
+        if active && has_h0 == 1 {
+            s = h0[state_idx];
+        }
+        let c_begin = chunk_first[n] as usize;
+        let c_end = chunk_first[n + 1] as usize;
+        for c in c_begin..c_end {
+            let row0 = chunks[c * CHUNK_FIELDS] as usize;
+            let len = chunks[c * CHUNK_FIELDS + 1] as usize;
+            let s0 = chunks[c * CHUNK_FIELDS + 2] as usize;
+            let slen = chunks[c * CHUNK_FIELDS + 3] as usize;
+            if active {
+                states[((c * heads + h) * dk + kk) * dv + vv] = s;
+            }
+            // Stage rows 0..len of this tile's columns: k * exp(Rc) and v.
+            let mut e = tid;
+            while e < len * TILE {
+                let i = e / TILE;
+                let col = e % TILE;
+                let lrow = row0 + i;
+                let p = physical_row(lrow, s0, slen, reverse);
+                let kc = kb * TILE + col;
+                let mut kval = 0.0f32;
+                if kc < dk {
+                    kval = k[(p * heads + h) * dk + kc]
+                        * factors[PLANE_RC_EXP * plane_len + (lrow * heads + h) * dk + kc];
+                }
+                key_tile[e] = kval;
+                let vc = vb * TILE + col;
+                let mut vval = 0.0f32;
+                if vc < dv {
+                    vval = v[(p * heads + h) * dv + vc];
+                }
+                value_tile[e] = vval;
+                e += TILE * TILE;
+            }
+            sync_cube();
+            if active {
+                let last = row0 + len - 1;
+                let decay = factors[PLANE_FC_EXP * plane_len + (last * heads + h) * dk + kk];
+                let mut acc = 0.0f32;
+                for i in 0..len {
+                    acc += key_tile[i * TILE + ty] * value_tile[i * TILE + tx];
+                }
+                s = s * decay + acc;
+            }
+            sync_cube();
+        }
+        if active && want_ht == 1 {
+            ht[state_idx] = s;
+        }
+    }
+}
+
+/// Intra-chunk scores `A[c, h, t, j]` (`[n_chunks, H, C, C]`, rows and columns `< len` written),
+/// one cube per (chunk, head), a strided loop over the `len x len` entries:
+/// ```text
+/// j > t (or j == t in a strict pass): 0
+/// same sub-chunk:    scale * sum_k q_t k_j exp(Fs_t - Fs_j)                (exact, elementwise)
+/// sub-chunks d apart: scale * sum_k (q_t exp(Fs_t)) (k_j exp(Rs_j + d-1 sub totals))
+/// ```
+/// The second form anchors at the boundary before `t`'s sub-chunk: `Fs_t` sums the gates from
+/// there to `t`, the key factor from `j + 1` to there; together exactly the gates `j+1 ..= t`,
+/// each part `<= 0`, so the product is a plain dot product of bounded factors (a matmul on
+/// hardware that has them) and nothing overflows. Inside a sub-chunk `Fs_t - Fs_j <= 0` as
+/// `j <= t` and gates are `<= 0`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn intra_scores(
+    q: &[f32],
+    k: &[f32],
+    factors: &[f32],
+    chunks: &[u32],
+    scores: &mut [f32],
+    n_chunks: usize,
+    heads: usize,
+    dk: usize,
+    chunk: usize,
+    plane_len: usize,
+    scale: f32,
+    reverse: u32,
+    strict: u32,
+) {
+    let cube = cube_index();
+    if cube < n_chunks * heads {
+        let h = cube % heads;
+        let c = cube / heads;
+        let row0 = chunks[c * CHUNK_FIELDS] as usize;
+        let len = chunks[c * CHUNK_FIELDS + 1] as usize;
+        let s0 = chunks[c * CHUNK_FIELDS + 2] as usize;
+        let slen = chunks[c * CHUNK_FIELDS + 3] as usize;
+        let mut e = UNIT_POS_X as usize;
+        while e < len * len {
+            let t = e / len;
+            let j = e % len;
+            let mut a = 0.0f32;
+            if j < t || (j == t && strict == 0) {
+                let lt = row0 + t;
+                let lj = row0 + j;
+                let qo = (physical_row(lt, s0, slen, reverse) * heads + h) * dk;
+                let ko = (physical_row(lj, s0, slen, reverse) * heads + h) * dk;
+                let ft = (lt * heads + h) * dk;
+                let fj = (lj * heads + h) * dk;
+                let st = t / SUB;
+                let sj = j / SUB;
+                if st == sj {
+                    for kk in 0..dk {
+                        let decay = (factors[PLANE_FS * plane_len + ft + kk]
+                            - factors[PLANE_FS * plane_len + fj + kk])
+                            .exp();
+                        a += q[qo + kk] * k[ko + kk] * decay;
+                    }
+                } else {
+                    let plane = PLANE_RS_EXP + (st - sj - 1);
+                    for kk in 0..dk {
+                        a += q[qo + kk]
+                            * factors[PLANE_FS_EXP * plane_len + ft + kk]
+                            * k[ko + kk]
+                            * factors[plane * plane_len + fj + kk];
+                    }
+                }
+                a *= scale;
+            }
+            scores[((c * heads + h) * chunk + t) * chunk + j] = a;
+            e += CUBE_DIM_X as usize;
+        }
+    }
+}
+
+/// Output of one pass, one cube per (chunk, head), a strided loop over `(t, v)`:
+/// `o_t = scale (q_t exp(Fc_t)) h_c + sum_{j <= t} A_tj v_j`, written to the physical row, or added
+/// to what is there when `accumulate` (the second pass of a bidirectional problem).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn chunk_output(
+    q: &[f32],
+    v: &[f32],
+    factors: &[f32],
+    states: &[f32],
+    scores: &[f32],
+    chunks: &[u32],
+    o: &mut [f32],
+    n_chunks: usize,
+    heads: usize,
+    dk: usize,
+    dv: usize,
+    chunk: usize,
+    plane_len: usize,
+    scale: f32,
+    reverse: u32,
+    accumulate: u32,
+) {
+    let cube = cube_index();
+    if cube < n_chunks * heads {
+        let h = cube % heads;
+        let c = cube / heads;
+        let row0 = chunks[c * CHUNK_FIELDS] as usize;
+        let len = chunks[c * CHUNK_FIELDS + 1] as usize;
+        let s0 = chunks[c * CHUNK_FIELDS + 2] as usize;
+        let slen = chunks[c * CHUNK_FIELDS + 3] as usize;
+        let mut e = UNIT_POS_X as usize;
+        while e < len * dv {
+            let t = e / dv;
+            let vv = e % dv;
+            let lt = row0 + t;
+            let pt = physical_row(lt, s0, slen, reverse);
+            let qo = (pt * heads + h) * dk;
+            let ft = (lt * heads + h) * dk;
+            let so = (c * heads + h) * dk * dv + vv;
+            let mut inter = 0.0f32;
+            for kk in 0..dk {
+                inter += q[qo + kk]
+                    * factors[PLANE_FC_EXP * plane_len + ft + kk]
+                    * states[so + kk * dv];
+            }
+            let mut acc = scale * inter;
+            let ao = ((c * heads + h) * chunk + t) * chunk;
+            for j in 0..t + 1 {
+                let pj = physical_row(row0 + j, s0, slen, reverse);
+                acc += scores[ao + j] * v[(pj * heads + h) * dv + vv];
+            }
+            let oi = (pt * heads + h) * dv + vv;
+            if accumulate == 1 {
+                acc += o[oi];
+            }
+            o[oi] = acc;
+            e += CUBE_DIM_X as usize;
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Gate kernels: the chunk-local cumulative gates (as decay factors), the closed-form gate
+//! gradient (a reverse cumulative sum), and its reduction to the gate's own shape.
+//!
+//! **Why every exponent is `<= 0` and no exponent is a difference of large numbers.** Gates are
+//! log decays `g <= 0`. Every factor below is `exp` of a sum of consecutive gates, accumulated as a
+//! running sum of non-positive terms, so each exponent is `<= 0` (the factor is in `[0, 1]`,
+//! underflow to 0 is harmless) and carries a relative rounding error of a few ulps of *itself*.
+//! The one exception is the diagonal sub-block of the intra-chunk scores, which uses
+//! `Fs_t - Fs_j` (`j <= t`, so `<= 0`) of the sub-chunk cumulative gate: its cancellation error is
+//! bounded by an ulp of `|Fs|`, a sum over at most [`SUB`] steps. A chunk-local cumulative gate
+//! differenced across a whole chunk (`G_last - G_j`, as flash-linear-attention does) would carry
+//! an ulp of a 64-step sum instead; with strong decays (`n = 0.1`, about -8 per step) that is
+//! `~3e-5` relative on terms that still matter, beyond the f32 budget of `1e-5`.
+//!
+//! CubeCL 0.11 has no `exp2` instruction (its `exp` lowers to the target's own `exp2` of
+//! `x * log2(e)`), so the factors are kept in natural-log units; the "exp2 form" would only add a
+//! rounding of `G / ln 2`.
+
+use cubecl::prelude::*;
+
+use super::layout::{CHUNK_FIELDS, gate_value};
+use crate::cube::launch::{cube_index, thread_index};
+
+/// Sub-chunk length: the intra-chunk scores are exact elementwise inside a `SUB x SUB` diagonal
+/// block and anchored at sub-chunk boundaries between blocks.
+pub const SUB: usize = 16;
+/// Largest chunk of the chunkwise form (bounded by the shared-memory tiles of the state pass and
+/// by the three anchored factors below: at most `MAX_CHUNK / SUB - 1 = 3` sub-chunks apart).
+pub const MAX_CHUNK: usize = 64;
+
+/// Planes of the factors buffer, each `[rows, H, K]` by logical row (`t` a row of chunk `c`,
+/// sub-chunk `s`; sums are of this pass's gates):
+/// `exp(Fc_t)`, `Fc_t = sum(chunk start ..= t)`: decays the chunk-start state to row `t`.
+pub const PLANE_FC_EXP: usize = 0;
+/// `exp(Rc_t)`, `Rc_t = sum(t+1 ..= chunk end)`: carries row `t`'s key to the chunk-end state.
+pub const PLANE_RC_EXP: usize = 1;
+/// `Fs_t = sum(sub-chunk start ..= t)` (log units), for the exact diagonal sub-blocks.
+pub const PLANE_FS: usize = 2;
+/// `exp(Fs_t)`: the query-side anchor factor (decay from the boundary before sub-chunk `s`).
+pub const PLANE_FS_EXP: usize = 3;
+/// `exp(Rs_t + totals of the next d-1 sub-chunks)` for `d = 1, 2, 3` (planes 4, 5, 6): the
+/// key-side anchor factor from row `t` to the boundary before sub-chunk `s + d`.
+pub const PLANE_RS_EXP: usize = 4;
+pub const PLANES: usize = 7;
+
+/// One thread per (chunk, head, key channel): walks the chunk forward for `Fc`, `Fs` and backward
+/// for `Rc`, `Rs` and the anchored key factors, writing the planes described above.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn chunk_gate_factors(
+    g: &[f32],
+    chunks: &[u32],
+    factors: &mut [f32],
+    n_chunks: usize,
+    heads: usize,
+    dk: usize,
+    kind: u32,
+    reverse: u32,
+    plane_len: usize,
+) {
+    let id = thread_index();
+    if id < n_chunks * heads * dk {
+        let kk = id % dk;
+        let h = (id / dk) % heads;
+        let c = id / (dk * heads);
+        let row0 = chunks[c * CHUNK_FIELDS] as usize;
+        let len = chunks[c * CHUNK_FIELDS + 1] as usize;
+        let s0 = chunks[c * CHUNK_FIELDS + 2] as usize;
+        let slen = chunks[c * CHUNK_FIELDS + 3] as usize;
+
+        let mut fc = 0.0f32;
+        let mut fs = 0.0f32;
+        for i in 0..len {
+            let lrow = row0 + i;
+            let gv = gate_value(g, kind, lrow, s0, slen, reverse, h, kk, heads, dk);
+            if i % SUB == 0 {
+                fs = 0.0;
+            }
+            fc += gv;
+            fs += gv;
+            let idx = (lrow * heads + h) * dk + kk;
+            factors[PLANE_FC_EXP * plane_len + idx] = fc.exp();
+            factors[PLANE_FS * plane_len + idx] = fs;
+            factors[PLANE_FS_EXP * plane_len + idx] = fs.exp();
+        }
+
+        // Backward walk. `rs` sums the gates after row i up to the end of its sub-chunk; `next1`,
+        // `next2` are the totals of the following two sub-chunks (0 past the chunk's end, where
+        // no anchor reads them).
+        let mut rc = 0.0f32;
+        let mut rs = 0.0f32;
+        let mut next1 = 0.0f32;
+        let mut next2 = 0.0f32;
+        for step in 0..len {
+            let i = len - 1 - step;
+            let lrow = row0 + i;
+            let idx = (lrow * heads + h) * dk + kk;
+            factors[PLANE_RC_EXP * plane_len + idx] = rc.exp();
+            factors[PLANE_RS_EXP * plane_len + idx] = rs.exp();
+            factors[(PLANE_RS_EXP + 1) * plane_len + idx] = (rs + next1).exp();
+            factors[(PLANE_RS_EXP + 2) * plane_len + idx] = (rs + next1 + next2).exp();
+            let gv = gate_value(g, kind, lrow, s0, slen, reverse, h, kk, heads, dk);
+            rc += gv;
+            rs += gv;
+            if i % SUB == 0 {
+                next2 = next1;
+                next1 = rs;
+                rs = 0.0;
+            }
+        }
+    }
+}
+
+/// Closed-form gate gradient of one pass (kernels.md), one thread per (sequence, head, channel):
+/// `dg_tau = sum_{logical i >= tau} (q_i dq_i - k_i dk_i) + rowsum_V(ht * dht)`, where `gq = q dq`
+/// and `gk = k dk` hold this pass's own terms *without* the diagonal `i = j` contributions (they
+/// cancel analytically; leaving them out keeps their rounding out of a gradient that, with strong
+/// decays, is orders of magnitude smaller than they are). The result lands on the physical gate
+/// row this logical step read (see [`gate_value`]), added to what earlier passes wrote there.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn gate_grad_scan(
+    gq: &[f32],
+    gk: &[f32],
+    ht: &[f32],
+    dht: &[f32],
+    seqs: &[u32],
+    dg: &mut [f32],
+    n_seq: usize,
+    heads: usize,
+    dk: usize,
+    dv: usize,
+    reverse: u32,
+    has_dht: u32,
+) {
+    let id = thread_index();
+    if id < n_seq * heads * dk {
+        let kk = id % dk;
+        let h = (id / dk) % heads;
+        let n = id / (dk * heads);
+        let s0 = seqs[2 * n] as usize;
+        let slen = seqs[2 * n + 1] as usize;
+        let mut acc = 0.0f32;
+        if has_dht == 1 {
+            let base = ((n * heads + h) * dk + kk) * dv;
+            for vv in 0..dv {
+                acc += ht[base + vv] * dht[base + vv];
+            }
+        }
+        for step in 0..slen {
+            let tau = slen - 1 - step;
+            let lrow = s0 + tau;
+            let idx = (lrow * heads + h) * dk + kk;
+            acc += gq[idx] - gk[idx];
+            if reverse == 0 {
+                dg[idx] += acc;
+            } else if tau > 0 {
+                let p = 2 * s0 + slen - lrow;
+                dg[(p * heads + h) * dk + kk] += acc;
+            }
+        }
+    }
+}
+
+/// Scalar gate `[rows, H]`: sums the expanded gradient `[rows, H, K]` over the key channels.
+#[cube(launch_unchecked)]
+pub fn gate_grad_sum_channels(expanded: &[f32], out: &mut [f32], rows_heads: usize, dk: usize) {
+    let id = thread_index();
+    if id < rows_heads {
+        let mut acc = 0.0f32;
+        for kk in 0..dk {
+            acc += expanded[id * dk + kk];
+        }
+        out[id] = acc;
+    }
+}
+
+/// Per-head gate `[H]`: sums the per-token gradient `[rows, H]` over every row, one cube per head.
+/// Each thread sums a strided share with Kahan compensation, then the cube combines the partial
+/// sums in shared memory, so the f32 error does not grow with `B * T`.
+#[cube(launch_unchecked)]
+pub fn gate_grad_sum_rows(per_token: &[f32], out: &mut [f32], rows: usize, heads: usize) {
+    let h = cube_index();
+    let mut partial = Shared::<[f32]>::new_slice(256usize);
+    let tid = UNIT_POS_X as usize;
+    let stride = CUBE_DIM_X as usize;
+    let mut sum = 0.0f32;
+    let mut comp = 0.0f32;
+    let mut r = tid;
+    while r < rows {
+        let y = per_token[r * heads + h] - comp;
+        let t = sum + y;
+        comp = (t - sum) - y;
+        sum = t;
+        r += stride;
+    }
+    partial[tid] = sum;
+    sync_cube();
+    let mut width = stride / 2;
+    while width > 0 {
+        if tid < width {
+            partial[tid] += partial[tid + width];
+        }
+        sync_cube();
+        width /= 2;
+    }
+    if tid == 0 {
+        out[h] = partial[0];
+    }
+}
