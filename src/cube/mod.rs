@@ -140,6 +140,25 @@ impl CubeContext {
         })
     }
 
+    /// Whether the adapter is Mesa's software rasteriser (llvmpipe / lavapipe).
+    pub fn is_llvmpipe(&self) -> bool {
+        self.adapter_name().to_lowercase().contains("llvmpipe")
+    }
+
+    /// Loop iterations one kernel invocation may spend, summed over every loop it runs.
+    ///
+    /// Mesa's llvmpipe (gallivm) gives each shader invocation a single loop limiter, initialised
+    /// to `LP_MAX_TGSI_LOOP_ITERATIONS = 65535` and decremented at the end of every iteration of
+    /// *any* loop; when it reaches zero every loop exits, silently, and the invocation finishes
+    /// with whatever it had written (we measured it: see `tests/cube_linear.rs`,
+    /// `llvmpipe_loop_budget`). Every kernel here therefore bounds its per-invocation work by this
+    /// budget, half the limit for margin, and long scans are split into several launches that
+    /// carry their state through device memory. The same split runs on every runtime, so the
+    /// code path CI tests on llvmpipe is the one a GPU runs.
+    pub fn loop_budget(&self) -> usize {
+        LOOP_BUDGET
+    }
+
     /// Largest shared memory per cube, in bytes.
     pub fn max_shared_memory(&self) -> usize {
         self.client().properties().hardware.max_shared_memory_size
@@ -161,6 +180,13 @@ impl CubeContext {
         buffer::download(self, tensor)
     }
 }
+
+/// See [`CubeContext::loop_budget`].
+pub const LOOP_BUDGET: usize = 32_768;
+
+/// Longest sequence the single-loop scans (gate-gradient scan, LightNet's `logcumsumexp`) take on
+/// llvmpipe: they spend two or three loop iterations per token of one sequence in one invocation.
+pub const LLVMPIPE_MAX_SEQUENCE: usize = 16_384;
 
 /// Maps a runtime failure (a launch that did not run, a device fault) to [`Error::Runtime`].
 pub(crate) fn runtime_error(err: impl std::fmt::Display) -> Error {

@@ -13,11 +13,13 @@
 //! where `exp(gates j+1..=t)` is split exactly as in the forward scores: elementwise inside a
 //! sub-chunk, anchored at the boundary before `t`'s sub-chunk otherwise (every exponent `<= 0`).
 //! The dq and dk kernels also write this pass's gate-gradient terms `gq = q dq`, `gk = k dk`
-//! *without* the diagonal (`j = t`) contributions, which cancel in `q dq - k dk` analytically.
+//! *without* the diagonal (`j = t`) contributions and without the `dht` path (`D_c` above splits
+//! into the part from later outputs and `suffix_decay * dht`), which cancel in `q dq - k dk`
+//! analytically (see [`super::gates::gate_grad_scan`]).
 
 use cubecl::prelude::*;
 
-use super::chunk_forward::TILE;
+use super::chunk_forward::{COL_BLOCK, TILE};
 use super::gates::{
     MAX_CHUNK, PLANE_FC_EXP, PLANE_FS, PLANE_FS_EXP, PLANE_RC_EXP, PLANE_RS_EXP, SUB,
 };
@@ -26,8 +28,12 @@ use crate::cube::launch::cube_index;
 
 /// Reverse chunk-state pass, one cube per (sequence, head, K tile, V tile), one thread per state
 /// element: walks the chunks from last to first, stores `D_c` in `dstates` (`[n_chunks, H, K, V]`),
-/// then `D <- exp(Fc_last) D + scale sum_t (q_t exp(Fc_t))^T do_t`. Starts from `dht` when
-/// `has_dht`; writes `dh0` when `want_dh0`.
+/// then `D <- exp(Fc_last) D + scale sum_t (q_t exp(Fc_t))^T do_t`. `D` leaves out the `dht`
+/// path; `suffix_decay` (`[n_chunks, H, K]`) holds the factor that carries `dht` back to the end
+/// of each chunk. Writes `dh0 = D_{-1} + suffix dht` when `want_dh0`.
+///
+/// One launch covers the chunks `seg_from .. seg_from + seg_count` counted from each sequence's
+/// end; `D` and `suffix` cross launches in `carry` and `carry_suffix` (`[N, H, K, V]`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn chunk_dstates(
@@ -38,6 +44,9 @@ pub fn chunk_dstates(
     chunk_first: &[u32],
     dht: &[f32],
     dstates: &mut [f32],
+    suffix_decay: &mut [f32],
+    carry: &mut [f32],
+    carry_suffix: &mut [f32],
     dh0: &mut [f32],
     n_seq: usize,
     heads: usize,
@@ -50,6 +59,8 @@ pub fn chunk_dstates(
     reverse: u32,
     has_dht: u32,
     want_dh0: u32,
+    seg_from: usize,
+    seg_count: usize,
 ) {
     let cube = cube_index();
     if cube < n_seq * heads * k_tiles * v_tiles {
@@ -68,13 +79,27 @@ pub fn chunk_dstates(
         let mut query_tile = Shared::<[f32]>::new_slice(MAX_CHUNK * TILE);
         let mut grad_tile = Shared::<[f32]>::new_slice(MAX_CHUNK * TILE);
 
+        // `d` is the gradient w.r.t. the state without the `dht` path, whose share reaches chunk
+        // `c` as `suffix * dht` (`suffix` the product of the decays of the chunks after `c`, each
+        // `<= 1`); the kernels downstream keep the two apart (see [`super::gates::gate_grad_scan`]).
         let mut d = 0.0f32;
-        if active && has_dht == 1 {
-            d = dht[state_idx];
+        let mut suffix = 1.0f32;
+        if active && seg_from > 0 {
+            d = carry[state_idx];
+            suffix = carry_suffix[state_idx];
         }
         let c_begin = chunk_first[n] as usize;
         let c_end = chunk_first[n + 1] as usize;
-        for step in 0..c_end - c_begin {
+        let count = c_end - c_begin;
+        let mut lo = seg_from;
+        if lo > count {
+            lo = count;
+        }
+        let mut hi = lo + seg_count;
+        if hi > count {
+            hi = count;
+        }
+        for step in lo..hi {
             let c = c_end - 1 - step;
             let row0 = chunks[c * CHUNK_FIELDS] as usize;
             let len = chunks[c * CHUNK_FIELDS + 1] as usize;
@@ -82,6 +107,9 @@ pub fn chunk_dstates(
             let slen = chunks[c * CHUNK_FIELDS + 3] as usize;
             if active {
                 dstates[((c * heads + h) * dk + kk) * dv + vv] = d;
+                if vb == 0 && tx == 0 {
+                    suffix_decay[(c * heads + h) * dk + kk] = suffix;
+                }
             }
             let mut e = tid;
             while e < len * TILE {
@@ -113,11 +141,20 @@ pub fn chunk_dstates(
                     acc += query_tile[i * TILE + ty] * grad_tile[i * TILE + tx];
                 }
                 d = d * decay + scale * acc;
+                suffix *= decay;
             }
             sync_cube();
         }
-        if active && want_dh0 == 1 {
-            dh0[state_idx] = d;
+        if active {
+            carry[state_idx] = d;
+            carry_suffix[state_idx] = suffix;
+        }
+        if active && want_dh0 == 1 && hi == count {
+            let mut total = d;
+            if has_dht == 1 {
+                total += suffix * dht[state_idx];
+            }
+            dh0[state_idx] = total;
         }
     }
 }
@@ -164,8 +201,8 @@ pub fn intra_dscores(
     }
 }
 
-/// `dq` of one pass, one cube per (chunk, head), a strided loop over `(t, k)`; also `gq = q dq`
-/// without the diagonal term (logical row).
+/// `dq` of one pass, one cube per (chunk, head, block of [`COL_BLOCK`] key channels), a strided
+/// loop over `(t, k)`; also `gq = q dq` without the diagonal term (logical row).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn chunk_dq(
@@ -190,17 +227,24 @@ pub fn chunk_dq(
     accumulate: u32,
 ) {
     let cube = cube_index();
-    if cube < n_chunks * heads {
-        let h = cube % heads;
-        let c = cube / heads;
+    let blocks = (dk + COL_BLOCK - 1) / COL_BLOCK;
+    if cube < n_chunks * heads * blocks {
+        let b = cube % blocks;
+        let h = (cube / blocks) % heads;
+        let c = cube / (blocks * heads);
+        let col0 = b * COL_BLOCK;
+        let mut width = dk - col0;
+        if width > COL_BLOCK {
+            width = COL_BLOCK;
+        }
         let row0 = chunks[c * CHUNK_FIELDS] as usize;
         let len = chunks[c * CHUNK_FIELDS + 1] as usize;
         let s0 = chunks[c * CHUNK_FIELDS + 2] as usize;
         let slen = chunks[c * CHUNK_FIELDS + 3] as usize;
         let mut e = UNIT_POS_X as usize;
-        while e < len * dk {
-            let t = e / dk;
-            let kk = e % dk;
+        while e < len * width {
+            let t = e / width;
+            let kk = col0 + e % width;
             let lt = row0 + t;
             let pt = physical_row(lt, s0, slen, reverse);
             let ft = (lt * heads + h) * dk + kk;
@@ -255,8 +299,8 @@ pub fn chunk_dq(
     }
 }
 
-/// `dk` of one pass, one cube per (chunk, head), a strided loop over `(j, k)`; also `gk = k dk`
-/// without the diagonal term (logical row).
+/// `dk` of one pass, one cube per (chunk, head, block of [`COL_BLOCK`] key channels), a strided
+/// loop over `(j, k)`; also `gk = k dk` without the diagonal term and the `dht` path.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn chunk_dk(
@@ -265,6 +309,8 @@ pub fn chunk_dk(
     v: &[f32],
     factors: &[f32],
     dstates: &[f32],
+    suffix_decay: &[f32],
+    dht: &[f32],
     dscores: &[f32],
     chunks: &[u32],
     dkey: &mut [f32],
@@ -278,20 +324,29 @@ pub fn chunk_dk(
     scale: f32,
     reverse: u32,
     strict: u32,
+    has_dht: u32,
     accumulate: u32,
 ) {
     let cube = cube_index();
-    if cube < n_chunks * heads {
-        let h = cube % heads;
-        let c = cube / heads;
+    let blocks = (dk + COL_BLOCK - 1) / COL_BLOCK;
+    if cube < n_chunks * heads * blocks {
+        let b = cube % blocks;
+        let h = (cube / blocks) % heads;
+        let c = cube / (blocks * heads);
+        let col0 = b * COL_BLOCK;
+        let mut width = dk - col0;
+        if width > COL_BLOCK {
+            width = COL_BLOCK;
+        }
         let row0 = chunks[c * CHUNK_FIELDS] as usize;
         let len = chunks[c * CHUNK_FIELDS + 1] as usize;
         let s0 = chunks[c * CHUNK_FIELDS + 2] as usize;
         let slen = chunks[c * CHUNK_FIELDS + 3] as usize;
+        let n = chunks[c * CHUNK_FIELDS + 4] as usize;
         let mut e = UNIT_POS_X as usize;
-        while e < len * dk {
-            let j = e / dk;
-            let kk = e % dk;
+        while e < len * width {
+            let j = e / width;
+            let kk = col0 + e % width;
             let lj = row0 + j;
             let pj = physical_row(lj, s0, slen, reverse);
             let fj = (lj * heads + h) * dk + kk;
@@ -303,7 +358,17 @@ pub fn chunk_dk(
             for vv in 0..dv {
                 inter += v[vo + vv] * dstates[so + vv];
             }
-            inter *= factors[PLANE_RC_EXP * plane_len + fj];
+            let rc = factors[PLANE_RC_EXP * plane_len + fj];
+            inter *= rc;
+            // The final state's path, kept out of `gk`.
+            let mut through_ht = 0.0f32;
+            if has_dht == 1 {
+                let ho = ((n * heads + h) * dk + kk) * dv;
+                for vv in 0..dv {
+                    through_ht += v[vo + vv] * dht[ho + vv];
+                }
+                through_ht *= rc * suffix_decay[(c * heads + h) * dk + kk];
+            }
 
             // Intra-chunk, later sub-chunks: anchored at the boundary before t's sub-chunk.
             let sj = j / SUB;
@@ -340,7 +405,7 @@ pub fn chunk_dk(
             if strict == 0 {
                 diag = scale * dscores[col + j * chunk] * q[ki];
             }
-            let mut total = off + diag;
+            let mut total = off + diag + through_ht;
             if accumulate == 1 {
                 total += dkey[ki];
             }
@@ -351,7 +416,8 @@ pub fn chunk_dk(
     }
 }
 
-/// `dv` of one pass, one cube per (chunk, head), a strided loop over `(j, v)`:
+/// `dv` of one pass, one cube per (chunk, head, block of [`COL_BLOCK`] value columns), a strided
+/// loop over `(j, v)`:
 /// `dv_j = sum_{t >= j} A_tj do_t + (k_j exp(Rc_j)) D_c` (`A` is zero off the mask).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -360,6 +426,8 @@ pub fn chunk_dv(
     d_o: &[f32],
     factors: &[f32],
     dstates: &[f32],
+    suffix_decay: &[f32],
+    dht: &[f32],
     scores: &[f32],
     chunks: &[u32],
     dvalue: &mut [f32],
@@ -370,20 +438,29 @@ pub fn chunk_dv(
     chunk: usize,
     plane_len: usize,
     reverse: u32,
+    has_dht: u32,
     accumulate: u32,
 ) {
     let cube = cube_index();
-    if cube < n_chunks * heads {
-        let h = cube % heads;
-        let c = cube / heads;
+    let blocks = (dv + COL_BLOCK - 1) / COL_BLOCK;
+    if cube < n_chunks * heads * blocks {
+        let b = cube % blocks;
+        let h = (cube / blocks) % heads;
+        let c = cube / (blocks * heads);
+        let col0 = b * COL_BLOCK;
+        let mut width = dv - col0;
+        if width > COL_BLOCK {
+            width = COL_BLOCK;
+        }
         let row0 = chunks[c * CHUNK_FIELDS] as usize;
         let len = chunks[c * CHUNK_FIELDS + 1] as usize;
         let s0 = chunks[c * CHUNK_FIELDS + 2] as usize;
         let slen = chunks[c * CHUNK_FIELDS + 3] as usize;
+        let n = chunks[c * CHUNK_FIELDS + 4] as usize;
         let mut e = UNIT_POS_X as usize;
-        while e < len * dv {
-            let j = e / dv;
-            let vv = e % dv;
+        while e < len * width {
+            let j = e / width;
+            let vv = col0 + e % width;
             let lj = row0 + j;
             let pj = physical_row(lj, s0, slen, reverse);
             let col = (c * heads + h) * chunk * chunk + j;
@@ -395,8 +472,14 @@ pub fn chunk_dv(
             let ko = (pj * heads + h) * dk;
             let fo = (lj * heads + h) * dk;
             let so = (c * heads + h) * dk * dv + vv;
+            let xo = (c * heads + h) * dk;
+            let ho = (n * heads + h) * dk * dv + vv;
             for kk in 0..dk {
-                acc += k[ko + kk] * factors[PLANE_RC_EXP * plane_len + fo + kk] * dstates[so + kk * dv];
+                let mut d = dstates[so + kk * dv];
+                if has_dht == 1 {
+                    d += suffix_decay[xo + kk] * dht[ho + kk * dv];
+                }
+                acc += k[ko + kk] * factors[PLANE_RC_EXP * plane_len + fo + kk] * d;
             }
             let vi = (pj * heads + h) * dv + vv;
             if accumulate == 1 {

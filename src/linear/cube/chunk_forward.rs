@@ -21,12 +21,27 @@ use crate::cube::launch::cube_index;
 /// element each).
 pub const TILE: usize = 16;
 
+/// Columns (of `V` or `K`) one cube of the per-chunk kernels covers: with `len <= 64` rows, a
+/// thread's strided loop runs `64 * COL_BLOCK / 256 = 16` entries, each at most `K + V + 2C`
+/// long, which keeps heads up to 512 wide inside the loop budget
+/// ([`crate::cube::CubeContext::loop_budget`]).
+pub const COL_BLOCK: usize = 64;
+
+/// Loop iterations one chunk costs a thread of the state passes (staging plus the row loop), for
+/// sizing their segments.
+pub fn state_pass_cost(chunk: usize) -> usize {
+    chunk + (chunk * TILE).div_ceil(TILE * TILE) + 3
+}
+
 /// Chunk-state pass, one cube per (sequence, head, K tile, V tile), one thread per state element:
 /// walks the sequence's chunks in order, stores the state at each chunk start in `states`
 /// (`[n_chunks, H, K, V]`), then applies `h <- exp(Fc_last) h + sum_t (k_t exp(Rc_t))^T v_t`. Both
 /// exponents are sums of gates, `<= 0`. The chunk's scaled keys and values of this tile are
 /// staged in shared memory once per chunk. Starts from `h0` when `has_h0`, writes the final state
 /// to `ht` when `want_ht` (an empty sequence gives back `h0`, or zeros).
+///
+/// One launch covers the chunks `seg_from .. seg_from + seg_count` of every sequence (the loop
+/// budget); the running state crosses launches in `carry` (`[N, H, K, V]`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn chunk_states(
@@ -37,6 +52,7 @@ pub fn chunk_states(
     chunk_first: &[u32],
     h0: &[f32],
     states: &mut [f32],
+    carry: &mut [f32],
     ht: &mut [f32],
     n_seq: usize,
     heads: usize,
@@ -48,6 +64,8 @@ pub fn chunk_states(
     reverse: u32,
     has_h0: u32,
     want_ht: u32,
+    seg_from: usize,
+    seg_count: usize,
 ) {
     let cube = cube_index();
     if cube < n_seq * heads * k_tiles * v_tiles {
@@ -67,12 +85,24 @@ pub fn chunk_states(
         let mut value_tile = Shared::<[f32]>::new_slice(MAX_CHUNK * TILE);
 
         let mut s = 0.0f32;
-        if active && has_h0 == 1 {
-            s = h0[state_idx];
+        if active {
+            if seg_from > 0 {
+                s = carry[state_idx];
+            } else if has_h0 == 1 {
+                s = h0[state_idx];
+            }
         }
         let c_begin = chunk_first[n] as usize;
         let c_end = chunk_first[n + 1] as usize;
-        for c in c_begin..c_end {
+        let mut lo = c_begin + seg_from;
+        if lo > c_end {
+            lo = c_end;
+        }
+        let mut hi = lo + seg_count;
+        if hi > c_end {
+            hi = c_end;
+        }
+        for c in lo..hi {
             let row0 = chunks[c * CHUNK_FIELDS] as usize;
             let len = chunks[c * CHUNK_FIELDS + 1] as usize;
             let s0 = chunks[c * CHUNK_FIELDS + 2] as usize;
@@ -114,8 +144,11 @@ pub fn chunk_states(
             }
             sync_cube();
         }
-        if active && want_ht == 1 {
-            ht[state_idx] = s;
+        if active {
+            carry[state_idx] = s;
+            if want_ht == 1 && hi == c_end {
+                ht[state_idx] = s;
+            }
         }
     }
 }
@@ -195,7 +228,8 @@ pub fn intra_scores(
     }
 }
 
-/// Output of one pass, one cube per (chunk, head), a strided loop over `(t, v)`:
+/// Output of one pass, one cube per (chunk, head, block of [`COL_BLOCK`] value columns), a
+/// strided loop over `(t, v)`:
 /// `o_t = scale (q_t exp(Fc_t)) h_c + sum_{j <= t} A_tj v_j`, written to the physical row, or added
 /// to what is there when `accumulate` (the second pass of a bidirectional problem).
 #[cube(launch_unchecked)]
@@ -219,17 +253,24 @@ pub fn chunk_output(
     accumulate: u32,
 ) {
     let cube = cube_index();
-    if cube < n_chunks * heads {
-        let h = cube % heads;
-        let c = cube / heads;
+    let blocks = (dv + COL_BLOCK - 1) / COL_BLOCK;
+    if cube < n_chunks * heads * blocks {
+        let b = cube % blocks;
+        let h = (cube / blocks) % heads;
+        let c = cube / (blocks * heads);
+        let col0 = b * COL_BLOCK;
+        let mut width = dv - col0;
+        if width > COL_BLOCK {
+            width = COL_BLOCK;
+        }
         let row0 = chunks[c * CHUNK_FIELDS] as usize;
         let len = chunks[c * CHUNK_FIELDS + 1] as usize;
         let s0 = chunks[c * CHUNK_FIELDS + 2] as usize;
         let slen = chunks[c * CHUNK_FIELDS + 3] as usize;
         let mut e = UNIT_POS_X as usize;
-        while e < len * dv {
-            let t = e / dv;
-            let vv = e % dv;
+        while e < len * width {
+            let t = e / width;
+            let vv = col0 + e % width;
             let lt = row0 + t;
             let pt = physical_row(lt, s0, slen, reverse);
             let qo = (pt * heads + h) * dk;

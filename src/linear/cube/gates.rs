@@ -112,26 +112,25 @@ pub fn chunk_gate_factors(
 }
 
 /// Closed-form gate gradient of one pass (kernels.md), one thread per (sequence, head, channel):
-/// `dg_tau = sum_{logical i >= tau} (q_i dq_i - k_i dk_i) + rowsum_V(ht * dht)`, where `gq = q dq`
-/// and `gk = k dk` hold this pass's own terms *without* the diagonal `i = j` contributions (they
-/// cancel analytically; leaving them out keeps their rounding out of a gradient that, with strong
-/// decays, is orders of magnitude smaller than they are). The result lands on the physical gate
-/// row this logical step read (see [`gate_value`]), added to what earlier passes wrote there.
+/// `dg_tau = sum_{logical i >= tau} (q_i dq_i - k_i dk_i)`, where `gq = q dq` and `gk = k dk`
+/// hold this pass's own terms *without* the diagonal `i = j` contributions and without the final
+/// state's (`dht`) path. Both cancel in the sum analytically; left in, their rounding (an ulp of
+/// terms that do not decay) would swamp a gradient that, with strong decays, is orders of
+/// magnitude smaller. The `dht` path is added separately, in a form without cancellation, by
+/// [`final_state_gate_grad`]. The result lands on the physical gate row this logical step read
+/// (see [`gate_value`]), added to what earlier passes wrote there. The running sum is
+/// Kahan-compensated: every prefix is a result, so its error must not grow with `T`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn gate_grad_scan(
     gq: &[f32],
     gk: &[f32],
-    ht: &[f32],
-    dht: &[f32],
     seqs: &[u32],
     dg: &mut [f32],
     n_seq: usize,
     heads: usize,
     dk: usize,
-    dv: usize,
     reverse: u32,
-    has_dht: u32,
 ) {
     let id = thread_index();
     if id < n_seq * heads * dk {
@@ -141,17 +140,15 @@ pub fn gate_grad_scan(
         let s0 = seqs[2 * n] as usize;
         let slen = seqs[2 * n + 1] as usize;
         let mut acc = 0.0f32;
-        if has_dht == 1 {
-            let base = ((n * heads + h) * dk + kk) * dv;
-            for vv in 0..dv {
-                acc += ht[base + vv] * dht[base + vv];
-            }
-        }
+        let mut comp = 0.0f32;
         for step in 0..slen {
             let tau = slen - 1 - step;
             let lrow = s0 + tau;
             let idx = (lrow * heads + h) * dk + kk;
-            acc += gq[idx] - gk[idx];
+            let y = (gq[idx] - gk[idx]) - comp;
+            let sum = acc + y;
+            comp = (sum - acc) - y;
+            acc = sum;
             if reverse == 0 {
                 dg[idx] += acc;
             } else if tau > 0 {
@@ -159,6 +156,92 @@ pub fn gate_grad_scan(
                 dg[(p * heads + h) * dk + kk] += acc;
             }
         }
+    }
+}
+
+/// The final state's share of the gate gradient (forward pass, causal), one thread per
+/// (sequence, head, channel). `ht = exp(sum_{m >= t} g_m) S_{t-1} + (terms free of g_t)`, so
+/// `dL/dg_t += exp(sum_{m >= t} g_m) * Z_t` with `Z_t = S_{t-1}[k, :] . dht[k, :]`, where
+/// `S_{-1} = h0`. `Z` follows the scalar recurrence `Z_{t+1} = exp(g_t) Z_t + k_t w_t` with
+/// `w_t = v_t . dht[k, :]` from [`dht_projection`] (a forward walk storing `Z_t` in `scratch`),
+/// then a backward walk accumulates the suffix exponent (`<= 0`) and adds the product. No term
+/// cancels another. Two loop iterations per token: sequences up to
+/// [`crate::cube::LLVMPIPE_MAX_SEQUENCE`] on llvmpipe.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn final_state_gate_grad(
+    k: &[f32],
+    w: &[f32],
+    g: &[f32],
+    seqs: &[u32],
+    h0: &[f32],
+    dht: &[f32],
+    scratch: &mut [f32],
+    dg: &mut [f32],
+    n_seq: usize,
+    heads: usize,
+    dk: usize,
+    dv: usize,
+    kind: u32,
+    has_h0: u32,
+) {
+    let id = thread_index();
+    if id < n_seq * heads * dk {
+        let kk = id % dk;
+        let h = (id / dk) % heads;
+        let n = id / (dk * heads);
+        let s0 = seqs[2 * n] as usize;
+        let slen = seqs[2 * n + 1] as usize;
+        let so = ((n * heads + h) * dk + kk) * dv;
+        let mut z = 0.0f32;
+        if has_h0 == 1 {
+            for vv in 0..dv {
+                z += h0[so + vv] * dht[so + vv];
+            }
+        }
+        for tau in 0..slen {
+            let row = s0 + tau;
+            let idx = (row * heads + h) * dk + kk;
+            scratch[idx] = z;
+            let decay = gate_value(g, kind, row, s0, slen, 0u32, h, kk, heads, dk).exp();
+            z = decay * z + k[idx] * w[idx];
+        }
+        let mut suffix = 0.0f32;
+        for step in 0..slen {
+            let row = s0 + slen - 1 - step;
+            let idx = (row * heads + h) * dk + kk;
+            suffix += gate_value(g, kind, row, s0, slen, 0u32, h, kk, heads, dk);
+            dg[idx] += suffix.exp() * scratch[idx];
+        }
+    }
+}
+
+/// `w[row, h, k] = v[row, h, :] . dht[n, h, k, :]`, one thread per (row, head, key channel).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn dht_projection(
+    v: &[f32],
+    dht: &[f32],
+    row_seq: &[u32],
+    w: &mut [f32],
+    rows: usize,
+    heads: usize,
+    dk: usize,
+    dv: usize,
+) {
+    let id = thread_index();
+    if id < rows * heads * dk {
+        let kk = id % dk;
+        let h = (id / dk) % heads;
+        let row = id / (dk * heads);
+        let n = row_seq[row] as usize;
+        let so = ((n * heads + h) * dk + kk) * dv;
+        let vo = (row * heads + h) * dv;
+        let mut acc = 0.0f32;
+        for vv in 0..dv {
+            acc += v[vo + vv] * dht[so + vv];
+        }
+        w[id] = acc;
     }
 }
 

@@ -74,14 +74,14 @@ impl Sequences {
 }
 
 /// Entries per chunk in [`Chunks::table`].
-pub const CHUNK_FIELDS: usize = 4;
+pub const CHUNK_FIELDS: usize = 5;
 
 /// The chunks of every sequence: chunk `c` of a sequence covers its logical rows
 /// `[start + c * C, min(start + (c + 1) * C, start + len))`.
 pub struct Chunks {
     pub chunk: usize,
     pub count: usize,
-    /// u32 `[count * 4]`: first logical row, length, sequence start, sequence length.
+    /// u32 `[count * 5]`: first logical row, length, sequence start, sequence length, sequence index.
     pub table: Handle,
     /// u32 `[N + 1]`: chunks of sequence `n` are `first[n] .. first[n + 1]`.
     pub first: Handle,
@@ -91,11 +91,17 @@ impl Chunks {
     pub fn new(ctx: &CubeContext, seqs: &Sequences, chunk: usize) -> Chunks {
         let mut table = Vec::new();
         let mut first = vec![0u32];
-        for &(start, len) in &seqs.seqs {
+        for (n, &(start, len)) in seqs.seqs.iter().enumerate() {
             let mut c0 = 0;
             while c0 < len {
                 let l = chunk.min(len - c0);
-                table.extend_from_slice(&[(start + c0) as u32, l as u32, start as u32, len as u32]);
+                table.extend_from_slice(&[
+                    (start + c0) as u32,
+                    l as u32,
+                    start as u32,
+                    len as u32,
+                    n as u32,
+                ]);
                 c0 += chunk;
             }
             first.push((table.len() / CHUNK_FIELDS) as u32);

@@ -546,6 +546,9 @@ impl Problem {
 #[derive(Clone, Copy)]
 struct Pass<'a> {
     reverse: bool,
+    /// Leave the diagonal out: the reverse pass always (the forward pass counts it), the forward
+    /// pass too under normalisation (the diagonal is added by [`normalize`]).
+    strict: bool,
     /// The gate this pass reads (`g` forward, `g_bwd` or `g` reverse).
     gate: Option<&'a Handle>,
     /// Add into the outputs instead of writing them (second pass).
@@ -553,9 +556,8 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
-    /// The reverse pass leaves the diagonal to the forward pass.
     fn strict(&self) -> u32 {
-        self.reverse as u32
+        self.strict as u32
     }
 }
 
@@ -592,6 +594,13 @@ pub(crate) struct Run<'a> {
     chunks: Option<Chunks>,
 }
 
+/// `(from, count)` launches covering `0..total` steps, `per_launch` at a time; always at least one
+/// (a launch over nothing still initialises and finishes every sequence, e.g. empty ones).
+fn segments(total: usize, per_launch: usize) -> impl Iterator<Item = (usize, usize)> {
+    let launches = total.div_ceil(per_launch).max(1);
+    (0..launches).map(move |i| (i * per_launch, per_launch))
+}
+
 /// A buffer argument of `len` elements.
 ///
 /// # Safety
@@ -602,6 +611,14 @@ unsafe fn arg(handle: &Handle, len: usize) -> BufferArg {
 
 impl<'a> Run<'a> {
     pub(crate) fn new(ctx: &'a CubeContext, p: &'a Problem, form: Form) -> Result<Run<'a>> {
+        let longest = p.seqs.seqs.iter().map(|s| s.1).max().unwrap_or(0);
+        if ctx.is_llvmpipe() && longest > crate::cube::LLVMPIPE_MAX_SEQUENCE {
+            return Err(Error::Unsupported(format!(
+                "a sequence of {longest} tokens on llvmpipe: its per-invocation loop limit \
+                 (65535 iterations) caps the single-loop scans at {} tokens per sequence",
+                crate::cube::LLVMPIPE_MAX_SEQUENCE
+            )));
+        }
         let chunks = match form {
             Form::Chunkwise { chunk } => {
                 if chunk == 0 || chunk > MAX_CHUNK {
@@ -647,12 +664,14 @@ impl<'a> Run<'a> {
     fn passes(&self) -> Vec<Pass<'_>> {
         let mut passes = vec![Pass {
             reverse: false,
+            strict: self.p.normalize.is_some(),
             gate: self.p.gate.as_ref(),
             accumulate: false,
         }];
         if self.p.direction == Direction::Bidirectional {
             passes.push(Pass {
                 reverse: true,
+                strict: true,
                 gate: self.p.gate_bwd.as_ref().or(self.p.gate.as_ref()),
                 accumulate: true,
             });
@@ -680,17 +699,23 @@ impl<'a> Run<'a> {
         let o = match self.p.normalize {
             Some(eps) => {
                 let o = output(self.ctx, rows_heads * d.v);
-                let (count, dim) = per_item(rows_heads * d.v);
-                // SAFETY: `wide` is `[rows * H, V + 1]`, `o` `[rows * H, V]`.
+                let (count, dim) = per_item(rows_heads);
+                // SAFETY: `wide` is `[rows * H, V + 1]`, `o` and `v` `[rows * H, V]`, `q`, `k`
+                // `[rows * H, K]`.
                 unsafe {
                     normalize::normalize_output::launch_unchecked(
                         self.client(),
                         count,
                         dim,
                         arg(&wide, rows_heads * dv),
+                        arg(&self.p.q, rows_heads * d.k),
+                        arg(&self.p.k, rows_heads * d.k),
+                        arg(&self.p.v, rows_heads * d.v),
                         arg(&o, rows_heads * d.v),
                         rows_heads,
+                        d.k,
                         d.v,
+                        self.p.scale,
                         eps,
                     )
                 };
@@ -711,7 +736,7 @@ impl<'a> Run<'a> {
         let (v, dv) = self.values();
 
         // With normalisation the cotangent of the wide output needs the forward result.
-        let d_wide = match self.p.normalize {
+        let (wide, d_wide) = match self.p.normalize {
             Some(eps) => {
                 let wide = output(ctx, rows_heads * dv);
                 for pass in self.passes() {
@@ -719,23 +744,28 @@ impl<'a> Run<'a> {
                 }
                 let d_wide = output(ctx, rows_heads * dv);
                 let (count, dim) = per_item(rows_heads);
-                // SAFETY: `wide`, `d_wide` are `[rows * H, V + 1]`, `d_o` `[rows * H, V]`.
+                // SAFETY: `wide`, `d_wide` are `[rows * H, V + 1]`, `d_o`, `v` `[rows * H, V]`.
                 unsafe {
                     normalize::normalize_grad::launch_unchecked(
                         self.client(),
                         count,
                         dim,
                         arg(&wide, rows_heads * dv),
+                        arg(&self.p.q, rows_heads * d.k),
+                        arg(&self.p.k, rows_heads * d.k),
+                        arg(&self.p.v, rows_heads * d.v),
                         arg(d_o, rows_heads * d.v),
                         arg(&d_wide, rows_heads * dv),
                         rows_heads,
+                        d.k,
                         d.v,
+                        self.p.scale,
                         eps,
                     )
                 };
-                d_wide
+                (Some(wide), d_wide)
             }
-            None => d_o.clone(),
+            None => (None, d_o.clone()),
         };
 
         let qk_len = rows_heads * d.k;
@@ -769,6 +799,31 @@ impl<'a> Run<'a> {
             self.backward_pass(pass, &v, dv, &d_wide, pass_dht, &grads);
         }
 
+        if let (Some(wide), Some(eps)) = (&wide, self.p.normalize) {
+            let (count, dim) = per_item(rows_heads);
+            // SAFETY: as for `normalize_grad`; `dq`, `dk` are `[rows * H, K]`, `dv_wide`
+            // `[rows * H, V + 1]`.
+            unsafe {
+                normalize::normalize_diag_grad::launch_unchecked(
+                    self.client(),
+                    count,
+                    dim,
+                    arg(wide, rows_heads * dv),
+                    arg(&self.p.q, rows_heads * d.k),
+                    arg(&self.p.k, rows_heads * d.k),
+                    arg(&self.p.v, rows_heads * d.v),
+                    arg(d_o, rows_heads * d.v),
+                    arg(&dq, qk_len),
+                    arg(&dk, qk_len),
+                    arg(&dv_wide, rows_heads * dv),
+                    rows_heads,
+                    d.k,
+                    d.v,
+                    self.p.scale,
+                    eps,
+                )
+            };
+        }
         let dv_out = if dv != d.v {
             columns(ctx, &dv_wide, rows_heads, dv, d.v, 0.0)
         } else {
@@ -811,23 +866,16 @@ impl<'a> Run<'a> {
         dht: Option<&Handle>,
         grads: &PassGrads,
     ) {
-        let d = self.p.dims;
-        // The final state enters the gate gradient (`rowsum(ht * dht)`): recompute it when needed.
-        let ht = match (dht, self.p.gate_kind) {
-            (Some(_), kind) if kind != GateKind::None => {
-                Some(output(self.ctx, self.p.n_seq() * d.h * d.k * d.v))
-            }
-            _ => None,
-        };
         match self.form {
-            Form::Chunkwise { .. } => {
-                self.chunk_backward(pass, v, dv, d_o, dht, ht.as_ref(), grads)
-            }
-            Form::Recurrent => self.recurrent_backward(pass, v, dv, d_o, dht, ht.as_ref(), grads),
-            Form::Parallel => self.parallel_backward(pass, v, dv, d_o, dht, ht.as_ref(), grads),
+            Form::Chunkwise { .. } => self.chunk_backward(pass, v, dv, d_o, dht, grads),
+            Form::Recurrent => self.recurrent_backward(pass, v, dv, d_o, dht, grads),
+            Form::Parallel => self.parallel_backward(pass, v, dv, d_o, dht, grads),
         }
         if let Some(dg) = grads.dg {
-            self.gate_grad_scan(pass, dv, grads, ht.as_ref().zip(dht), dg);
+            self.gate_grad_scan(pass, grads, dg);
+            if let Some(dht) = dht {
+                self.final_state_gate_grad(pass, v, dv, dht, dg);
+            }
         }
     }
 
@@ -892,7 +940,24 @@ impl<'a> Run<'a> {
         (self.p.dims.k.div_ceil(t), dv.div_ceil(t))
     }
 
-    fn chunk_states(&self, pass: Pass, v: &Handle, dv: usize, factors: &Handle, ht: Option<&Handle>) -> Handle {
+    /// The longest sequence, in rows.
+    fn max_len(&self) -> usize {
+        self.p.seqs.seqs.iter().map(|s| s.1).max().unwrap_or(0)
+    }
+
+    /// Steps per launch for a scan that spends `per_step` loop iterations on each step.
+    fn steps_per_launch(&self, per_step: usize) -> usize {
+        (self.ctx.loop_budget() / (per_step + 2)).max(1)
+    }
+
+    fn chunk_states(
+        &self,
+        pass: Pass,
+        v: &Handle,
+        dv: usize,
+        factors: &Handle,
+        ht: Option<&Handle>,
+    ) -> Handle {
         let d = self.p.dims;
         let ch = self.chunks();
         let n_seq = self.p.n_seq();
@@ -902,32 +967,40 @@ impl<'a> Run<'a> {
         let ht_dummy = self.dummy();
         let h0 = if pass.reverse { None } else { self.p.h0.as_ref() };
         let state_len = n_seq * d.h * d.k * dv;
-        // SAFETY: buffer lengths as passed; the kernel reads `h0`/writes `ht` only when flagged.
-        unsafe {
-            chunk_forward::chunk_states::launch_unchecked(
-                self.client(),
-                grid(n_seq * d.h * k_tiles * v_tiles),
-                CubeDim::new_2d(chunk_forward::TILE as u32, chunk_forward::TILE as u32),
-                arg(&self.p.k, self.p.rows() * d.h * d.k),
-                arg(v, self.p.rows() * d.h * dv),
-                arg(factors, PLANES * self.plane_len()),
-                arg(&ch.table, ch.count * layout::CHUNK_FIELDS),
-                arg(&ch.first, n_seq + 1),
-                arg(h0.unwrap_or(&h0_dummy), state_len),
-                arg(&states, ch.count * d.h * d.k * dv),
-                arg(ht.unwrap_or(&ht_dummy), state_len),
-                n_seq,
-                d.h,
-                d.k,
-                dv,
-                k_tiles,
-                v_tiles,
-                self.plane_len(),
-                pass.reverse as u32,
-                h0.is_some() as u32,
-                ht.is_some() as u32,
-            )
-        };
+        let carry = alloc_f32(self.ctx, state_len);
+        let per_launch = self.steps_per_launch(chunk_forward::state_pass_cost(ch.chunk));
+        for (from, count) in segments(self.max_len().div_ceil(ch.chunk), per_launch) {
+            // SAFETY: buffer lengths as passed; the kernel reads `h0`/writes `ht` only when
+            // flagged.
+            unsafe {
+                chunk_forward::chunk_states::launch_unchecked(
+                    self.client(),
+                    grid(n_seq * d.h * k_tiles * v_tiles),
+                    CubeDim::new_2d(chunk_forward::TILE as u32, chunk_forward::TILE as u32),
+                    arg(&self.p.k, self.p.rows() * d.h * d.k),
+                    arg(v, self.p.rows() * d.h * dv),
+                    arg(factors, PLANES * self.plane_len()),
+                    arg(&ch.table, ch.count * layout::CHUNK_FIELDS),
+                    arg(&ch.first, n_seq + 1),
+                    arg(h0.unwrap_or(&h0_dummy), state_len),
+                    arg(&states, ch.count * d.h * d.k * dv),
+                    arg(&carry, state_len),
+                    arg(ht.unwrap_or(&ht_dummy), state_len),
+                    n_seq,
+                    d.h,
+                    d.k,
+                    dv,
+                    k_tiles,
+                    v_tiles,
+                    self.plane_len(),
+                    pass.reverse as u32,
+                    h0.is_some() as u32,
+                    ht.is_some() as u32,
+                    from,
+                    count,
+                )
+            };
+        }
         states
     }
 
@@ -961,6 +1034,12 @@ impl<'a> Run<'a> {
         scores
     }
 
+    /// Grid of the per-(chunk, head, column block) kernels over `cols` columns.
+    fn chunk_block_grid(&self, cols: usize) -> CubeCount {
+        let blocks = cols.div_ceil(chunk_forward::COL_BLOCK);
+        grid(self.chunks().count * self.p.dims.h * blocks)
+    }
+
     fn chunk_forward(&self, pass: Pass, v: &Handle, dv: usize, o: &Handle, ht: Option<&Handle>) {
         let d = self.p.dims;
         let ch = self.chunks();
@@ -973,7 +1052,7 @@ impl<'a> Run<'a> {
         unsafe {
             chunk_forward::chunk_output::launch_unchecked(
                 self.client(),
-                grid(ch.count * d.h),
+                self.chunk_block_grid(dv),
                 CubeDim::new_1d(CHUNK_THREADS),
                 arg(&self.p.q, rows_heads * d.k),
                 arg(v, rows_heads * dv),
@@ -995,7 +1074,6 @@ impl<'a> Run<'a> {
         };
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn chunk_backward(
         &self,
         pass: Pass,
@@ -1003,7 +1081,6 @@ impl<'a> Run<'a> {
         dv: usize,
         d_o: &Handle,
         dht: Option<&Handle>,
-        ht: Option<&Handle>,
         grads: &PassGrads,
     ) {
         let d = self.p.dims;
@@ -1015,7 +1092,7 @@ impl<'a> Run<'a> {
         let v_len = rows_heads * dv;
         let plane_len = self.plane_len();
         let factors = self.chunk_factors(pass);
-        let states = self.chunk_states(pass, v, dv, &factors, ht);
+        let states = self.chunk_states(pass, v, dv, &factors, None);
         let scores = self.chunk_scores(pass, &factors);
         let state_len = n_seq * d.h * d.k * dv;
         let states_len = ch.count * d.h * d.k * dv;
@@ -1023,36 +1100,48 @@ impl<'a> Run<'a> {
         let table_len = ch.count * layout::CHUNK_FIELDS;
 
         let dstates = output(self.ctx, states_len);
+        let suffix_len = ch.count * d.h * d.k;
+        let suffix = output(self.ctx, suffix_len);
+        let carry = alloc_f32(self.ctx, state_len);
+        let carry_suffix = alloc_f32(self.ctx, state_len);
         let (k_tiles, v_tiles) = self.tiles(dv);
         let dht_dummy = self.dummy();
         let dh0_dummy = self.dummy();
-        // SAFETY: lengths as passed; `dht`/`dh0` touched only when flagged.
-        unsafe {
-            chunk_backward::chunk_dstates::launch_unchecked(
-                self.client(),
-                grid(n_seq * d.h * k_tiles * v_tiles),
-                CubeDim::new_2d(chunk_forward::TILE as u32, chunk_forward::TILE as u32),
-                arg(&self.p.q, qk_len),
-                arg(d_o, v_len),
-                arg(&factors, PLANES * plane_len),
-                arg(&ch.table, table_len),
-                arg(&ch.first, n_seq + 1),
-                arg(dht.unwrap_or(&dht_dummy), state_len),
-                arg(&dstates, states_len),
-                arg(grads.dh0.unwrap_or(&dh0_dummy), state_len),
-                n_seq,
-                d.h,
-                d.k,
-                dv,
-                k_tiles,
-                v_tiles,
-                plane_len,
-                self.p.scale,
-                pass.reverse as u32,
-                dht.is_some() as u32,
-                grads.dh0.is_some() as u32,
-            )
-        };
+        let per_launch = self.steps_per_launch(chunk_forward::state_pass_cost(c));
+        for (from, count) in segments(self.max_len().div_ceil(c), per_launch) {
+            // SAFETY: lengths as passed; `dht`/`dh0` touched only when flagged.
+            unsafe {
+                chunk_backward::chunk_dstates::launch_unchecked(
+                    self.client(),
+                    grid(n_seq * d.h * k_tiles * v_tiles),
+                    CubeDim::new_2d(chunk_forward::TILE as u32, chunk_forward::TILE as u32),
+                    arg(&self.p.q, qk_len),
+                    arg(d_o, v_len),
+                    arg(&factors, PLANES * plane_len),
+                    arg(&ch.table, table_len),
+                    arg(&ch.first, n_seq + 1),
+                    arg(dht.unwrap_or(&dht_dummy), state_len),
+                    arg(&dstates, states_len),
+                    arg(&suffix, suffix_len),
+                    arg(&carry, state_len),
+                    arg(&carry_suffix, state_len),
+                    arg(grads.dh0.unwrap_or(&dh0_dummy), state_len),
+                    n_seq,
+                    d.h,
+                    d.k,
+                    dv,
+                    k_tiles,
+                    v_tiles,
+                    plane_len,
+                    self.p.scale,
+                    pass.reverse as u32,
+                    dht.is_some() as u32,
+                    grads.dh0.is_some() as u32,
+                    from,
+                    count,
+                )
+            };
+        }
 
         let dscores = output(self.ctx, scores_len);
         // SAFETY: as for `intra_scores`.
@@ -1077,7 +1166,7 @@ impl<'a> Run<'a> {
         unsafe {
             chunk_backward::chunk_dq::launch_unchecked(
                 self.client(),
-                grid(ch.count * d.h),
+                self.chunk_block_grid(d.k),
                 CubeDim::new_1d(CHUNK_THREADS),
                 arg(&self.p.q, qk_len),
                 arg(&self.p.k, qk_len),
@@ -1104,13 +1193,15 @@ impl<'a> Run<'a> {
         unsafe {
             chunk_backward::chunk_dk::launch_unchecked(
                 self.client(),
-                grid(ch.count * d.h),
+                self.chunk_block_grid(d.k),
                 CubeDim::new_1d(CHUNK_THREADS),
                 arg(&self.p.q, qk_len),
                 arg(&self.p.k, qk_len),
                 arg(v, v_len),
                 arg(&factors, PLANES * plane_len),
                 arg(&dstates, states_len),
+                arg(&suffix, suffix_len),
+                arg(dht.unwrap_or(&dht_dummy), state_len),
                 arg(&dscores, scores_len),
                 arg(&ch.table, table_len),
                 arg(grads.dk, qk_len),
@@ -1124,6 +1215,7 @@ impl<'a> Run<'a> {
                 self.p.scale,
                 pass.reverse as u32,
                 pass.strict(),
+                dht.is_some() as u32,
                 pass.accumulate as u32,
             )
         };
@@ -1131,12 +1223,14 @@ impl<'a> Run<'a> {
         unsafe {
             chunk_backward::chunk_dv::launch_unchecked(
                 self.client(),
-                grid(ch.count * d.h),
+                self.chunk_block_grid(dv),
                 CubeDim::new_1d(CHUNK_THREADS),
                 arg(&self.p.k, qk_len),
                 arg(d_o, v_len),
                 arg(&factors, PLANES * plane_len),
                 arg(&dstates, states_len),
+                arg(&suffix, suffix_len),
+                arg(dht.unwrap_or(&dht_dummy), state_len),
                 arg(&scores, scores_len),
                 arg(&ch.table, table_len),
                 arg(grads.dv, v_len),
@@ -1147,6 +1241,7 @@ impl<'a> Run<'a> {
                 c,
                 plane_len,
                 pass.reverse as u32,
+                dht.is_some() as u32,
                 pass.accumulate as u32,
             )
         };
@@ -1171,35 +1266,38 @@ impl<'a> Run<'a> {
         let h0_dummy = self.dummy();
         let h0 = if pass.reverse { None } else { self.p.h0.as_ref() };
         let (count, dim) = per_item(n_seq * d.h * dv);
-        // SAFETY: lengths as passed; the state scratch is `[N, H, K, dv]`.
-        unsafe {
-            recurrent::recurrent_forward::launch_unchecked(
-                self.client(),
-                count,
-                dim,
-                arg(&self.p.q, rows_heads * d.k),
-                arg(&self.p.k, rows_heads * d.k),
-                arg(v, rows_heads * dv),
-                arg(pass.gate.unwrap_or(&g_dummy), self.gate_len()),
-                arg(&self.p.seqs.table, 2 * n_seq),
-                arg(h0.unwrap_or(&h0_dummy), state_len),
-                arg(o, rows_heads * dv),
-                arg(state, state_len),
-                n_seq,
-                d.h,
-                d.k,
-                dv,
-                self.p.scale,
-                self.gate_code(pass),
-                pass.reverse as u32,
-                pass.strict(),
-                h0.is_some() as u32,
-                pass.accumulate as u32,
-            )
-        };
+        for (from, steps) in segments(self.max_len(), self.steps_per_launch(d.k)) {
+            // SAFETY: lengths as passed; the state scratch is `[N, H, K, dv]`.
+            unsafe {
+                recurrent::recurrent_forward::launch_unchecked(
+                    self.client(),
+                    count.clone(),
+                    dim,
+                    arg(&self.p.q, rows_heads * d.k),
+                    arg(&self.p.k, rows_heads * d.k),
+                    arg(v, rows_heads * dv),
+                    arg(pass.gate.unwrap_or(&g_dummy), self.gate_len()),
+                    arg(&self.p.seqs.table, 2 * n_seq),
+                    arg(h0.unwrap_or(&h0_dummy), state_len),
+                    arg(o, rows_heads * dv),
+                    arg(state, state_len),
+                    n_seq,
+                    d.h,
+                    d.k,
+                    dv,
+                    self.p.scale,
+                    self.gate_code(pass),
+                    pass.reverse as u32,
+                    pass.strict(),
+                    h0.is_some() as u32,
+                    pass.accumulate as u32,
+                    from,
+                    steps,
+                )
+            };
+        }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn recurrent_backward(
         &self,
         pass: Pass,
@@ -1207,7 +1305,6 @@ impl<'a> Run<'a> {
         dv: usize,
         d_o: &Handle,
         dht: Option<&Handle>,
-        ht: Option<&Handle>,
         grads: &PassGrads,
     ) {
         let d = self.p.dims;
@@ -1223,44 +1320,42 @@ impl<'a> Run<'a> {
         let h0_dummy = self.dummy();
         let dht_dummy = self.dummy();
         let h0 = if pass.reverse { None } else { self.p.h0.as_ref() };
+        let max_len = self.max_len();
 
-        let state_scratch;
-        let state = match ht {
-            Some(ht) => ht,
-            None => {
-                state_scratch = alloc_f32(self.ctx, state_len);
-                &state_scratch
-            }
-        };
+        let state = alloc_f32(self.ctx, state_len);
         let (count, dim) = per_item(n_seq * d.h * d.k);
-        // SAFETY: lengths as passed; scratch rows `[N, H, K, dv]`.
-        unsafe {
-            recurrent::recurrent_dq::launch_unchecked(
-                self.client(),
-                count.clone(),
-                dim,
-                arg(&self.p.q, qk_len),
-                arg(&self.p.k, qk_len),
-                arg(v, v_len),
-                arg(g, gate_len),
-                arg(d_o, v_len),
-                arg(&self.p.seqs.table, 2 * n_seq),
-                arg(h0.unwrap_or(&h0_dummy), state_len),
-                arg(grads.dq, qk_len),
-                arg(grads.gq, qk_len),
-                arg(state, state_len),
-                n_seq,
-                d.h,
-                d.k,
-                dv,
-                self.p.scale,
-                kind,
-                pass.reverse as u32,
-                pass.strict(),
-                h0.is_some() as u32,
-                pass.accumulate as u32,
-            )
-        };
+        for (from, steps) in segments(max_len, self.steps_per_launch(dv)) {
+            // SAFETY: lengths as passed; scratch rows `[N, H, K, dv]`.
+            unsafe {
+                recurrent::recurrent_dq::launch_unchecked(
+                    self.client(),
+                    count.clone(),
+                    dim,
+                    arg(&self.p.q, qk_len),
+                    arg(&self.p.k, qk_len),
+                    arg(v, v_len),
+                    arg(g, gate_len),
+                    arg(d_o, v_len),
+                    arg(&self.p.seqs.table, 2 * n_seq),
+                    arg(h0.unwrap_or(&h0_dummy), state_len),
+                    arg(grads.dq, qk_len),
+                    arg(grads.gq, qk_len),
+                    arg(&state, state_len),
+                    n_seq,
+                    d.h,
+                    d.k,
+                    dv,
+                    self.p.scale,
+                    kind,
+                    pass.reverse as u32,
+                    pass.strict(),
+                    h0.is_some() as u32,
+                    pass.accumulate as u32,
+                    from,
+                    steps,
+                )
+            };
+        }
         let carry_scratch;
         let carry = match grads.dh0 {
             Some(dh0) => dh0,
@@ -1269,63 +1364,73 @@ impl<'a> Run<'a> {
                 &carry_scratch
             }
         };
-        // SAFETY: as above.
-        unsafe {
-            recurrent::recurrent_dk::launch_unchecked(
-                self.client(),
-                count,
-                dim,
-                arg(&self.p.q, qk_len),
-                arg(&self.p.k, qk_len),
-                arg(v, v_len),
-                arg(g, gate_len),
-                arg(d_o, v_len),
-                arg(&self.p.seqs.table, 2 * n_seq),
-                arg(dht.unwrap_or(&dht_dummy), state_len),
-                arg(grads.dk, qk_len),
-                arg(grads.gk, qk_len),
-                arg(carry, state_len),
-                n_seq,
-                d.h,
-                d.k,
-                dv,
-                self.p.scale,
-                kind,
-                pass.reverse as u32,
-                pass.strict(),
-                dht.is_some() as u32,
-                pass.accumulate as u32,
-            )
-        };
+        let suffix = alloc_f32(self.ctx, n_seq * d.h * d.k);
+        for (from, steps) in segments(max_len, self.steps_per_launch(2 * dv)) {
+            // SAFETY: as above.
+            unsafe {
+                recurrent::recurrent_dk::launch_unchecked(
+                    self.client(),
+                    count.clone(),
+                    dim,
+                    arg(&self.p.q, qk_len),
+                    arg(&self.p.k, qk_len),
+                    arg(v, v_len),
+                    arg(g, gate_len),
+                    arg(d_o, v_len),
+                    arg(&self.p.seqs.table, 2 * n_seq),
+                    arg(dht.unwrap_or(&dht_dummy), state_len),
+                    arg(grads.dk, qk_len),
+                    arg(grads.gk, qk_len),
+                    arg(carry, state_len),
+                    arg(&suffix, n_seq * d.h * d.k),
+                    n_seq,
+                    d.h,
+                    d.k,
+                    dv,
+                    self.p.scale,
+                    kind,
+                    pass.reverse as u32,
+                    pass.strict(),
+                    dht.is_some() as u32,
+                    pass.accumulate as u32,
+                    from,
+                    steps,
+                )
+            };
+        }
         let column_carry = alloc_f32(self.ctx, state_len);
         let dht_dummy2 = self.dummy();
         let (count, dim) = per_item(n_seq * d.h * dv);
-        // SAFETY: as above.
-        unsafe {
-            recurrent::recurrent_dv::launch_unchecked(
-                self.client(),
-                count,
-                dim,
-                arg(&self.p.q, qk_len),
-                arg(&self.p.k, qk_len),
-                arg(g, gate_len),
-                arg(d_o, v_len),
-                arg(&self.p.seqs.table, 2 * n_seq),
-                arg(dht.unwrap_or(&dht_dummy2), state_len),
-                arg(grads.dv, v_len),
-                arg(&column_carry, state_len),
-                n_seq,
-                d.h,
-                d.k,
-                dv,
-                self.p.scale,
-                kind,
-                pass.reverse as u32,
-                pass.strict(),
-                dht.is_some() as u32,
-                pass.accumulate as u32,
-            )
-        };
+        for (from, steps) in segments(max_len, self.steps_per_launch(d.k)) {
+            // SAFETY: as above.
+            unsafe {
+                recurrent::recurrent_dv::launch_unchecked(
+                    self.client(),
+                    count.clone(),
+                    dim,
+                    arg(&self.p.q, qk_len),
+                    arg(&self.p.k, qk_len),
+                    arg(g, gate_len),
+                    arg(d_o, v_len),
+                    arg(&self.p.seqs.table, 2 * n_seq),
+                    arg(dht.unwrap_or(&dht_dummy2), state_len),
+                    arg(grads.dv, v_len),
+                    arg(&column_carry, state_len),
+                    n_seq,
+                    d.h,
+                    d.k,
+                    dv,
+                    self.p.scale,
+                    kind,
+                    pass.reverse as u32,
+                    pass.strict(),
+                    dht.is_some() as u32,
+                    pass.accumulate as u32,
+                    from,
+                    steps,
+                )
+            };
+        }
     }
 
     // ----- parallel -----
@@ -1338,37 +1443,58 @@ impl<'a> Run<'a> {
         let state_len = n_seq * d.h * d.k * dv;
         let exponent = alloc_f32(self.ctx, rows_heads * d.k);
         let g_dummy = self.dummy();
-        let h0_dummy = self.dummy();
         let g = pass.gate.unwrap_or(&g_dummy);
         let h0 = if pass.reverse { None } else { self.p.h0.as_ref() };
         let (count, dim) = per_item(rows_heads);
-        // SAFETY: lengths as passed; the exponent scratch is `[rows, H, K]`.
-        unsafe {
-            parallel::parallel_forward::launch_unchecked(
-                self.client(),
-                count,
-                dim,
-                arg(&self.p.q, rows_heads * d.k),
-                arg(&self.p.k, rows_heads * d.k),
-                arg(v, rows_heads * dv),
-                arg(g, self.gate_len()),
-                arg(&self.p.seqs.table, 2 * n_seq),
-                arg(&self.p.seqs.row_seq, rows),
-                arg(h0.unwrap_or(&h0_dummy), state_len),
-                arg(o, rows_heads * dv),
-                arg(&exponent, rows_heads * d.k),
-                rows,
-                d.h,
-                d.k,
-                dv,
-                self.p.scale,
-                self.gate_code(pass),
-                pass.reverse as u32,
-                pass.strict(),
-                h0.is_some() as u32,
-                pass.accumulate as u32,
-            )
-        };
+        for (from, steps) in segments(self.max_len(), self.steps_per_launch(2 * d.k + dv)) {
+            // SAFETY: lengths as passed; the exponent scratch is `[rows, H, K]`.
+            unsafe {
+                parallel::parallel_forward::launch_unchecked(
+                    self.client(),
+                    count.clone(),
+                    dim,
+                    arg(&self.p.q, rows_heads * d.k),
+                    arg(&self.p.k, rows_heads * d.k),
+                    arg(v, rows_heads * dv),
+                    arg(g, self.gate_len()),
+                    arg(&self.p.seqs.table, 2 * n_seq),
+                    arg(&self.p.seqs.row_seq, rows),
+                    arg(o, rows_heads * dv),
+                    arg(&exponent, rows_heads * d.k),
+                    rows,
+                    d.h,
+                    d.k,
+                    dv,
+                    self.p.scale,
+                    self.gate_code(pass),
+                    pass.reverse as u32,
+                    pass.strict(),
+                    h0.is_some() as u32,
+                    pass.accumulate as u32,
+                    from,
+                    steps,
+                )
+            };
+        }
+        if let Some(h0) = h0 {
+            let (count, dim) = per_item(rows_heads * dv);
+            // SAFETY: the weights are `[rows, H, K]`, `h0` `[N, H, K, dv]`.
+            unsafe {
+                parallel::parallel_initial_state::launch_unchecked(
+                    self.client(),
+                    count,
+                    dim,
+                    arg(&exponent, rows_heads * d.k),
+                    arg(&self.p.seqs.row_seq, rows),
+                    arg(h0, state_len),
+                    arg(o, rows_heads * dv),
+                    rows,
+                    d.h,
+                    d.k,
+                    dv,
+                )
+            };
+        }
         if let Some(ht) = ht {
             self.parallel_final_state(pass, v, dv, ht);
         }
@@ -1381,30 +1507,35 @@ impl<'a> Run<'a> {
         let state_len = n_seq * d.h * d.k * dv;
         let g_dummy = self.dummy();
         let h0_dummy = self.dummy();
+        let exponent = alloc_f32(self.ctx, n_seq * d.h * d.k);
         let (count, dim) = per_item(n_seq * d.h * d.k);
-        // SAFETY: lengths as passed (forward direction only: physical rows).
-        unsafe {
-            parallel::parallel_final_state::launch_unchecked(
-                self.client(),
-                count,
-                dim,
-                arg(&self.p.k, rows_heads * d.k),
-                arg(v, rows_heads * dv),
-                arg(pass.gate.unwrap_or(&g_dummy), self.gate_len()),
-                arg(&self.p.seqs.table, 2 * n_seq),
-                arg(self.p.h0.as_ref().unwrap_or(&h0_dummy), state_len),
-                arg(ht, state_len),
-                n_seq,
-                d.h,
-                d.k,
-                dv,
-                self.gate_code(pass),
-                self.p.h0.is_some() as u32,
-            )
-        };
+        for (from, steps) in segments(self.max_len(), self.steps_per_launch(dv)) {
+            // SAFETY: lengths as passed (forward direction only: physical rows).
+            unsafe {
+                parallel::parallel_final_state::launch_unchecked(
+                    self.client(),
+                    count.clone(),
+                    dim,
+                    arg(&self.p.k, rows_heads * d.k),
+                    arg(v, rows_heads * dv),
+                    arg(pass.gate.unwrap_or(&g_dummy), self.gate_len()),
+                    arg(&self.p.seqs.table, 2 * n_seq),
+                    arg(self.p.h0.as_ref().unwrap_or(&h0_dummy), state_len),
+                    arg(ht, state_len),
+                    arg(&exponent, n_seq * d.h * d.k),
+                    n_seq,
+                    d.h,
+                    d.k,
+                    dv,
+                    self.gate_code(pass),
+                    self.p.h0.is_some() as u32,
+                    from,
+                    steps,
+                )
+            };
+        }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn parallel_backward(
         &self,
         pass: Pass,
@@ -1412,7 +1543,6 @@ impl<'a> Run<'a> {
         dv: usize,
         d_o: &Handle,
         dht: Option<&Handle>,
-        ht: Option<&Handle>,
         grads: &PassGrads,
     ) {
         let d = self.p.dims;
@@ -1427,116 +1557,181 @@ impl<'a> Run<'a> {
         let gate_len = self.gate_len();
         let kind = self.gate_code(pass);
         let h0 = if pass.reverse { None } else { self.p.h0.as_ref() };
-        if let Some(ht) = ht {
-            self.parallel_final_state(pass, v, dv, ht);
-        }
+        let max_len = self.max_len();
+        let per_launch = self.steps_per_launch(3 * d.k + dv);
+
         let exponent = alloc_f32(self.ctx, qk_len);
-        let h0_dummy = self.dummy();
         let (count, dim) = per_item(rows_heads);
-        // SAFETY: lengths as passed.
-        unsafe {
-            parallel::parallel_dq::launch_unchecked(
-                self.client(),
-                count.clone(),
-                dim,
-                arg(&self.p.q, qk_len),
-                arg(&self.p.k, qk_len),
-                arg(v, v_len),
-                arg(g, gate_len),
-                arg(d_o, v_len),
-                arg(&self.p.seqs.table, 2 * n_seq),
-                arg(&self.p.seqs.row_seq, rows),
-                arg(h0.unwrap_or(&h0_dummy), state_len),
-                arg(grads.dq, qk_len),
-                arg(grads.gq, qk_len),
-                arg(&exponent, qk_len),
-                rows,
-                d.h,
-                d.k,
-                dv,
-                self.p.scale,
-                kind,
-                pass.reverse as u32,
-                pass.strict(),
-                h0.is_some() as u32,
-                pass.accumulate as u32,
-            )
-        };
-        let dht_dummy = self.dummy();
-        // SAFETY: lengths as passed.
-        unsafe {
-            parallel::parallel_dkdv::launch_unchecked(
-                self.client(),
-                count,
-                dim,
-                arg(&self.p.q, qk_len),
-                arg(&self.p.k, qk_len),
-                arg(v, v_len),
-                arg(g, gate_len),
-                arg(d_o, v_len),
-                arg(&self.p.seqs.table, 2 * n_seq),
-                arg(&self.p.seqs.row_seq, rows),
-                arg(dht.unwrap_or(&dht_dummy), state_len),
-                arg(grads.dk, qk_len),
-                arg(grads.dv, v_len),
-                arg(grads.gk, qk_len),
-                arg(&exponent, qk_len),
-                rows,
-                d.h,
-                d.k,
-                dv,
-                self.p.scale,
-                kind,
-                pass.reverse as u32,
-                pass.strict(),
-                dht.is_some() as u32,
-                pass.accumulate as u32,
-            )
-        };
-        if let Some(dh0) = grads.dh0 {
-            let dht_dummy = self.dummy();
-            let (count, dim) = per_item(n_seq * d.h * d.k);
-            // SAFETY: lengths as passed (forward direction only).
+        for (from, steps) in segments(max_len, per_launch) {
+            // SAFETY: lengths as passed.
             unsafe {
-                parallel::parallel_dh0::launch_unchecked(
+                parallel::parallel_dq::launch_unchecked(
                     self.client(),
-                    count,
+                    count.clone(),
                     dim,
-                    arg(&self.p.q, qk_len),
+                    arg(&self.p.k, qk_len),
+                    arg(v, v_len),
                     arg(g, gate_len),
                     arg(d_o, v_len),
                     arg(&self.p.seqs.table, 2 * n_seq),
-                    arg(dht.unwrap_or(&dht_dummy), state_len),
-                    arg(dh0, state_len),
-                    n_seq,
+                    arg(&self.p.seqs.row_seq, rows),
+                    arg(grads.dq, qk_len),
+                    arg(grads.gq, qk_len),
+                    arg(&exponent, qk_len),
+                    rows,
                     d.h,
                     d.k,
                     dv,
                     self.p.scale,
                     kind,
-                    dht.is_some() as u32,
+                    pass.reverse as u32,
+                    pass.strict(),
+                    h0.is_some() as u32,
+                    pass.accumulate as u32,
+                    from,
+                    steps,
                 )
             };
+        }
+        let h0_dummy = self.dummy();
+        let (count_k, dim_k) = per_item(qk_len);
+        // SAFETY: lengths as passed; `exponent` holds the `h0` weights when flagged.
+        unsafe {
+            parallel::parallel_dq_finish::launch_unchecked(
+                self.client(),
+                count_k.clone(),
+                dim_k,
+                arg(&self.p.q, qk_len),
+                arg(d_o, v_len),
+                arg(&self.p.seqs.table, 2 * n_seq),
+                arg(&self.p.seqs.row_seq, rows),
+                arg(h0.unwrap_or(&h0_dummy), state_len),
+                arg(&exponent, qk_len),
+                arg(grads.dq, qk_len),
+                arg(grads.gq, qk_len),
+                rows,
+                d.h,
+                d.k,
+                dv,
+                pass.reverse as u32,
+                h0.is_some() as u32,
+            )
+        };
+
+        for (from, steps) in segments(max_len, per_launch) {
+            // SAFETY: lengths as passed.
+            unsafe {
+                parallel::parallel_dkdv::launch_unchecked(
+                    self.client(),
+                    count.clone(),
+                    dim,
+                    arg(&self.p.q, qk_len),
+                    arg(&self.p.k, qk_len),
+                    arg(v, v_len),
+                    arg(g, gate_len),
+                    arg(d_o, v_len),
+                    arg(&self.p.seqs.table, 2 * n_seq),
+                    arg(&self.p.seqs.row_seq, rows),
+                    arg(grads.dk, qk_len),
+                    arg(grads.dv, v_len),
+                    arg(grads.gk, qk_len),
+                    arg(&exponent, qk_len),
+                    rows,
+                    d.h,
+                    d.k,
+                    dv,
+                    self.p.scale,
+                    kind,
+                    pass.reverse as u32,
+                    pass.strict(),
+                    pass.accumulate as u32,
+                    from,
+                    steps,
+                )
+            };
+        }
+        let dht_dummy = self.dummy();
+        // SAFETY: lengths as passed; `exponent` now holds the `ht` weights of each key row.
+        unsafe {
+            parallel::parallel_dk_finish::launch_unchecked(
+                self.client(),
+                count_k,
+                dim_k,
+                arg(&self.p.k, qk_len),
+                arg(v, v_len),
+                arg(&self.p.seqs.table, 2 * n_seq),
+                arg(&self.p.seqs.row_seq, rows),
+                arg(dht.unwrap_or(&dht_dummy), state_len),
+                arg(&exponent, qk_len),
+                arg(grads.dk, qk_len),
+                arg(grads.gk, qk_len),
+                rows,
+                d.h,
+                d.k,
+                dv,
+                pass.reverse as u32,
+                dht.is_some() as u32,
+            )
+        };
+        if let Some(dht) = dht {
+            let (count, dim) = per_item(v_len);
+            // SAFETY: lengths as passed (forward direction only).
+            unsafe {
+                parallel::parallel_dv_final_state::launch_unchecked(
+                    self.client(),
+                    count,
+                    dim,
+                    arg(&self.p.k, qk_len),
+                    arg(&self.p.seqs.row_seq, rows),
+                    arg(dht, state_len),
+                    arg(&exponent, qk_len),
+                    arg(grads.dv, v_len),
+                    rows,
+                    d.h,
+                    d.k,
+                    dv,
+                )
+            };
+        }
+        if let Some(dh0) = grads.dh0 {
+            let dht_dummy = self.dummy();
+            let running = alloc_f32(self.ctx, n_seq * d.h * d.k);
+            let (count, dim) = per_item(n_seq * d.h * d.k);
+            for (from, steps) in segments(max_len, self.steps_per_launch(dv)) {
+                // SAFETY: lengths as passed (forward direction only).
+                unsafe {
+                    parallel::parallel_dh0::launch_unchecked(
+                        self.client(),
+                        count.clone(),
+                        dim,
+                        arg(&self.p.q, qk_len),
+                        arg(g, gate_len),
+                        arg(d_o, v_len),
+                        arg(&self.p.seqs.table, 2 * n_seq),
+                        arg(dht.unwrap_or(&dht_dummy), state_len),
+                        arg(dh0, state_len),
+                        arg(&running, n_seq * d.h * d.k),
+                        n_seq,
+                        d.h,
+                        d.k,
+                        dv,
+                        self.p.scale,
+                        kind,
+                        dht.is_some() as u32,
+                        from,
+                        steps,
+                    )
+                };
+            }
         }
     }
 
     // ----- gate gradient -----
 
-    fn gate_grad_scan(
-        &self,
-        pass: Pass,
-        dv: usize,
-        grads: &PassGrads,
-        ht_dht: Option<(&Handle, &Handle)>,
-        dg: &Handle,
-    ) {
+    fn gate_grad_scan(&self, pass: Pass, grads: &PassGrads, dg: &Handle) {
         let d = self.p.dims;
         let n_seq = self.p.n_seq();
         let qk_len = self.p.rows() * d.h * d.k;
-        let state_len = n_seq * d.h * d.k * dv;
-        let ht_dummy = self.dummy();
-        let dht_dummy = self.dummy();
-        let (ht, dht) = ht_dht.unwrap_or((&ht_dummy, &dht_dummy));
         let (count, dim) = per_item(n_seq * d.h * d.k);
         // SAFETY: lengths as passed; `dg` is the expanded `[rows, H, K]` gradient.
         unsafe {
@@ -1546,16 +1741,65 @@ impl<'a> Run<'a> {
                 dim,
                 arg(grads.gq, qk_len),
                 arg(grads.gk, qk_len),
-                arg(ht, state_len),
-                arg(dht, state_len),
                 arg(&self.p.seqs.table, 2 * n_seq),
                 arg(dg, qk_len),
                 n_seq,
                 d.h,
                 d.k,
-                dv,
                 pass.reverse as u32,
-                ht_dht.is_some() as u32,
+            )
+        };
+    }
+
+    /// The `dht` path's share of the gate gradient (forward pass only: `dht` is causal).
+    fn final_state_gate_grad(&self, pass: Pass, v: &Handle, dv: usize, dht: &Handle, dg: &Handle) {
+        let d = self.p.dims;
+        let n_seq = self.p.n_seq();
+        let rows = self.p.rows();
+        let qk_len = rows * d.h * d.k;
+        let state_len = n_seq * d.h * d.k * dv;
+        let projected = output(self.ctx, qk_len);
+        let (count, dim) = per_item(qk_len);
+        // SAFETY: `v` is `[rows, H, dv]`, `dht` `[N, H, K, dv]`, `projected` `[rows, H, K]`.
+        unsafe {
+            gates::dht_projection::launch_unchecked(
+                self.client(),
+                count,
+                dim,
+                arg(v, rows * d.h * dv),
+                arg(dht, state_len),
+                arg(&self.p.seqs.row_seq, rows),
+                arg(&projected, qk_len),
+                rows,
+                d.h,
+                d.k,
+                dv,
+            )
+        };
+        let scratch = output(self.ctx, qk_len);
+        let g_dummy = self.dummy();
+        let h0_dummy = self.dummy();
+        let (count, dim) = per_item(n_seq * d.h * d.k);
+        // SAFETY: lengths as passed; the scratch is `[rows, H, K]`.
+        unsafe {
+            gates::final_state_gate_grad::launch_unchecked(
+                self.client(),
+                count,
+                dim,
+                arg(&self.p.k, qk_len),
+                arg(&projected, qk_len),
+                arg(pass.gate.unwrap_or(&g_dummy), self.gate_len()),
+                arg(&self.p.seqs.table, 2 * n_seq),
+                arg(self.p.h0.as_ref().unwrap_or(&h0_dummy), state_len),
+                arg(dht, state_len),
+                arg(&scratch, qk_len),
+                arg(dg, qk_len),
+                n_seq,
+                d.h,
+                d.k,
+                dv,
+                self.gate_code(pass),
+                self.p.h0.is_some() as u32,
             )
         };
     }

@@ -6,14 +6,23 @@
 //! it steps over (in a scratch row `[rows, H, K]`), so every exponent is a sum of non-positive
 //! terms accumulated in order: `<= 0`, and never a difference of two large cumulative sums (whose
 //! cancellation would cost an ulp of `|G|`, which grows with `T`).
+//!
+//! **Segments.** A walk step costs `O(K + V)` loop iterations, so one launch covers the walk
+//! steps `step_from .. step_from + step_count` of every thread, and the host launches until the
+//! longest walk is done ([`crate::cube::CubeContext::loop_budget`]). Everything a walk carries
+//! lives in device memory (the exponent row and the accumulated gradient rows). The `h0` and
+//! `dht` terms, `O(K V)` per row, are applied afterwards by their own kernels, one thread per
+//! output element, from the exponent row the walk leaves behind.
 
 use cubecl::prelude::*;
 
 use super::layout::{gate_value, physical_row};
 use crate::cube::launch::thread_index;
 
-/// `o_i = sum_{j <= i} scale (q_i . k_j exp(gates j+1..=i)) v_j` (+ the `h0` term), one thread per
-/// (logical row, head); `o` is written (or added to when `accumulate`).
+/// Forward walk, one thread per (logical row, head): `o_i = sum_{j <= i} A_ij v_j`,
+/// `A_ij = scale q_i . (k_j exp(gates j+1..=i))`, written at the first step (or added to when
+/// `accumulate`). When the walk ends and `has_h0`, the exponent row becomes the weights of the
+/// initial state, `scale q_i exp(gates s0..=i)`, for [`parallel_initial_state`].
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn parallel_forward(
@@ -23,7 +32,6 @@ pub fn parallel_forward(
     g: &[f32],
     seqs: &[u32],
     row_seq: &[u32],
-    h0: &[f32],
     o: &mut [f32],
     exponent: &mut [f32],
     rows: usize,
@@ -36,6 +44,8 @@ pub fn parallel_forward(
     strict: u32,
     has_h0: u32,
     accumulate: u32,
+    step_from: usize,
+    step_count: usize,
 ) {
     let id = thread_index();
     if id < rows * heads {
@@ -48,15 +58,22 @@ pub fn parallel_forward(
         let eo = (i * heads + h) * dk;
         let qo = (pi * heads + h) * dk;
         let oo = (pi * heads + h) * dv;
-        for kk in 0..dk {
-            exponent[eo + kk] = 0.0;
-        }
-        if accumulate == 0 {
-            for vv in 0..dv {
-                o[oo + vv] = 0.0;
+        if step_from == 0 {
+            for kk in 0..dk {
+                exponent[eo + kk] = 0.0;
+            }
+            if accumulate == 0 {
+                for vv in 0..dv {
+                    o[oo + vv] = 0.0;
+                }
             }
         }
-        for step in 0..i - s0 + 1 {
+        let walk = i - s0 + 1;
+        let mut end = step_from + step_count;
+        if end > walk {
+            end = walk;
+        }
+        for step in step_from..end {
             let j = i - step;
             if step > 0 {
                 for kk in 0..dk {
@@ -78,39 +95,59 @@ pub fn parallel_forward(
                 }
             }
         }
-        if has_h0 == 1 {
-            // exp(gates s0..=i) weighs the initial state.
+        if has_h0 == 1 && step_from < walk && end == walk {
             for kk in 0..dk {
                 let e = exponent[eo + kk]
                     + gate_value(g, kind, s0, s0, slen, reverse, h, kk, heads, dk);
                 exponent[eo + kk] = scale * q[qo + kk] * e.exp();
             }
-            let so = (n * heads + h) * dk * dv;
-            for vv in 0..dv {
-                let mut acc = 0.0f32;
-                for kk in 0..dk {
-                    acc += exponent[eo + kk] * h0[so + kk * dv + vv];
-                }
-                o[oo + vv] += acc;
-            }
         }
     }
 }
 
-/// `dq_i = scale sum_{j <= i} (do_i . v_j) k_j exp(gates j+1..=i)` (+ the `h0` term), one thread
-/// per (logical row, head). The off-diagonal part accumulates in `gq`, which ends as `q dq`
-/// without the diagonal.
+/// `o_i += sum_k w_i[k] h0[k, :]` with the weights [`parallel_forward`] left in `weights`; one
+/// thread per (row, head, value column), forward direction only.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn parallel_initial_state(
+    weights: &[f32],
+    row_seq: &[u32],
+    h0: &[f32],
+    o: &mut [f32],
+    rows: usize,
+    heads: usize,
+    dk: usize,
+    dv: usize,
+) {
+    let id = thread_index();
+    if id < rows * heads * dv {
+        let vv = id % dv;
+        let h = (id / dv) % heads;
+        let i = id / (dv * heads);
+        let n = row_seq[i] as usize;
+        let wo = (i * heads + h) * dk;
+        let so = (n * heads + h) * dk * dv + vv;
+        let mut acc = 0.0f32;
+        for kk in 0..dk {
+            acc += weights[wo + kk] * h0[so + kk * dv];
+        }
+        o[(i * heads + h) * dv + vv] += acc;
+    }
+}
+
+/// `dq` walk, one thread per (logical row, head): `gq` accumulates the off-diagonal
+/// `scale sum_{j < i} (do_i . v_j) k_j exp(gates j+1..=i)`; the diagonal term goes to `dq` at the
+/// first step. When the walk ends and `has_h0`, the exponent row becomes `scale exp(gates s0..=i)`
+/// for [`parallel_dq_finish`].
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn parallel_dq(
-    q: &[f32],
     k: &[f32],
     v: &[f32],
     g: &[f32],
     d_o: &[f32],
     seqs: &[u32],
     row_seq: &[u32],
-    h0: &[f32],
     dq: &mut [f32],
     gq: &mut [f32],
     exponent: &mut [f32],
@@ -124,6 +161,8 @@ pub fn parallel_dq(
     strict: u32,
     has_h0: u32,
     accumulate: u32,
+    step_from: usize,
+    step_count: usize,
 ) {
     let id = thread_index();
     if id < rows * heads {
@@ -136,11 +175,33 @@ pub fn parallel_dq(
         let eo = (i * heads + h) * dk;
         let qo = (pi * heads + h) * dk;
         let go = (pi * heads + h) * dv;
-        for kk in 0..dk {
-            exponent[eo + kk] = 0.0;
-            gq[eo + kk] = 0.0;
+        if step_from == 0 {
+            let mut diag_da = 0.0f32;
+            if strict == 0 {
+                for vv in 0..dv {
+                    diag_da += d_o[go + vv] * v[go + vv];
+                }
+            }
+            for kk in 0..dk {
+                exponent[eo + kk] = 0.0;
+                gq[eo + kk] = 0.0;
+                let mut total = scale * diag_da * k[qo + kk];
+                if accumulate == 1 {
+                    total += dq[qo + kk];
+                }
+                dq[qo + kk] = total;
+            }
         }
-        for step in 1..i - s0 + 1 {
+        let walk = i - s0 + 1;
+        let mut end = step_from + step_count;
+        if end > walk {
+            end = walk;
+        }
+        let mut first = step_from;
+        if first == 0 {
+            first = 1;
+        }
+        for step in first..end {
             let j = i - step;
             for kk in 0..dk {
                 exponent[eo + kk] += gate_value(g, kind, j + 1, s0, slen, reverse, h, kk, heads, dk);
@@ -156,41 +217,67 @@ pub fn parallel_dq(
                 gq[eo + kk] += scale * da * k[ko + kk] * exponent[eo + kk].exp();
             }
         }
-        if has_h0 == 1 {
-            let so = (n * heads + h) * dk * dv;
+        if has_h0 == 1 && step_from < walk && end == walk {
             for kk in 0..dk {
                 let e = exponent[eo + kk]
                     + gate_value(g, kind, s0, s0, slen, reverse, h, kk, heads, dk);
-                let mut acc = 0.0f32;
-                for vv in 0..dv {
-                    acc += h0[so + kk * dv + vv] * d_o[go + vv];
-                }
-                gq[eo + kk] += scale * e.exp() * acc;
+                exponent[eo + kk] = scale * e.exp();
             }
-        }
-        let mut diag_da = 0.0f32;
-        if strict == 0 {
-            let vo = (pi * heads + h) * dv;
-            for vv in 0..dv {
-                diag_da += d_o[go + vv] * v[vo + vv];
-            }
-        }
-        for kk in 0..dk {
-            let off = gq[eo + kk];
-            let mut total = off + scale * diag_da * k[qo + kk];
-            if accumulate == 1 {
-                total += dq[qo + kk];
-            }
-            dq[qo + kk] = total;
-            gq[eo + kk] = q[qo + kk] * off;
         }
     }
 }
 
-/// `dk_j`, `dv_j` over the rows `i >= j`, one thread per (logical column, head):
-/// `dv_j = sum_i A_ij do_i`, `dk_j = scale sum_i (do_i . v_j) q_i exp(gates j+1..=i)`, plus the
-/// `dht` terms (`ht` holds `k_j exp(gates j+1..=end) v_j`). The off-diagonal `dk` accumulates in
-/// `gk`, which ends as `k dk` without the diagonal.
+/// Finishes `dq`, one thread per (logical row, head, key channel): adds the `h0` term
+/// (`w[k] (h0 do_i^T)[k]`, when `has_h0`) to `gq`, adds `gq` to `dq`, and turns `gq` into
+/// `q dq` (off-diagonal) for the gate gradient.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn parallel_dq_finish(
+    q: &[f32],
+    d_o: &[f32],
+    seqs: &[u32],
+    row_seq: &[u32],
+    h0: &[f32],
+    weights: &[f32],
+    dq: &mut [f32],
+    gq: &mut [f32],
+    rows: usize,
+    heads: usize,
+    dk: usize,
+    dv: usize,
+    reverse: u32,
+    has_h0: u32,
+) {
+    let id = thread_index();
+    if id < rows * heads * dk {
+        let kk = id % dk;
+        let h = (id / dk) % heads;
+        let i = id / (dk * heads);
+        let n = row_seq[i] as usize;
+        let s0 = seqs[2 * n] as usize;
+        let slen = seqs[2 * n + 1] as usize;
+        let pi = physical_row(i, s0, slen, reverse);
+        let mut off = gq[id];
+        if has_h0 == 1 {
+            let so = ((n * heads + h) * dk + kk) * dv;
+            let go = (pi * heads + h) * dv;
+            let mut acc = 0.0f32;
+            for vv in 0..dv {
+                acc += h0[so + vv] * d_o[go + vv];
+            }
+            off += weights[id] * acc;
+        }
+        let qi = (pi * heads + h) * dk + kk;
+        dq[qi] += off;
+        gq[id] = q[qi] * off;
+    }
+}
+
+/// `dk`, `dv` walk over the rows `i >= j`, one thread per (logical column, head):
+/// `dv_j += A_ij do_i`, and `gk` accumulates the off-diagonal
+/// `scale sum_{i > j} (do_i . v_j) q_i exp(gates j+1..=i)`; the diagonal goes to `dk` and `dv` at
+/// the first step. When the walk ends the exponent row becomes `exp(gates j+1..=end)`, the weight
+/// of `k_j^T v_j` in `ht`, for the `dht` kernels.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn parallel_dkdv(
@@ -201,7 +288,6 @@ pub fn parallel_dkdv(
     d_o: &[f32],
     seqs: &[u32],
     row_seq: &[u32],
-    dht: &[f32],
     dkey: &mut [f32],
     dvalue: &mut [f32],
     gk: &mut [f32],
@@ -214,8 +300,9 @@ pub fn parallel_dkdv(
     kind: u32,
     reverse: u32,
     strict: u32,
-    has_dht: u32,
     accumulate: u32,
+    step_from: usize,
+    step_count: usize,
 ) {
     let id = thread_index();
     if id < rows * heads {
@@ -228,82 +315,154 @@ pub fn parallel_dkdv(
         let eo = (j * heads + h) * dk;
         let ko = (pj * heads + h) * dk;
         let vo = (pj * heads + h) * dv;
-        for kk in 0..dk {
-            exponent[eo + kk] = 0.0;
-            gk[eo + kk] = 0.0;
-        }
-        if accumulate == 0 {
-            for vv in 0..dv {
-                dvalue[vo + vv] = 0.0;
-            }
-        }
-        let mut diag_da = 0.0f32;
-        for step in 0..s0 + slen - j {
-            let i = j + step;
-            if step > 0 {
+        if step_from == 0 {
+            let mut a = 0.0f32;
+            let mut da = 0.0f32;
+            if strict == 0 {
                 for kk in 0..dk {
-                    exponent[eo + kk] += gate_value(g, kind, i, s0, slen, reverse, h, kk, heads, dk);
-                }
-            }
-            if step > 0 || strict == 0 {
-                let pi = physical_row(i, s0, slen, reverse);
-                let qo = (pi * heads + h) * dk;
-                let go = (pi * heads + h) * dv;
-                let mut a = 0.0f32;
-                for kk in 0..dk {
-                    a += q[qo + kk] * k[ko + kk] * exponent[eo + kk].exp();
+                    a += q[ko + kk] * k[ko + kk];
                 }
                 a *= scale;
-                let mut da = 0.0f32;
                 for vv in 0..dv {
-                    da += d_o[go + vv] * v[vo + vv];
-                    dvalue[vo + vv] += a * d_o[go + vv];
-                }
-                if step > 0 {
-                    for kk in 0..dk {
-                        gk[eo + kk] += scale * da * q[qo + kk] * exponent[eo + kk].exp();
-                    }
-                } else {
-                    diag_da = da;
+                    da += d_o[vo + vv] * v[vo + vv];
                 }
             }
-        }
-        if has_dht == 1 {
-            let so = (n * heads + h) * dk * dv;
             for kk in 0..dk {
-                let w = exponent[eo + kk].exp();
-                exponent[eo + kk] = w;
-                let mut acc = 0.0f32;
-                for vv in 0..dv {
-                    acc += v[vo + vv] * dht[so + kk * dv + vv];
+                exponent[eo + kk] = 0.0;
+                gk[eo + kk] = 0.0;
+                let mut total = scale * da * q[ko + kk];
+                if accumulate == 1 {
+                    total += dkey[ko + kk];
                 }
-                gk[eo + kk] += w * acc;
+                dkey[ko + kk] = total;
             }
             for vv in 0..dv {
-                let mut acc = 0.0f32;
-                for kk in 0..dk {
-                    acc += k[ko + kk] * exponent[eo + kk] * dht[so + kk * dv + vv];
+                let mut total = a * d_o[vo + vv];
+                if accumulate == 1 {
+                    total += dvalue[vo + vv];
                 }
-                dvalue[vo + vv] += acc;
+                dvalue[vo + vv] = total;
             }
         }
-        for kk in 0..dk {
-            let off = gk[eo + kk];
-            let mut total = off;
-            if strict == 0 {
-                total += scale * diag_da * q[ko + kk];
+        let walk = s0 + slen - j;
+        let mut end = step_from + step_count;
+        if end > walk {
+            end = walk;
+        }
+        let mut first = step_from;
+        if first == 0 {
+            first = 1;
+        }
+        for step in first..end {
+            let i = j + step;
+            for kk in 0..dk {
+                exponent[eo + kk] += gate_value(g, kind, i, s0, slen, reverse, h, kk, heads, dk);
             }
-            if accumulate == 1 {
-                total += dkey[ko + kk];
+            let pi = physical_row(i, s0, slen, reverse);
+            let qo = (pi * heads + h) * dk;
+            let go = (pi * heads + h) * dv;
+            let mut a = 0.0f32;
+            for kk in 0..dk {
+                a += q[qo + kk] * k[ko + kk] * exponent[eo + kk].exp();
             }
-            dkey[ko + kk] = total;
-            gk[eo + kk] = k[ko + kk] * off;
+            a *= scale;
+            let mut da = 0.0f32;
+            for vv in 0..dv {
+                da += d_o[go + vv] * v[vo + vv];
+                dvalue[vo + vv] += a * d_o[go + vv];
+            }
+            for kk in 0..dk {
+                gk[eo + kk] += scale * da * q[qo + kk] * exponent[eo + kk].exp();
+            }
+        }
+        if step_from < walk && end == walk {
+            for kk in 0..dk {
+                exponent[eo + kk] = exponent[eo + kk].exp();
+            }
         }
     }
 }
 
+/// Finishes `dk`, one thread per (logical row, head, key channel): adds the `dht` term
+/// (`w[k] (dht v_j^T)[k]`, when `has_dht`), adds the off-diagonal `gk` to `dk`, and turns `gk`
+/// into `k dk` *without* the `dht` term (see `gate_grad_scan`).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn parallel_dk_finish(
+    k: &[f32],
+    v: &[f32],
+    seqs: &[u32],
+    row_seq: &[u32],
+    dht: &[f32],
+    weights: &[f32],
+    dkey: &mut [f32],
+    gk: &mut [f32],
+    rows: usize,
+    heads: usize,
+    dk: usize,
+    dv: usize,
+    reverse: u32,
+    has_dht: u32,
+) {
+    let id = thread_index();
+    if id < rows * heads * dk {
+        let kk = id % dk;
+        let h = (id / dk) % heads;
+        let j = id / (dk * heads);
+        let n = row_seq[j] as usize;
+        let s0 = seqs[2 * n] as usize;
+        let slen = seqs[2 * n + 1] as usize;
+        let pj = physical_row(j, s0, slen, reverse);
+        let off = gk[id];
+        let mut through_ht = 0.0f32;
+        if has_dht == 1 {
+            let so = ((n * heads + h) * dk + kk) * dv;
+            let vo = (pj * heads + h) * dv;
+            for vv in 0..dv {
+                through_ht += v[vo + vv] * dht[so + vv];
+            }
+            through_ht *= weights[id];
+        }
+        let ki = (pj * heads + h) * dk + kk;
+        dkey[ki] += off + through_ht;
+        gk[id] = k[ki] * off;
+    }
+}
+
+/// `dv_j += sum_k k_j[k] w_j[k] dht[k, :]` (the `dht` path), one thread per (row, head, value
+/// column), forward direction only.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn parallel_dv_final_state(
+    k: &[f32],
+    row_seq: &[u32],
+    dht: &[f32],
+    weights: &[f32],
+    dvalue: &mut [f32],
+    rows: usize,
+    heads: usize,
+    dk: usize,
+    dv: usize,
+) {
+    let id = thread_index();
+    if id < rows * heads * dv {
+        let vv = id % dv;
+        let h = (id / dv) % heads;
+        let j = id / (dv * heads);
+        let n = row_seq[j] as usize;
+        let wo = (j * heads + h) * dk;
+        let so = (n * heads + h) * dk * dv + vv;
+        let mut acc = 0.0f32;
+        for kk in 0..dk {
+            acc += k[wo + kk] * weights[wo + kk] * dht[so + kk * dv];
+        }
+        dvalue[(j * heads + h) * dv + vv] += acc;
+    }
+}
+
 /// Final state `ht = sum_j k_j^T v_j exp(gates j+1..=end) + exp(all gates) h0`, one thread per
-/// (sequence, head, key row), walking back from the end (forward direction only).
+/// (sequence, head, key row) walking back from the end (forward direction only); the running
+/// exponent crosses segments in `exponent` (`[N, H, K]`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn parallel_final_state(
@@ -313,12 +472,15 @@ pub fn parallel_final_state(
     seqs: &[u32],
     h0: &[f32],
     ht: &mut [f32],
+    exponent: &mut [f32],
     n_seq: usize,
     heads: usize,
     dk: usize,
     dv: usize,
     kind: u32,
     has_h0: u32,
+    step_from: usize,
+    step_count: usize,
 ) {
     let id = thread_index();
     if id < n_seq * heads * dk {
@@ -328,11 +490,19 @@ pub fn parallel_final_state(
         let s0 = seqs[2 * n] as usize;
         let slen = seqs[2 * n + 1] as usize;
         let base = ((n * heads + h) * dk + kk) * dv;
-        for vv in 0..dv {
-            ht[base + vv] = 0.0;
-        }
         let mut e = 0.0f32;
-        for step in 0..slen {
+        if step_from == 0 {
+            for vv in 0..dv {
+                ht[base + vv] = 0.0;
+            }
+        } else {
+            e = exponent[id];
+        }
+        let mut end = step_from + step_count;
+        if end > slen {
+            end = slen;
+        }
+        for step in step_from..end {
             let j = s0 + slen - 1 - step;
             if step > 0 {
                 e += gate_value(g, kind, j + 1, s0, slen, 0u32, h, kk, heads, dk);
@@ -343,7 +513,9 @@ pub fn parallel_final_state(
                 ht[base + vv] += w * v[vo + vv];
             }
         }
-        if has_h0 == 1 {
+        exponent[id] = e;
+        let finishing = (step_from < slen && end == slen) || (slen == 0 && step_from == 0);
+        if has_h0 == 1 && finishing {
             if slen > 0 {
                 e += gate_value(g, kind, s0, s0, slen, 0u32, h, kk, heads, dk);
             }
@@ -356,7 +528,8 @@ pub fn parallel_final_state(
 }
 
 /// `dh0 = sum_i scale exp(gates s0..=i) q_i^T do_i + exp(all gates) dht`, one thread per
-/// (sequence, head, key row) (forward direction only).
+/// (sequence, head, key row), forward direction only; the running exponent crosses segments in
+/// `exponent` (`[N, H, K]`).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn parallel_dh0(
@@ -366,6 +539,7 @@ pub fn parallel_dh0(
     seqs: &[u32],
     dht: &[f32],
     dh0: &mut [f32],
+    exponent: &mut [f32],
     n_seq: usize,
     heads: usize,
     dk: usize,
@@ -373,6 +547,8 @@ pub fn parallel_dh0(
     scale: f32,
     kind: u32,
     has_dht: u32,
+    step_from: usize,
+    step_count: usize,
 ) {
     let id = thread_index();
     if id < n_seq * heads * dk {
@@ -382,11 +558,19 @@ pub fn parallel_dh0(
         let s0 = seqs[2 * n] as usize;
         let slen = seqs[2 * n + 1] as usize;
         let base = ((n * heads + h) * dk + kk) * dv;
-        for vv in 0..dv {
-            dh0[base + vv] = 0.0;
-        }
         let mut e = 0.0f32;
-        for tau in 0..slen {
+        if step_from == 0 {
+            for vv in 0..dv {
+                dh0[base + vv] = 0.0;
+            }
+        } else {
+            e = exponent[id];
+        }
+        let mut end = step_from + step_count;
+        if end > slen {
+            end = slen;
+        }
+        for tau in step_from..end {
             let i = s0 + tau;
             e += gate_value(g, kind, i, s0, slen, 0u32, h, kk, heads, dk);
             let w = scale * q[(i * heads + h) * dk + kk] * e.exp();
@@ -395,7 +579,9 @@ pub fn parallel_dh0(
                 dh0[base + vv] += w * d_o[go + vv];
             }
         }
-        if has_dht == 1 {
+        exponent[id] = e;
+        let finishing = (step_from < slen && end == slen) || (slen == 0 && step_from == 0);
+        if has_dht == 1 && finishing {
             let w = e.exp();
             for vv in 0..dv {
                 dh0[base + vv] += w * dht[base + vv];

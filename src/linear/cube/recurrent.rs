@@ -11,6 +11,13 @@
 //! `dS_t = C_t + scale q_t^T do_t` (just `C_t` when strict), `dk_t = dS_t v_t`,
 //! `dv_t = k_t dS_t`, and `C_{t-1} = diag(exp g_t) (C_t + scale q_t^T do_t)`; `dh0 = C_{-1}`.
 //! `dq_t = scale P_t do_t + scale k_t (v_t . do_t)` (the second term only when not strict).
+//!
+//! **Segments.** A scan costs `K` or `V` loop iterations per step, so one launch covers the steps
+//! `step_from .. step_from + step_count` of every sequence (forward steps for the forward scans,
+//! steps counted from the end for the reverse ones) and the host launches until the longest
+//! sequence is done ([`crate::cube::CubeContext::loop_budget`]). Everything a thread carries
+//! between steps lives in device memory (the state scratch, and `suffix` of `dk`), so a
+//! segment boundary changes nothing in the arithmetic.
 
 use cubecl::prelude::*;
 
@@ -40,6 +47,8 @@ pub fn recurrent_forward(
     strict: u32,
     has_h0: u32,
     accumulate: u32,
+    step_from: usize,
+    step_count: usize,
 ) {
     let id = thread_index();
     if id < n_seq * heads * dv {
@@ -49,14 +58,20 @@ pub fn recurrent_forward(
         let s0 = seqs[2 * n] as usize;
         let slen = seqs[2 * n + 1] as usize;
         let base = (n * heads + h) * dk * dv + vv;
-        for kk in 0..dk {
-            let mut init = 0.0f32;
-            if has_h0 == 1 {
-                init = h0[base + kk * dv];
+        if step_from == 0 {
+            for kk in 0..dk {
+                let mut init = 0.0f32;
+                if has_h0 == 1 {
+                    init = h0[base + kk * dv];
+                }
+                state[base + kk * dv] = init;
             }
-            state[base + kk * dv] = init;
         }
-        for tau in 0..slen {
+        let mut end = step_from + step_count;
+        if end > slen {
+            end = slen;
+        }
+        for tau in step_from..end {
             let lrow = s0 + tau;
             let p = physical_row(lrow, s0, slen, reverse);
             let vval = v[(p * heads + h) * dv + vv];
@@ -108,6 +123,8 @@ pub fn recurrent_dq(
     strict: u32,
     has_h0: u32,
     accumulate: u32,
+    step_from: usize,
+    step_count: usize,
 ) {
     let id = thread_index();
     if id < n_seq * heads * dk {
@@ -117,14 +134,20 @@ pub fn recurrent_dq(
         let s0 = seqs[2 * n] as usize;
         let slen = seqs[2 * n + 1] as usize;
         let base = ((n * heads + h) * dk + kk) * dv;
-        for vv in 0..dv {
-            let mut init = 0.0f32;
-            if has_h0 == 1 {
-                init = h0[base + vv];
+        if step_from == 0 {
+            for vv in 0..dv {
+                let mut init = 0.0f32;
+                if has_h0 == 1 {
+                    init = h0[base + vv];
+                }
+                state[base + vv] = init;
             }
-            state[base + vv] = init;
         }
-        for tau in 0..slen {
+        let mut end = step_from + step_count;
+        if end > slen {
+            end = slen;
+        }
+        for tau in step_from..end {
             let lrow = s0 + tau;
             let p = physical_row(lrow, s0, slen, reverse);
             let decay = gate_value(g, kind, lrow, s0, slen, reverse, h, kk, heads, dk).exp();
@@ -157,7 +180,8 @@ pub fn recurrent_dq(
 }
 
 /// `dk` by a reverse scan, one thread per (sequence, head, key row). The carried gradient row
-/// lives in `carry`, which holds `dh0` afterwards. Also `gk = k dk` without the diagonal.
+/// lives in `carry`, which holds `dh0` afterwards, the sum of the gates after the current step in
+/// `suffix` (`[N, H, K]`). Also `gk = k dk` without the diagonal and the `dht` path.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn recurrent_dk(
@@ -171,6 +195,7 @@ pub fn recurrent_dk(
     dkey: &mut [f32],
     gk: &mut [f32],
     carry: &mut [f32],
+    suffix_sum: &mut [f32],
     n_seq: usize,
     heads: usize,
     dk: usize,
@@ -181,6 +206,8 @@ pub fn recurrent_dk(
     strict: u32,
     has_dht: u32,
     accumulate: u32,
+    step_from: usize,
+    step_count: usize,
 ) {
     let id = thread_index();
     if id < n_seq * heads * dk {
@@ -190,14 +217,21 @@ pub fn recurrent_dk(
         let s0 = seqs[2 * n] as usize;
         let slen = seqs[2 * n + 1] as usize;
         let base = ((n * heads + h) * dk + kk) * dv;
-        for vv in 0..dv {
-            let mut init = 0.0f32;
-            if has_dht == 1 {
-                init = dht[base + vv];
+        // The carry leaves out the `dht` path; its share at step t is `exp(suffix) dht`, with
+        // `suffix` the sum of the gates after t (kept out of `gk`, see `gate_grad_scan`).
+        let mut suffix = 0.0f32;
+        if step_from == 0 {
+            for vv in 0..dv {
+                carry[base + vv] = 0.0;
             }
-            carry[base + vv] = init;
+        } else {
+            suffix = suffix_sum[id];
         }
-        for step in 0..slen {
+        let mut end = step_from + step_count;
+        if end > slen {
+            end = slen;
+        }
+        for step in step_from..end {
             let lrow = s0 + slen - 1 - step;
             let p = physical_row(lrow, s0, slen, reverse);
             let ki = (p * heads + h) * dk + kk;
@@ -205,24 +239,39 @@ pub fn recurrent_dk(
             let ro = (p * heads + h) * dv;
             let mut carry_v = 0.0f32;
             let mut v_do = 0.0f32;
+            let mut dht_v = 0.0f32;
             for vv in 0..dv {
                 let vval = v[ro + vv];
                 carry_v += carry[base + vv] * vval;
                 v_do += vval * d_o[ro + vv];
+                if has_dht == 1 {
+                    dht_v += dht[base + vv] * vval;
+                }
             }
             let mut diag = 0.0f32;
             if strict == 0 {
                 diag = q_scaled * v_do;
             }
-            let mut total = carry_v + diag;
+            let mut total = carry_v + diag + suffix.exp() * dht_v;
             if accumulate == 1 {
                 total += dkey[ki];
             }
             dkey[ki] = total;
             gk[(lrow * heads + h) * dk + kk] = k[ki] * carry_v;
-            let decay = gate_value(g, kind, lrow, s0, slen, reverse, h, kk, heads, dk).exp();
+            let gv = gate_value(g, kind, lrow, s0, slen, reverse, h, kk, heads, dk);
+            let decay = gv.exp();
             for vv in 0..dv {
                 carry[base + vv] = decay * (carry[base + vv] + q_scaled * d_o[ro + vv]);
+            }
+            suffix += gv;
+        }
+        suffix_sum[id] = suffix;
+        // The last segment of this sequence adds the `dht` path to what becomes `dh0`.
+        let finishing = (step_from < slen && end == slen) || (slen == 0 && step_from == 0);
+        if has_dht == 1 && finishing {
+            let w = suffix.exp();
+            for vv in 0..dv {
+                carry[base + vv] += w * dht[base + vv];
             }
         }
     }
@@ -251,6 +300,8 @@ pub fn recurrent_dv(
     strict: u32,
     has_dht: u32,
     accumulate: u32,
+    step_from: usize,
+    step_count: usize,
 ) {
     let id = thread_index();
     if id < n_seq * heads * dv {
@@ -260,14 +311,20 @@ pub fn recurrent_dv(
         let s0 = seqs[2 * n] as usize;
         let slen = seqs[2 * n + 1] as usize;
         let base = (n * heads + h) * dk * dv + vv;
-        for kk in 0..dk {
-            let mut init = 0.0f32;
-            if has_dht == 1 {
-                init = dht[base + kk * dv];
+        if step_from == 0 {
+            for kk in 0..dk {
+                let mut init = 0.0f32;
+                if has_dht == 1 {
+                    init = dht[base + kk * dv];
+                }
+                carry[base + kk * dv] = init;
             }
-            carry[base + kk * dv] = init;
         }
-        for step in 0..slen {
+        let mut end = step_from + step_count;
+        if end > slen {
+            end = slen;
+        }
+        for step in step_from..end {
             let lrow = s0 + slen - 1 - step;
             let p = physical_row(lrow, s0, slen, reverse);
             let dov = d_o[(p * heads + h) * dv + vv];
