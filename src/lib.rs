@@ -14,6 +14,7 @@ pub mod cube;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod lightnet;
 pub mod linear;
 pub mod tensor;
 pub(crate) mod validation;

@@ -582,8 +582,6 @@ pub(crate) struct RawGrads {
     pub dg: Option<Handle>,
     pub dg_bwd: Option<Handle>,
     pub dh0: Option<Handle>,
-    /// The expanded gate gradient `[rows, H, K]` (vector gates: the same buffer as `dg`).
-    pub dg_expanded: Option<Handle>,
 }
 
 /// A problem bound to a form, with the value width the passes see.
@@ -839,7 +837,6 @@ impl<'a> Run<'a> {
             dg,
             dg_bwd,
             dh0,
-            dg_expanded: dg_exp,
         })
     }
 
