@@ -468,25 +468,3 @@ fn llvmpipe_loop_budget() {
         assert_eq!(counted, 160_000);
     }
 }
-
-#[test]
-fn debug_parallel_b2() {
-    let Some(cube) = cube() else { return };
-    for (shape, gate) in [((1, 200, 2, 60, 100), GateKind::Vector), ((2, 600, 1, 256, 256), GateKind::Vector)] {
-        for form in [Form::Parallel, Form::Recurrent, Form::Chunkwise { chunk: 16 }] {
-        for direction in DIRECTIONS {
-        let mut case = Case::new(shape, gate, direction);
-        case.h0 = direction == Direction::Causal;
-        let inputs = Inputs::draw(&case, 1);
-        let problem = inputs.problem(&case);
-        let t0 = std::time::Instant::now();
-        let got = linear::backward(&cube, &problem, form, &inputs.d_o, inputs.d_ht.as_ref()).unwrap();
-        let t1 = t0.elapsed();
-        let want = linear::backward(&Backend::Cpu, &problem, Form::Recurrent, &inputs.d_o, inputs.d_ht.as_ref()).unwrap();
-        for (name, a, b) in [("dq", &got.dq, &want.dq), ("dk", &got.dk, &want.dk), ("dv", &got.dv, &want.dv), ("dg", got.dg.as_ref().unwrap(), want.dg.as_ref().unwrap())] {
-            println!("{shape:?} {form:?} {direction:?} {name}: {:.2e} ({:.2}s)", rel_rms(&a.to_f64_vec(), &b.to_f64_vec()), t1.as_secs_f64());
-        }
-        }
-        }
-    }
-}

@@ -1,5 +1,6 @@
 //! `linattn run OP`: one subcommand per op, each in the file of its op family.
 
+mod lightnet;
 mod linear;
 
 use std::path::PathBuf;
@@ -77,6 +78,10 @@ pub enum RunOp {
     /// Bidirectional LION attention. Inputs q, k [B,T,H,K], v [B,T,H,V], optional g and g_bwd
     /// ([B,T,H] or [H]), cu_seqlens, do. Outputs o; with do: dq, dk, dv, dg, dg_bwd.
     Lion(linear::LionArgs),
+    /// LightNet (additive recurrence on key logits; --bidirectional for the non-causal form).
+    /// Inputs q, k (key logits) [B,T,H,K], v [B,T,H,V], optional cu_seqlens [N+1], initial state
+    /// s0 [N,H,K,V] with z0 [N,H,K], do. Outputs o (and s, z when causal); with do: dq, dk, dv.
+    Lightnet(lightnet::LightNetArgs),
 }
 
 /// Runs one op end to end: read, compute, write.
@@ -84,6 +89,7 @@ pub fn execute(op: RunOp) -> Result<()> {
     let (common, outputs) = match op {
         RunOp::Gla(args) => (args.common.clone(), linear::gla(&args)?),
         RunOp::Lion(args) => (args.common.clone(), linear::lion(&args)?),
+        RunOp::Lightnet(args) => (args.common.clone(), lightnet::lightnet(&args)?),
     };
     outputs.write(&common.output)
 }

@@ -2,6 +2,7 @@
 //! random inputs from a fixed (printed) seed, compares outputs and gradients with the f64 reference,
 //! and prints one row each. Exits non-zero on any failure.
 
+mod lightnet;
 mod linear;
 
 use std::process::ExitCode;
@@ -106,6 +107,7 @@ pub fn execute(args: &ValidateArgs) -> Result<ExitCode> {
         println!("backend: {}", backend.description());
         let mut rng = Rng::new(args.seed);
         rows.extend(linear::rows(&backend, args.quick, &mut rng));
+        rows.extend(lightnet::rows(&backend, args.quick, &mut rng));
     }
     print_table(&rows);
     let failed = rows.iter().filter(|r| !r.pass).count();

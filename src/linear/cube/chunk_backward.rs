@@ -10,8 +10,9 @@
 //! dk_j    = exp(Rc_j) (D_c v_j^T)         + scale sum_t dA_tj q_t exp(gates j+1..=t)
 //! dv_j    = sum_t A_tj do_t               + (k_j exp(Rc_j)) D_c
 //! ```
-//! where `exp(gates j+1..=t)` is split exactly as in the forward scores: elementwise inside a
-//! sub-chunk, anchored at the boundary before `t`'s sub-chunk otherwise (every exponent `<= 0`).
+//! where `exp(gates j+1..=t)` is split exactly as in the forward scores: inside a sub-chunk a
+//! running sum of the gates stepped over (walking `j` down from `t` for `dq`, `t` up from `j` for
+//! `dk`), anchored at the boundary before `t`'s sub-chunk otherwise (every exponent `<= 0`).
 //! The dq and dk kernels also write this pass's gate-gradient terms `gq = q dq`, `gk = k dk`
 //! *without* the diagonal (`j = t`) contributions and without the `dht` path (`D_c` above splits
 //! into the part from later outputs and `suffix_decay * dht`), which cancel in `q dq - k dk`
@@ -21,7 +22,7 @@ use cubecl::prelude::*;
 
 use super::chunk_forward::{COL_BLOCK, TILE};
 use super::gates::{
-    MAX_CHUNK, PLANE_FC_EXP, PLANE_FS, PLANE_FS_EXP, PLANE_RC_EXP, PLANE_RS_EXP, SUB,
+    MAX_CHUNK, PLANE_FC_EXP, PLANE_FS_EXP, PLANE_GATE, PLANE_RC_EXP, PLANE_RS_EXP, SUB,
 };
 use super::layout::{CHUNK_FIELDS, physical_row};
 use crate::cube::launch::cube_index;
@@ -225,6 +226,7 @@ pub fn chunk_dq(
     reverse: u32,
     strict: u32,
     accumulate: u32,
+    weighted: u32,
 ) {
     let cube = cube_index();
     let blocks = (dk + COL_BLOCK - 1) / COL_BLOCK;
@@ -272,14 +274,15 @@ pub fn chunk_dq(
             }
             anchored *= factors[PLANE_FS_EXP * plane_len + ft];
 
-            // Intra-chunk, same sub-chunk, j < t: exact.
+            // Intra-chunk, same sub-chunk, j < t: the gates j+1..=t summed walking down from t.
             let mut same = 0.0f32;
-            let fs_t = factors[PLANE_FS * plane_len + ft];
-            for j in st * SUB..t {
+            let mut gates_between = 0.0f32;
+            for step in 1..t - st * SUB + 1 {
+                let j = t - step;
                 let lj = row0 + j;
                 let pj = physical_row(lj, s0, slen, reverse);
-                let fs_j = factors[PLANE_FS * plane_len + (lj * heads + h) * dk + kk];
-                same += dscores[ao + j] * k[(pj * heads + h) * dk + kk] * (fs_t - fs_j).exp();
+                gates_between += factors[PLANE_GATE * plane_len + ((lj + 1) * heads + h) * dk + kk];
+                same += dscores[ao + j] * k[(pj * heads + h) * dk + kk] * gates_between.exp();
             }
 
             let qi = (pt * heads + h) * dk + kk;
@@ -293,7 +296,12 @@ pub fn chunk_dq(
                 total += dq[qi];
             }
             dq[qi] = total;
-            gq[(lt * heads + h) * dk + kk] = q[qi] * off;
+            let mut gate_term = q[qi] * off;
+            if weighted == 1 {
+                // Per-head gate: pairs from before the chunk cross the t + 1 gates up to t.
+                gate_term = q[qi] * scale * inter * (t + 1) as f32;
+            }
+            gq[(lt * heads + h) * dk + kk] = gate_term;
             e += CUBE_DIM_X as usize;
         }
     }
@@ -326,6 +334,7 @@ pub fn chunk_dk(
     strict: u32,
     has_dht: u32,
     accumulate: u32,
+    weighted: u32,
 ) {
     let cube = cube_index();
     let blocks = (dk + COL_BLOCK - 1) / COL_BLOCK;
@@ -385,9 +394,9 @@ pub fn chunk_dk(
                     * factors[plane * plane_len + fj];
             }
 
-            // Intra-chunk, same sub-chunk, t > j: exact.
+            // Intra-chunk, same sub-chunk, t > j: the gates j+1..=t summed walking up from j.
             let mut same = 0.0f32;
-            let fs_j = factors[PLANE_FS * plane_len + fj];
+            let mut gates_between = 0.0f32;
             let mut sub_end = (sj + 1) * SUB;
             if sub_end > len {
                 sub_end = len;
@@ -395,8 +404,8 @@ pub fn chunk_dk(
             for t in j + 1..sub_end {
                 let lt = row0 + t;
                 let pt = physical_row(lt, s0, slen, reverse);
-                let fs_t = factors[PLANE_FS * plane_len + (lt * heads + h) * dk + kk];
-                same += dscores[col + t * chunk] * q[(pt * heads + h) * dk + kk] * (fs_t - fs_j).exp();
+                gates_between += factors[PLANE_GATE * plane_len + (lt * heads + h) * dk + kk];
+                same += dscores[col + t * chunk] * q[(pt * heads + h) * dk + kk] * gates_between.exp();
             }
 
             let ki = (pj * heads + h) * dk + kk;
@@ -410,7 +419,12 @@ pub fn chunk_dk(
                 total += dkey[ki];
             }
             dkey[ki] = total;
-            gk[fj] = k[ki] * off;
+            let mut gate_term = k[ki] * off;
+            if weighted == 1 {
+                // Per-head gate: pairs into later chunks (and `ht`) cross the gates after j.
+                gate_term = k[ki] * (inter + through_ht) * (len - 1 - j) as f32;
+            }
+            gk[fj] = gate_term;
             e += CUBE_DIM_X as usize;
         }
     }

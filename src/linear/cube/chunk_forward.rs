@@ -12,7 +12,7 @@
 use cubecl::prelude::*;
 
 use super::gates::{
-    MAX_CHUNK, PLANE_FC_EXP, PLANE_FS, PLANE_FS_EXP, PLANE_RC_EXP, PLANE_RS_EXP, SUB,
+    MAX_CHUNK, PLANE_FC_EXP, PLANE_FS_EXP, PLANE_GATE, PLANE_RC_EXP, PLANE_RS_EXP, SUB,
 };
 use super::layout::{CHUNK_FIELDS, physical_row};
 use crate::cube::launch::cube_index;
@@ -154,17 +154,19 @@ pub fn chunk_states(
 }
 
 /// Intra-chunk scores `A[c, h, t, j]` (`[n_chunks, H, C, C]`, rows and columns `< len` written),
-/// one cube per (chunk, head), a strided loop over the `len x len` entries:
+/// one cube per (chunk, head):
 /// ```text
 /// j > t (or j == t in a strict pass): 0
-/// same sub-chunk:    scale * sum_k q_t k_j exp(Fs_t - Fs_j)                (exact, elementwise)
 /// sub-chunks d apart: scale * sum_k (q_t exp(Fs_t)) (k_j exp(Rs_j + d-1 sub totals))
+/// same sub-chunk:     scale * sum_k q_t k_j exp(g_{j+1} + ... + g_t)      (exact, elementwise)
 /// ```
-/// The second form anchors at the boundary before `t`'s sub-chunk: `Fs_t` sums the gates from
-/// there to `t`, the key factor from `j + 1` to there; together exactly the gates `j+1 ..= t`,
-/// each part `<= 0`, so the product is a plain dot product of bounded factors (a matmul on
-/// hardware that has them) and nothing overflows. Inside a sub-chunk `Fs_t - Fs_j <= 0` as
-/// `j <= t` and gates are `<= 0`.
+/// The anchored form (first, a strided loop over the entries) splits at the boundary before
+/// `t`'s sub-chunk: `Fs_t` sums the gates from there to `t`, the key factor from `j + 1` to
+/// there; together exactly the gates `j+1 ..= t`, each part `<= 0`, so the product is a plain
+/// dot product of bounded factors (a matmul on hardware that has them) and nothing overflows.
+/// The diagonal sub-blocks (then, one thread per row `t`) walk `j` down from `t` and add each
+/// gate they step over to a running exponent row in `exponent` (`[rows, H, K]`): a sum of
+/// non-positive terms, `<= 0`, with no cancellation.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn intra_scores(
@@ -173,6 +175,7 @@ pub fn intra_scores(
     factors: &[f32],
     chunks: &[u32],
     scores: &mut [f32],
+    exponent: &mut [f32],
     n_chunks: usize,
     heads: usize,
     dk: usize,
@@ -190,28 +193,23 @@ pub fn intra_scores(
         let len = chunks[c * CHUNK_FIELDS + 1] as usize;
         let s0 = chunks[c * CHUNK_FIELDS + 2] as usize;
         let slen = chunks[c * CHUNK_FIELDS + 3] as usize;
+        let base = (c * heads + h) * chunk * chunk;
         let mut e = UNIT_POS_X as usize;
         while e < len * len {
             let t = e / len;
             let j = e % len;
-            let mut a = 0.0f32;
-            if j < t || (j == t && strict == 0) {
-                let lt = row0 + t;
-                let lj = row0 + j;
-                let qo = (physical_row(lt, s0, slen, reverse) * heads + h) * dk;
-                let ko = (physical_row(lj, s0, slen, reverse) * heads + h) * dk;
-                let ft = (lt * heads + h) * dk;
-                let fj = (lj * heads + h) * dk;
-                let st = t / SUB;
-                let sj = j / SUB;
-                if st == sj {
-                    for kk in 0..dk {
-                        let decay = (factors[PLANE_FS * plane_len + ft + kk]
-                            - factors[PLANE_FS * plane_len + fj + kk])
-                            .exp();
-                        a += q[qo + kk] * k[ko + kk] * decay;
-                    }
-                } else {
+            let st = t / SUB;
+            let sj = j / SUB;
+            // The diagonal sub-blocks' lower triangle is the second phase's.
+            if !(st == sj && j <= t) {
+                let mut a = 0.0f32;
+                if j < t {
+                    let lt = row0 + t;
+                    let lj = row0 + j;
+                    let qo = (physical_row(lt, s0, slen, reverse) * heads + h) * dk;
+                    let ko = (physical_row(lj, s0, slen, reverse) * heads + h) * dk;
+                    let ft = (lt * heads + h) * dk;
+                    let fj = (lj * heads + h) * dk;
                     let plane = PLANE_RS_EXP + (st - sj - 1);
                     for kk in 0..dk {
                         a += q[qo + kk]
@@ -219,11 +217,41 @@ pub fn intra_scores(
                             * k[ko + kk]
                             * factors[plane * plane_len + fj + kk];
                     }
+                    a *= scale;
                 }
-                a *= scale;
+                scores[base + t * chunk + j] = a;
             }
-            scores[((c * heads + h) * chunk + t) * chunk + j] = a;
             e += CUBE_DIM_X as usize;
+        }
+
+        let t = UNIT_POS_X as usize;
+        if t < len {
+            let lt = row0 + t;
+            let qo = (physical_row(lt, s0, slen, reverse) * heads + h) * dk;
+            let eo = (lt * heads + h) * dk;
+            for kk in 0..dk {
+                exponent[eo + kk] = 0.0;
+            }
+            let sub_start = (t / SUB) * SUB;
+            for step in 0..t - sub_start + 1 {
+                let j = t - step;
+                let lj = row0 + j;
+                if step > 0 {
+                    let go = ((lj + 1) * heads + h) * dk;
+                    for kk in 0..dk {
+                        exponent[eo + kk] += factors[PLANE_GATE * plane_len + go + kk];
+                    }
+                }
+                let mut a = 0.0f32;
+                if step > 0 || strict == 0 {
+                    let ko = (physical_row(lj, s0, slen, reverse) * heads + h) * dk;
+                    for kk in 0..dk {
+                        a += q[qo + kk] * k[ko + kk] * exponent[eo + kk].exp();
+                    }
+                    a *= scale;
+                }
+                scores[base + t * chunk + j] = a;
+            }
         }
     }
 }

@@ -138,10 +138,13 @@ pub fn parallel_initial_state(
 /// `dq` walk, one thread per (logical row, head): `gq` accumulates the off-diagonal
 /// `scale sum_{j < i} (do_i . v_j) k_j exp(gates j+1..=i)`; the diagonal term goes to `dq` at the
 /// first step. When the walk ends and `has_h0`, the exponent row becomes `scale exp(gates s0..=i)`
-/// for [`parallel_dq_finish`].
+/// for [`parallel_dq_finish`]. With `weighted` (a per-head gate) it also sums each pair's
+/// contribution to the loss times its distance `i - j` (the gates it crosses) in `walk_partial`
+/// (`[rows, H]`): that pair's exact share of `dL/dg`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn parallel_dq(
+    q: &[f32],
     k: &[f32],
     v: &[f32],
     g: &[f32],
@@ -151,6 +154,7 @@ pub fn parallel_dq(
     dq: &mut [f32],
     gq: &mut [f32],
     exponent: &mut [f32],
+    walk_partial: &mut [f32],
     rows: usize,
     heads: usize,
     dk: usize,
@@ -161,6 +165,7 @@ pub fn parallel_dq(
     strict: u32,
     has_h0: u32,
     accumulate: u32,
+    weighted: u32,
     step_from: usize,
     step_count: usize,
 ) {
@@ -191,6 +196,9 @@ pub fn parallel_dq(
                 }
                 dq[qo + kk] = total;
             }
+            if weighted == 1 {
+                walk_partial[id] = 0.0;
+            }
         }
         let walk = i - s0 + 1;
         let mut end = step_from + step_count;
@@ -213,8 +221,14 @@ pub fn parallel_dq(
                 da += d_o[go + vv] * v[vo + vv];
             }
             let ko = (pj * heads + h) * dk;
+            let mut pair = 0.0f32;
             for kk in 0..dk {
-                gq[eo + kk] += scale * da * k[ko + kk] * exponent[eo + kk].exp();
+                let term = scale * da * k[ko + kk] * exponent[eo + kk].exp();
+                gq[eo + kk] += term;
+                pair += q[qo + kk] * term;
+            }
+            if weighted == 1 {
+                walk_partial[id] += step as f32 * pair;
             }
         }
         if has_h0 == 1 && step_from < walk && end == walk {
@@ -229,7 +243,9 @@ pub fn parallel_dq(
 
 /// Finishes `dq`, one thread per (logical row, head, key channel): adds the `h0` term
 /// (`w[k] (h0 do_i^T)[k]`, when `has_h0`) to `gq`, adds `gq` to `dq`, and turns `gq` into
-/// `q dq` (off-diagonal) for the gate gradient.
+/// `q dq` (off-diagonal) for the gate gradient. With `weighted`, `per_head` (`[rows, H, K]`)
+/// gets the `h0` pair's share of `dL/dg`: its contribution times the `i - s0 + 1` gates it
+/// crosses.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn parallel_dq_finish(
@@ -241,12 +257,14 @@ pub fn parallel_dq_finish(
     weights: &[f32],
     dq: &mut [f32],
     gq: &mut [f32],
+    per_head: &mut [f32],
     rows: usize,
     heads: usize,
     dk: usize,
     dv: usize,
     reverse: u32,
     has_h0: u32,
+    weighted: u32,
 ) {
     let id = thread_index();
     if id < rows * heads * dk {
@@ -258,6 +276,7 @@ pub fn parallel_dq_finish(
         let slen = seqs[2 * n + 1] as usize;
         let pi = physical_row(i, s0, slen, reverse);
         let mut off = gq[id];
+        let mut from_h0 = 0.0f32;
         if has_h0 == 1 {
             let so = ((n * heads + h) * dk + kk) * dv;
             let go = (pi * heads + h) * dv;
@@ -265,9 +284,13 @@ pub fn parallel_dq_finish(
             for vv in 0..dv {
                 acc += h0[so + vv] * d_o[go + vv];
             }
-            off += weights[id] * acc;
+            from_h0 = weights[id] * acc;
+            off += from_h0;
         }
         let qi = (pi * heads + h) * dk + kk;
+        if weighted == 1 {
+            per_head[id] = (i - s0 + 1) as f32 * q[qi] * from_h0;
+        }
         dq[qi] += off;
         gq[id] = q[qi] * off;
     }
@@ -385,7 +408,9 @@ pub fn parallel_dkdv(
 
 /// Finishes `dk`, one thread per (logical row, head, key channel): adds the `dht` term
 /// (`w[k] (dht v_j^T)[k]`, when `has_dht`), adds the off-diagonal `gk` to `dk`, and turns `gk`
-/// into `k dk` *without* the `dht` term (see `gate_grad_scan`).
+/// into `k dk` *without* the `dht` term (see `gate_grad_scan`). With `weighted`, `per_head`
+/// (`[rows, H, K]`) gets the `dht` pair's share of `dL/dg`: its contribution times the
+/// `end - 1 - j` gates it crosses.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn parallel_dk_finish(
@@ -397,12 +422,14 @@ pub fn parallel_dk_finish(
     weights: &[f32],
     dkey: &mut [f32],
     gk: &mut [f32],
+    per_head: &mut [f32],
     rows: usize,
     heads: usize,
     dk: usize,
     dv: usize,
     reverse: u32,
     has_dht: u32,
+    weighted: u32,
 ) {
     let id = thread_index();
     if id < rows * heads * dk {
@@ -426,6 +453,9 @@ pub fn parallel_dk_finish(
         let ki = (pj * heads + h) * dk + kk;
         dkey[ki] += off + through_ht;
         gk[id] = k[ki] * off;
+        if weighted == 1 {
+            per_head[id] = (s0 + slen - 1 - j) as f32 * k[ki] * through_ht;
+        }
     }
 }
 
@@ -529,7 +559,8 @@ pub fn parallel_final_state(
 
 /// `dh0 = sum_i scale exp(gates s0..=i) q_i^T do_i + exp(all gates) dht`, one thread per
 /// (sequence, head, key row), forward direction only; the running exponent crosses segments in
-/// `exponent` (`[N, H, K]`).
+/// `exponent` (`[N, H, K]`). With `weighted`, `per_head` (`[N, H, K]`) gets the share of the
+/// `h0 -> dht` pair in `dL/dg`: `slen exp(all gates) h0[k, :] . dht[k, :]`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn parallel_dh0(
@@ -537,9 +568,11 @@ pub fn parallel_dh0(
     g: &[f32],
     d_o: &[f32],
     seqs: &[u32],
+    h0: &[f32],
     dht: &[f32],
     dh0: &mut [f32],
     exponent: &mut [f32],
+    per_head: &mut [f32],
     n_seq: usize,
     heads: usize,
     dk: usize,
@@ -547,6 +580,7 @@ pub fn parallel_dh0(
     scale: f32,
     kind: u32,
     has_dht: u32,
+    weighted: u32,
     step_from: usize,
     step_count: usize,
 ) {
@@ -581,10 +615,17 @@ pub fn parallel_dh0(
         }
         exponent[id] = e;
         let finishing = (step_from < slen && end == slen) || (slen == 0 && step_from == 0);
-        if has_dht == 1 && finishing {
+        if finishing {
             let w = e.exp();
-            for vv in 0..dv {
-                dh0[base + vv] += w * dht[base + vv];
+            let mut pair = 0.0f32;
+            if has_dht == 1 {
+                for vv in 0..dv {
+                    dh0[base + vv] += w * dht[base + vv];
+                    pair += h0[base + vv] * dht[base + vv];
+                }
+            }
+            if weighted == 1 {
+                per_head[id] = slen as f32 * w * pair;
             }
         }
     }

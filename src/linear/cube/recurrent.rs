@@ -100,6 +100,12 @@ pub fn recurrent_forward(
 
 /// `dq` by a second forward scan, one thread per (sequence, head, key row); the row lives in
 /// `state`, which holds the final state `ht` afterwards. Also `gq = q dq` without the diagonal.
+///
+/// With `weighted` (a per-head gate `γ`) it also carries the row of `S' = dS/dγ` in `deriv`
+/// (forward mode: `P'_t = exp(γ) (S_{t-1} + S'_{t-1})` where this step applies the gate, `S'_t =
+/// P'_t`, `S'_{-1} = 0`) and accumulates this row's share of `dL/dγ`,
+/// `sum_t scale q_t[k] (P'_t[k, :] . do_t) + S'_end[k, :] . dht[k, :]`, in `per_head` (`[N, H, K]`).
+/// `S'` is a sum of positive multiples of the terms of `S`: nothing cancels.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn recurrent_dq(
@@ -110,9 +116,12 @@ pub fn recurrent_dq(
     d_o: &[f32],
     seqs: &[u32],
     h0: &[f32],
+    dht: &[f32],
     dq: &mut [f32],
     gq: &mut [f32],
     state: &mut [f32],
+    deriv: &mut [f32],
+    per_head: &mut [f32],
     n_seq: usize,
     heads: usize,
     dk: usize,
@@ -123,6 +132,8 @@ pub fn recurrent_dq(
     strict: u32,
     has_h0: u32,
     accumulate: u32,
+    weighted: u32,
+    has_dht: u32,
     step_from: usize,
     step_count: usize,
 ) {
@@ -134,6 +145,7 @@ pub fn recurrent_dq(
         let s0 = seqs[2 * n] as usize;
         let slen = seqs[2 * n + 1] as usize;
         let base = ((n * heads + h) * dk + kk) * dv;
+        let mut weighted_sum = 0.0f32;
         if step_from == 0 {
             for vv in 0..dv {
                 let mut init = 0.0f32;
@@ -141,7 +153,12 @@ pub fn recurrent_dq(
                     init = h0[base + vv];
                 }
                 state[base + vv] = init;
+                if weighted == 1 {
+                    deriv[base + vv] = 0.0;
+                }
             }
+        } else if weighted == 1 {
+            weighted_sum = per_head[id];
         }
         let mut end = step_from + step_count;
         if end > slen {
@@ -151,19 +168,32 @@ pub fn recurrent_dq(
             let lrow = s0 + tau;
             let p = physical_row(lrow, s0, slen, reverse);
             let decay = gate_value(g, kind, lrow, s0, slen, reverse, h, kk, heads, dk).exp();
+            // The reverse pass applies no gate at its first logical step.
+            let gated = reverse == 0 || tau > 0;
             let qi = (p * heads + h) * dk + kk;
             let kval = k[qi];
             let ro = (p * heads + h) * dv;
             let mut prev_do = 0.0f32;
             let mut v_do = 0.0f32;
+            let mut deriv_do = 0.0f32;
             for vv in 0..dv {
-                let prev = state[base + vv] * decay;
+                let before = state[base + vv];
+                let prev = before * decay;
                 let dov = d_o[ro + vv];
                 let vval = v[ro + vv];
                 prev_do += prev * dov;
                 v_do += vval * dov;
                 state[base + vv] = prev + kval * vval;
+                if weighted == 1 {
+                    let mut d = deriv[base + vv];
+                    if gated {
+                        d = decay * (before + d);
+                    }
+                    deriv[base + vv] = d;
+                    deriv_do += d * dov;
+                }
             }
+            weighted_sum += scale * q[qi] * deriv_do;
             let off = scale * prev_do;
             let mut diag = 0.0f32;
             if strict == 0 {
@@ -175,6 +205,15 @@ pub fn recurrent_dq(
             }
             dq[qi] = total;
             gq[(lrow * heads + h) * dk + kk] = q[qi] * off;
+        }
+        if weighted == 1 {
+            let finishing = (step_from < slen && end == slen) || (slen == 0 && step_from == 0);
+            if has_dht == 1 && finishing {
+                for vv in 0..dv {
+                    weighted_sum += deriv[base + vv] * dht[base + vv];
+                }
+            }
+            per_head[id] = weighted_sum;
         }
     }
 }
