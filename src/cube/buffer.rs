@@ -26,7 +26,8 @@ impl std::fmt::Debug for DeviceTensor {
 
 impl DeviceTensor {
     /// Wraps a buffer the caller filled. The buffer must hold at least `shape.product()` elements
-    /// of `dtype` (this cannot be checked beyond the byte size, which is).
+    /// of `dtype`. Only the buffer's byte size can be checked, and runtimes round allocations up,
+    /// so a slightly short buffer may pass: the caller vouches for the contents.
     pub fn from_handle(handle: Handle, shape: Vec<usize>, dtype: DType) -> Result<Self> {
         let numel: usize = shape.iter().product();
         let needed = (numel * dtype.size_in_bytes()) as u64;
