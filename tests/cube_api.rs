@@ -51,7 +51,10 @@ fn decode_steps_match_reference_and_scan() {
     let h0 = f32t(vec![b, h, k, v], rng.randn(b * h * k * v));
     let per_head = f32t(vec![h], logsigmoid_gates(&mut rng, h, 1.0));
     let scalar = f32t(vec![b, t, h], logsigmoid_gates(&mut rng, b * t * h, 1.0));
-    let vector = f32t(vec![b, t, h, k], logsigmoid_gates(&mut rng, b * t * h * k, 1.0));
+    let vector = f32t(
+        vec![b, t, h, k],
+        logsigmoid_gates(&mut rng, b * t * h * k, 1.0),
+    );
     // Token `s` of a `[B, T, H, D]` tensor as `[B, 1, H, D]`.
     let token = |x: &Tensor, s: usize| {
         let shape = x.shape();
@@ -92,7 +95,12 @@ fn decode_steps_match_reference_and_scan() {
                 linear::decode_step(&Backend::Cpu, &state_cpu, &qs, &ks, &vs, gate, None).unwrap();
             assert_eq!(got.o.shape(), &[b, 1, h, v]);
             assert_close(&format!("kind {kind} step {s} o"), &got.o, &want.o, 1e-5);
-            assert_close(&format!("kind {kind} step {s} state"), &got.state, &want.state, 1e-5);
+            assert_close(
+                &format!("kind {kind} step {s} state"),
+                &got.state,
+                &want.state,
+                1e-5,
+            );
             state_cube = got.state;
             state_cpu = want.state.to_dtype(DType::F32);
         }
@@ -162,12 +170,18 @@ fn device_resident_api_matches_host_path() {
     assert_eq!(out.o.shape(), &[b, t, h, v]);
     assert_eq!(ctx.download(&out.o).unwrap(), host_out.o);
     assert_eq!(ctx.download(&grads.dq).unwrap(), host_grads.dq);
-    assert_eq!(ctx.download(&grads.dg.unwrap()).unwrap(), host_grads.dg.unwrap());
+    assert_eq!(
+        ctx.download(&grads.dg.unwrap()).unwrap(),
+        host_grads.dg.unwrap()
+    );
 
     // A buffer far too small for its claimed shape is refused (sizes are checked in bytes, and
     // runtimes round allocations up).
-    let small = ctx.upload("x", &Tensor::zeros(vec![4], DType::F32)).unwrap();
-    let err = DeviceTensor::from_handle(small.into_handle(), vec![1 << 20], DType::F32).unwrap_err();
+    let small = ctx
+        .upload("x", &Tensor::zeros(vec![4], DType::F32))
+        .unwrap();
+    let err =
+        DeviceTensor::from_handle(small.into_handle(), vec![1 << 20], DType::F32).unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 }
 
@@ -182,10 +196,17 @@ fn half_precision_inputs_or_clear_errors() {
     let q64 = Tensor::from_f64(vec![b, t, h, k], rng.randn(b * t * h * k)).unwrap();
     let k64 = Tensor::from_f64(vec![b, t, h, k], rng.randn(b * t * h * k)).unwrap();
     let v64 = Tensor::from_f64(vec![b, t, h, v], rng.randn(b * t * h * v)).unwrap();
-    let g = f32t(vec![b, t, h, k], logsigmoid_gates(&mut rng, b * t * h * k, 1.0));
+    let g = f32t(
+        vec![b, t, h, k],
+        logsigmoid_gates(&mut rng, b * t * h * k, 1.0),
+    );
     let d_o = f32t(vec![b, t, h, v], rng.randn(b * t * h * v));
     for dtype in [DType::F16, DType::BF16] {
-        let (q, kk, vv) = (q64.to_dtype(dtype), k64.to_dtype(dtype), v64.to_dtype(dtype));
+        let (q, kk, vv) = (
+            q64.to_dtype(dtype),
+            k64.to_dtype(dtype),
+            v64.to_dtype(dtype),
+        );
         let problem = LinearAttention::causal(&q, &kk, &vv).with_gate(Gate::Vector(&g));
         let form = Form::Chunkwise { chunk: 64 };
         if !ctx.supports_dtype(dtype) {

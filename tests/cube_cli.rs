@@ -38,7 +38,10 @@ fn run_both(op: &str, extra: &[&str], inputs: Outputs, expected: &[&str]) {
         args.extend(extra.iter().map(|s| s.to_string()));
         let cli = Cli::try_parse_from(&args).unwrap();
         let code = execute(cli).unwrap_or_else(|e| panic!("{op} on {device}: {e}"));
-        assert_eq!(format!("{code:?}"), format!("{:?}", std::process::ExitCode::SUCCESS));
+        assert_eq!(
+            format!("{code:?}"),
+            format!("{:?}", std::process::ExitCode::SUCCESS)
+        );
         results.push(Inputs::read(Some(&output)).unwrap());
     }
     for name in expected {
@@ -71,7 +74,10 @@ fn run_ops_on_cube_match_cpu() {
     let mut gla = draw(&mut rng);
     gla.float(
         "g",
-        f32t(vec![b, t, h, k], logsigmoid_gates(&mut rng, b * t * h * k, 1.0)),
+        f32t(
+            vec![b, t, h, k],
+            logsigmoid_gates(&mut rng, b * t * h * k, 1.0),
+        ),
     );
     run_both(
         "gla",

@@ -206,7 +206,11 @@ const FORMS: [Form; 4] = [
 fn lightnet_matrix() {
     let Some(cube) = cube() else { return };
     let mut cases = Vec::new();
-    for shape in [(1, 63, 1, 64, 64), (1, 130, 2, 32, 48), (2, 200, 2, 60, 100)] {
+    for shape in [
+        (1, 63, 1, 64, 64),
+        (1, 130, 2, 32, 48),
+        (2, 200, 2, 60, 100),
+    ] {
         for bidirectional in [false, true] {
             for form in FORMS {
                 cases.push((case(shape, bidirectional), form));
@@ -250,8 +254,8 @@ fn lightnet_state_carries_across_calls() {
         ..case((1, 96, 2, 16, 24), false)
     };
     let inputs = Inputs::draw(&c, 7);
-    let whole = lightnet::forward(&cube, &inputs.problem(&c), Form::Chunkwise { chunk: 16 })
-        .unwrap();
+    let whole =
+        lightnet::forward(&cube, &inputs.problem(&c), Form::Chunkwise { chunk: 16 }).unwrap();
     let split = |t: &Tensor, lo: usize, hi: usize| {
         let s = t.shape();
         let row = s[2] * s[3];
@@ -268,8 +272,8 @@ fn lightnet_state_carries_across_calls() {
         split(&inputs.k, 40, 96),
         split(&inputs.v, 40, 96),
     );
-    let first = lightnet::forward(&cube, &LightNet::causal(&q1, &k1, &v1), Form::Recurrent)
-        .unwrap();
+    let first =
+        lightnet::forward(&cube, &LightNet::causal(&q1, &k1, &v1), Form::Recurrent).unwrap();
     let state = first.state.unwrap();
     let second = lightnet::forward(
         &cube,
@@ -290,5 +294,8 @@ fn lightnet_state_carries_across_calls() {
         &second.state.unwrap().z.to_f64_vec(),
         &whole_state.z.to_f64_vec(),
     );
-    assert!(rel_s < 1e-5 && rel_z < 1e-6, "state: {rel_s:.3e} {rel_z:.3e}");
+    assert!(
+        rel_s < 1e-5 && rel_z < 1e-6,
+        "state: {rel_s:.3e} {rel_z:.3e}"
+    );
 }

@@ -8,8 +8,8 @@ use linattn::cube::CubeContext;
 use linattn::linear::{self, Direction, Form, Gate, GateKind, LinearAttention};
 use linattn::reference::testing::{GATE_STRENGTHS, Rng, logsigmoid_gates};
 use linattn::reference::{max_abs_diff, rel_rms, within_tolerance};
-use std::collections::BTreeMap;
 use linattn::{Backend, Tensor};
+use std::collections::BTreeMap;
 
 /// ops.md: f32 paths against the f64 reference.
 const F32_TOLERANCE: f64 = 1e-5;
@@ -41,7 +41,11 @@ struct Case {
 }
 
 impl Case {
-    fn new(shape: (usize, usize, usize, usize, usize), gate: GateKind, direction: Direction) -> Case {
+    fn new(
+        shape: (usize, usize, usize, usize, usize),
+        gate: GateKind,
+        direction: Direction,
+    ) -> Case {
         Case {
             shape,
             gate,
@@ -334,7 +338,12 @@ fn chunkwise_matrix() {
 fn chunkwise_large_shape() {
     let Some(cube) = cube() else { return };
     let mut cases = Vec::new();
-    for gate in [GateKind::None, GateKind::PerHead, GateKind::Scalar, GateKind::Vector] {
+    for gate in [
+        GateKind::None,
+        GateKind::PerHead,
+        GateKind::Scalar,
+        GateKind::Vector,
+    ] {
         for direction in DIRECTIONS {
             cases.push((
                 matrix_case(LARGE, gate, 1.0, direction),
@@ -367,7 +376,12 @@ fn recurrent_and_parallel_matrix() {
                 }
             }
         }
-        for gate in [GateKind::None, GateKind::PerHead, GateKind::Scalar, GateKind::Vector] {
+        for gate in [
+            GateKind::None,
+            GateKind::PerHead,
+            GateKind::Scalar,
+            GateKind::Vector,
+        ] {
             for direction in DIRECTIONS {
                 cases.push((matrix_case(MEDIUM, gate, 1.0, direction), form));
             }
@@ -408,7 +422,11 @@ fn varlen_matrix() {
 fn wide_heads() {
     let Some(cube) = cube() else { return };
     let mut cases = Vec::new();
-    for shape in [(1, 40, 1, 256, 256), (1, 24, 1, 256, 512), (1, 24, 1, 512, 512)] {
+    for shape in [
+        (1, 40, 1, 256, 256),
+        (1, 24, 1, 256, 512),
+        (1, 24, 1, 512, 512),
+    ] {
         for direction in DIRECTIONS {
             cases.push((
                 matrix_case(shape, GateKind::Vector, 1.0, direction),
@@ -442,7 +460,9 @@ fn llvmpipe_loop_budget() {
     use cubecl::prelude::*;
     use probe::count_iterations;
 
-    let Some(Backend::Cube(ctx)) = cube() else { return };
+    let Some(Backend::Cube(ctx)) = cube() else {
+        return;
+    };
     let client = ctx.client();
     let out = client.create_from_slice(u32::as_bytes(&[0]));
     // 400 x 400 = 160000 inner iterations (+ 400 outer).
@@ -457,9 +477,15 @@ fn llvmpipe_loop_budget() {
         )
     };
     let counted = u32::from_bytes(&client.read_one(out).unwrap())[0];
-    println!("{}: counted {counted} of 160000 iterations", ctx.adapter_name());
+    println!(
+        "{}: counted {counted} of 160000 iterations",
+        ctx.adapter_name()
+    );
     if ctx.is_llvmpipe() {
-        assert!(counted < 160_000, "llvmpipe ran every iteration: the limit has gone");
+        assert!(
+            counted < 160_000,
+            "llvmpipe ran every iteration: the limit has gone"
+        );
         assert!(
             counted as usize > linattn::cube::LOOP_BUDGET,
             "the limit is below our budget"

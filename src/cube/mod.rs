@@ -111,8 +111,12 @@ impl CubeContext {
         };
         match dtype {
             DType::F32 => true,
-            DType::F16 => usable(<half::f16 as cubecl::prelude::Scalar>::supported_uses(self.client())),
-            DType::BF16 => usable(<half::bf16 as cubecl::prelude::Scalar>::supported_uses(self.client())),
+            DType::F16 => usable(<half::f16 as cubecl::prelude::Scalar>::supported_uses(
+                self.client(),
+            )),
+            DType::BF16 => usable(<half::bf16 as cubecl::prelude::Scalar>::supported_uses(
+                self.client(),
+            )),
             DType::F64 => false,
         }
     }

@@ -413,10 +413,7 @@ pub(super) fn backward(
         let (khat, g, _) = gate(ctx, spec, &seqs, &inputs);
         let problem = engine_problem(ctx, spec, &inputs, khat.clone(), Some(g.clone()));
         let grads = Run::new(ctx, &problem, form)?.backward(&d_o, None)?;
-        let dg = grads
-            .dg
-            .as_ref()
-            .expect("the vector gate has a gradient");
+        let dg = grads.dg.as_ref().expect("the vector gate has a gradient");
         let z0_dummy = alloc_f32(ctx, 1);
         let (count, dim) = per_item(n_seq * d.h * d.k);
         // SAFETY: `khat`, `g`, `dkhat`, `dg`, `dk_logits` are `[rows, H, K]`, `z0` `[N, H, K]`.

@@ -229,6 +229,8 @@ pub fn chunk_dq(
     weighted: u32,
 ) {
     let cube = cube_index();
+    // (`usize::div_ceil` has no expansion inside `#[cube]` functions.)
+    #[allow(clippy::manual_div_ceil)]
     let blocks = (dk + COL_BLOCK - 1) / COL_BLOCK;
     if cube < n_chunks * heads * blocks {
         let b = cube % blocks;
@@ -337,6 +339,8 @@ pub fn chunk_dk(
     weighted: u32,
 ) {
     let cube = cube_index();
+    // (`usize::div_ceil` has no expansion inside `#[cube]` functions.)
+    #[allow(clippy::manual_div_ceil)]
     let blocks = (dk + COL_BLOCK - 1) / COL_BLOCK;
     if cube < n_chunks * heads * blocks {
         let b = cube % blocks;
@@ -405,7 +409,8 @@ pub fn chunk_dk(
                 let lt = row0 + t;
                 let pt = physical_row(lt, s0, slen, reverse);
                 gates_between += factors[PLANE_GATE * plane_len + (lt * heads + h) * dk + kk];
-                same += dscores[col + t * chunk] * q[(pt * heads + h) * dk + kk] * gates_between.exp();
+                same +=
+                    dscores[col + t * chunk] * q[(pt * heads + h) * dk + kk] * gates_between.exp();
             }
 
             let ki = (pj * heads + h) * dk + kk;
@@ -456,6 +461,8 @@ pub fn chunk_dv(
     accumulate: u32,
 ) {
     let cube = cube_index();
+    // (`usize::div_ceil` has no expansion inside `#[cube]` functions.)
+    #[allow(clippy::manual_div_ceil)]
     let blocks = (dv + COL_BLOCK - 1) / COL_BLOCK;
     if cube < n_chunks * heads * blocks {
         let b = cube % blocks;

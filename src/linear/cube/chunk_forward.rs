@@ -281,6 +281,8 @@ pub fn chunk_output(
     accumulate: u32,
 ) {
     let cube = cube_index();
+    // (`usize::div_ceil` has no expansion inside `#[cube]` functions.)
+    #[allow(clippy::manual_div_ceil)]
     let blocks = (dv + COL_BLOCK - 1) / COL_BLOCK;
     if cube < n_chunks * heads * blocks {
         let b = cube % blocks;
@@ -306,9 +308,8 @@ pub fn chunk_output(
             let so = (c * heads + h) * dk * dv + vv;
             let mut inter = 0.0f32;
             for kk in 0..dk {
-                inter += q[qo + kk]
-                    * factors[PLANE_FC_EXP * plane_len + ft + kk]
-                    * states[so + kk * dv];
+                inter +=
+                    q[qo + kk] * factors[PLANE_FC_EXP * plane_len + ft + kk] * states[so + kk * dv];
             }
             let mut acc = scale * inter;
             let ao = ((c * heads + h) * chunk + t) * chunk;

@@ -47,7 +47,8 @@ pub const PLANES: usize = 7;
 /// One thread per (chunk, head, key channel): walks the chunk forward for `Fc`, `Fs` and backward
 /// for `Rc`, `Rs` and the anchored key factors, writing the planes described above.
 #[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
+// (`usize::is_multiple_of` has no expansion inside `#[cube]` functions.)
+#[allow(clippy::too_many_arguments, clippy::manual_is_multiple_of)]
 pub fn chunk_gate_factors(
     g: &[f32],
     chunks: &[u32],

@@ -240,12 +240,7 @@ impl<'a> DeviceLinearAttention<'a> {
                     "an initial state `h0` together with row-sum normalisation".into(),
                 ));
             }
-            expect(
-                "h0",
-                h0,
-                &["N", "H", "K", "V"],
-                &[num_sequences, h, k, v],
-            )?;
+            expect("h0", h0, &["N", "H", "K", "V"], &[num_sequences, h, k, v])?;
         }
         Ok(Spec {
             dims,
@@ -1007,7 +1002,11 @@ impl<'a> Run<'a> {
         let (k_tiles, v_tiles) = self.tiles(dv);
         let h0_dummy = self.dummy();
         let ht_dummy = self.dummy();
-        let h0 = if pass.reverse { None } else { self.p.h0.as_ref() };
+        let h0 = if pass.reverse {
+            None
+        } else {
+            self.p.h0.as_ref()
+        };
         let state_len = n_seq * d.h * d.k * dv;
         let carry = alloc_f32(self.ctx, state_len);
         let per_launch = self.steps_per_launch(chunk_forward::state_pass_cost(ch.chunk));
@@ -1347,7 +1346,14 @@ impl<'a> Run<'a> {
 
     // ----- recurrent -----
 
-    fn recurrent_forward(&self, pass: Pass, v: &Handle, dv: usize, o: &Handle, ht: Option<&Handle>) {
+    fn recurrent_forward(
+        &self,
+        pass: Pass,
+        v: &Handle,
+        dv: usize,
+        o: &Handle,
+        ht: Option<&Handle>,
+    ) {
         let d = self.p.dims;
         let n_seq = self.p.n_seq();
         let rows_heads = self.p.rows() * d.h;
@@ -1362,7 +1368,11 @@ impl<'a> Run<'a> {
         };
         let g_dummy = self.dummy();
         let h0_dummy = self.dummy();
-        let h0 = if pass.reverse { None } else { self.p.h0.as_ref() };
+        let h0 = if pass.reverse {
+            None
+        } else {
+            self.p.h0.as_ref()
+        };
         let (count, dim) = per_item(n_seq * d.h * dv);
         for (from, steps) in segments(self.max_len(), self.steps_per_launch(d.k)) {
             // SAFETY: lengths as passed; the state scratch is `[N, H, K, dv]`.
@@ -1417,7 +1427,11 @@ impl<'a> Run<'a> {
         let kind = self.gate_code(pass);
         let h0_dummy = self.dummy();
         let dht_dummy = self.dummy();
-        let h0 = if pass.reverse { None } else { self.p.h0.as_ref() };
+        let h0 = if pass.reverse {
+            None
+        } else {
+            self.p.h0.as_ref()
+        };
         let max_len = self.max_len();
 
         let state = alloc_f32(self.ctx, state_len);
@@ -1554,7 +1568,11 @@ impl<'a> Run<'a> {
         let exponent = alloc_f32(self.ctx, rows_heads * d.k);
         let g_dummy = self.dummy();
         let g = pass.gate.unwrap_or(&g_dummy);
-        let h0 = if pass.reverse { None } else { self.p.h0.as_ref() };
+        let h0 = if pass.reverse {
+            None
+        } else {
+            self.p.h0.as_ref()
+        };
         let (count, dim) = per_item(rows_heads);
         for (from, steps) in segments(self.max_len(), self.steps_per_launch(2 * d.k + dv)) {
             // SAFETY: lengths as passed; the exponent scratch is `[rows, H, K]`.
@@ -1666,7 +1684,11 @@ impl<'a> Run<'a> {
         let g = pass.gate.unwrap_or(&g_dummy);
         let gate_len = self.gate_len();
         let kind = self.gate_code(pass);
-        let h0 = if pass.reverse { None } else { self.p.h0.as_ref() };
+        let h0 = if pass.reverse {
+            None
+        } else {
+            self.p.h0.as_ref()
+        };
         let max_len = self.max_len();
         let per_launch = self.steps_per_launch(3 * d.k + dv);
 

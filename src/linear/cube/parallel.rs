@@ -212,7 +212,8 @@ pub fn parallel_dq(
         for step in first..end {
             let j = i - step;
             for kk in 0..dk {
-                exponent[eo + kk] += gate_value(g, kind, j + 1, s0, slen, reverse, h, kk, heads, dk);
+                exponent[eo + kk] +=
+                    gate_value(g, kind, j + 1, s0, slen, reverse, h, kk, heads, dk);
             }
             let pj = physical_row(j, s0, slen, reverse);
             let vo = (pj * heads + h) * dv;
