@@ -130,7 +130,7 @@ pub fn cast_f32<I: Float + CubeElement>(ctx: &CubeContext, input: &Handle, n: us
     out
 }
 
-/// `[rows, src_width] -> [rows, dst_width]`, see the kernel [`copy_columns`].
+/// `[rows, src_width] -> [rows, dst_width]`, see the kernel `copy_columns`.
 pub fn columns(
     ctx: &CubeContext,
     src: &Handle,

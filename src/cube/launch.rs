@@ -1,9 +1,9 @@
 //! Launch geometry shared by every kernel.
 //!
 //! Runtimes cap each grid axis (65535 cubes on wgpu), so a kernel that needs `n` cubes gets an
-//! `x * y` grid with `x <= 65535` and reads its flat cube index back with [`cube_index`]; cubes
+//! `x * y` grid with `x <= 65535` and reads its flat cube index back with [`cube_index`](fn@cube_index); cubes
 //! past `n` (the ragged end of the last row) see an index `>= n` and do nothing. Kernels that map
-//! one thread to one work item use [`thread_index`] the same way.
+//! one thread to one work item use [`thread_index`](fn@thread_index) the same way.
 
 use cubecl::prelude::*;
 

@@ -2,11 +2,11 @@
 //! forward and backward, carrying `z` across chunks and into the next call through the state) and
 //! the softmax of the non-causal form, both feeding the engine of [`crate::linear::cube`].
 //!
-//! Causal: [`additive_gate`] turns the logits `k` into `khat` and the vector gate `g`; the engine
+//! Causal: [`additive_gate`](fn@additive_gate) turns the logits `k` into `khat` and the vector gate `g`; the engine
 //! runs causal GLA on `(q, khat, v, g)` with `h0 = S0`; backward, the engine's `dkhat` and `dg` go
-//! through [`additive_gate_backward`]. Non-causal: [`softmax_keys`] gives `khat = softmax_t(k)`
+//! through [`additive_gate_backward`](fn@additive_gate_backward). Non-causal: [`softmax_keys`](fn@softmax_keys) gives `khat = softmax_t(k)`
 //! per channel and the engine runs bidirectional without a gate (plain non-causal linear
-//! attention); backward through [`softmax_keys_backward`].
+//! attention); backward through [`softmax_keys_backward`](fn@softmax_keys_backward).
 //!
 //! **Numerics.** With `d = z_{t-1} - k_t`, `g_t = logsigmoid(d) = min(d, 0) - log1p(exp(-|d|))`
 //! (`<= 0`), `z_t = max(z_{t-1}, k_t) + log1p(exp(-|d|))` and `khat_t = exp(k_t - z_t)` (`<= 1`):

@@ -16,7 +16,7 @@
 //! The dq and dk kernels also write this pass's gate-gradient terms `gq = q dq`, `gk = k dk`
 //! *without* the diagonal (`j = t`) contributions and without the `dht` path (`D_c` above splits
 //! into the part from later outputs and `suffix_decay * dht`), which cancel in `q dq - k dk`
-//! analytically (see [`super::gates::gate_grad_scan`]).
+//! analytically (see [`gate_grad_scan`](fn@super::gates::gate_grad_scan)).
 
 use cubecl::prelude::*;
 

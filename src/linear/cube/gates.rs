@@ -119,8 +119,8 @@ pub fn chunk_gate_factors(
 /// state's (`dht`) path. Both cancel in the sum analytically; left in, their rounding (an ulp of
 /// terms that do not decay) would swamp a gradient that, with strong decays, is orders of
 /// magnitude smaller. The `dht` path is added separately, in a form without cancellation, by
-/// [`final_state_gate_grad`]. The result lands on the physical gate row this logical step read
-/// (see [`gate_value`]), added to what earlier passes wrote there. The running sum is
+/// [`final_state_gate_grad`](fn@final_state_gate_grad). The result lands on the physical gate row this logical step read
+/// (see [`gate_value`](fn@gate_value)), added to what earlier passes wrote there. The running sum is
 /// Kahan-compensated: every prefix is a result, so its error must not grow with `T`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -165,7 +165,7 @@ pub fn gate_grad_scan(
 /// (sequence, head, channel). `ht = exp(sum_{m >= t} g_m) S_{t-1} + (terms free of g_t)`, so
 /// `dL/dg_t += exp(sum_{m >= t} g_m) * Z_t` with `Z_t = S_{t-1}[k, :] . dht[k, :]`, where
 /// `S_{-1} = h0`. `Z` follows the scalar recurrence `Z_{t+1} = exp(g_t) Z_t + k_t w_t` with
-/// `w_t = v_t . dht[k, :]` from [`dht_projection`] (a forward walk storing `Z_t` in `scratch`),
+/// `w_t = v_t . dht[k, :]` from [`dht_projection`](fn@dht_projection) (a forward walk storing `Z_t` in `scratch`),
 /// then a backward walk accumulates the suffix exponent (`<= 0`) and adds the product. No term
 /// cancels another. Two loop iterations per token: sequences up to
 /// [`crate::cube::LLVMPIPE_MAX_SEQUENCE`] on llvmpipe.

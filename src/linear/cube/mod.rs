@@ -12,7 +12,7 @@
 //! ([`layout`]): the forward pass (diagonal included) and, for a bidirectional problem, the reverse
 //! pass (the upper triangle through the flip identity, diagonal excluded), added into the same
 //! outputs. Normalisation appends a ones column to `v` ([`normalize`]). Each pass's gate gradient
-//! comes from the closed form (a reverse cumulative sum, [`gates::gate_grad_scan`]) and is summed
+//! comes from the closed form (a reverse cumulative sum, [`gates::gate_grad_scan`](fn@gates::gate_grad_scan)) and is summed
 //! to the gate's shape at the end.
 //!
 //! **Kernels** (one file per group, each documents its indexing and why its exponents are `<= 0`):

@@ -22,7 +22,7 @@ use crate::cube::launch::thread_index;
 /// Forward walk, one thread per (logical row, head): `o_i = sum_{j <= i} A_ij v_j`,
 /// `A_ij = scale q_i . (k_j exp(gates j+1..=i))`, written at the first step (or added to when
 /// `accumulate`). When the walk ends and `has_h0`, the exponent row becomes the weights of the
-/// initial state, `scale q_i exp(gates s0..=i)`, for [`parallel_initial_state`].
+/// initial state, `scale q_i exp(gates s0..=i)`, for [`parallel_initial_state`](fn@parallel_initial_state).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn parallel_forward(
@@ -105,7 +105,7 @@ pub fn parallel_forward(
     }
 }
 
-/// `o_i += sum_k w_i[k] h0[k, :]` with the weights [`parallel_forward`] left in `weights`; one
+/// `o_i += sum_k w_i[k] h0[k, :]` with the weights [`parallel_forward`](fn@parallel_forward) left in `weights`; one
 /// thread per (row, head, value column), forward direction only.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -138,7 +138,7 @@ pub fn parallel_initial_state(
 /// `dq` walk, one thread per (logical row, head): `gq` accumulates the off-diagonal
 /// `scale sum_{j < i} (do_i . v_j) k_j exp(gates j+1..=i)`; the diagonal term goes to `dq` at the
 /// first step. When the walk ends and `has_h0`, the exponent row becomes `scale exp(gates s0..=i)`
-/// for [`parallel_dq_finish`]. With `weighted` (a per-head gate) it also sums each pair's
+/// for [`parallel_dq_finish`](fn@parallel_dq_finish). With `weighted` (a per-head gate) it also sums each pair's
 /// contribution to the loss times its distance `i - j` (the gates it crosses) in `walk_partial`
 /// (`[rows, H]`): that pair's exact share of `dL/dg`.
 #[cube(launch_unchecked)]
