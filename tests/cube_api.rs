@@ -250,7 +250,7 @@ fn half_precision_inputs_or_clear_errors() {
 }
 
 /// What the kernels do not take is refused with a typed error, not computed wrongly: chunks
-/// above 64, and on llvmpipe sequences beyond its loop limit.
+/// above 64, head dims above 512, and on llvmpipe sequences beyond its loop limit.
 #[test]
 fn unsupported_configurations_are_refused() {
     let Some((cube, ctx)) = cube() else { return };
@@ -258,6 +258,14 @@ fn unsupported_configurations_are_refused() {
     let problem = LinearAttention::causal(&x, &x, &x);
     let err = linear::forward(&cube, &problem, Form::Chunkwise { chunk: 65 }).unwrap_err();
     assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    let wide = Tensor::zeros(vec![1, 2, 1, 513], DType::F32);
+    let v = Tensor::zeros(vec![1, 2, 1, 4], DType::F32);
+    let problem = LinearAttention::causal(&wide, &wide, &v);
+    let err = linear::forward(&cube, &problem, Form::Recurrent).unwrap_err();
+    assert!(
+        matches!(err, Error::UnsupportedHeadDim { dim: 513, .. }),
+        "{err}"
+    );
     if ctx.is_llvmpipe() {
         let t = linattn::cube::LLVMPIPE_MAX_SEQUENCE + 1;
         let long = Tensor::zeros(vec![1, t, 1, 1], DType::F32);

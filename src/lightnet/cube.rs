@@ -323,7 +323,7 @@ fn engine_problem(
     inputs: &DeviceInputs,
     khat: Handle,
     g: Option<Handle>,
-) -> Problem {
+) -> Result<Problem> {
     Problem::from_buffers(
         ctx,
         spec.dims,
@@ -354,7 +354,7 @@ pub(super) fn forward(
     let seqs = Sequences::new(ctx, spec.dims.b, spec.dims.t, spec.cu_seqlens.as_deref());
     if spec.bidirectional {
         let khat = softmax(ctx, spec, &seqs, &inputs.k);
-        let problem = engine_problem(ctx, spec, &inputs, khat, None);
+        let problem = engine_problem(ctx, spec, &inputs, khat, None)?;
         let (o, _) = Run::new(ctx, &problem, form)?.forward()?;
         return Ok(LightNetOutput {
             o: download(ctx, o, spec.o_shape())?,
@@ -362,7 +362,7 @@ pub(super) fn forward(
         });
     }
     let (khat, g, z_final) = gate(ctx, spec, &seqs, &inputs);
-    let problem = engine_problem(ctx, spec, &inputs, khat, Some(g));
+    let problem = engine_problem(ctx, spec, &inputs, khat, Some(g))?;
     let (o, s) = Run::new(ctx, &problem, form)?.forward()?;
     let s = s.expect("the causal engine without normalisation has a final state");
     Ok(LightNetOutput {
@@ -390,7 +390,7 @@ pub(super) fn backward(
     let dk_logits = output(ctx, qk_len);
     let grads = if spec.bidirectional {
         let khat = softmax(ctx, spec, &seqs, &inputs.k);
-        let problem = engine_problem(ctx, spec, &inputs, khat.clone(), None);
+        let problem = engine_problem(ctx, spec, &inputs, khat.clone(), None)?;
         let grads = Run::new(ctx, &problem, form)?.backward(&d_o, None)?;
         let (count, dim) = per_item(n_seq * d.h * d.k);
         // SAFETY: all `[rows, H, K]`.
@@ -411,7 +411,7 @@ pub(super) fn backward(
         grads
     } else {
         let (khat, g, _) = gate(ctx, spec, &seqs, &inputs);
-        let problem = engine_problem(ctx, spec, &inputs, khat.clone(), Some(g.clone()));
+        let problem = engine_problem(ctx, spec, &inputs, khat.clone(), Some(g.clone()))?;
         let grads = Run::new(ctx, &problem, form)?.backward(&d_o, None)?;
         let dg = grads.dg.as_ref().expect("the vector gate has a gradient");
         let z0_dummy = alloc_f32(ctx, 1);

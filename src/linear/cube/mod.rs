@@ -460,6 +460,25 @@ pub(in crate::linear) fn decode_step(
     })
 }
 
+/// Largest head dim (`K` and `V`) the kernels take: their per-invocation loops are sized for it
+/// ([`CubeContext::loop_budget`]); no kernel holds a whole head in registers or shared memory,
+/// so there is no separate path for 512.
+pub const MAX_HEAD_DIM: usize = 512;
+
+fn check_head_dims(ctx: &CubeContext, d: &Dims) -> Result<()> {
+    for (tensor, dim) in [("k", d.k), ("v", d.v)] {
+        if dim > MAX_HEAD_DIM {
+            return Err(Error::UnsupportedHeadDim {
+                tensor: tensor.into(),
+                dim,
+                backend: format!("cube ({})", ctx.adapter_name()),
+                supported: format!("1..={MAX_HEAD_DIM}"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A validated problem as f32 device buffers.
 pub(crate) struct Problem {
     pub dims: Dims,
@@ -479,6 +498,7 @@ pub(crate) struct Problem {
 impl Problem {
     fn new(ctx: &CubeContext, spec: &Spec, args: &DeviceLinearAttention) -> Result<Problem> {
         let d = spec.dims;
+        check_head_dims(ctx, &d)?;
         // Kernels index with 32-bit arithmetic on some runtimes: keep every buffer (the largest
         // is the chunk factors, PLANES x [rows, H, K]) well inside it.
         let largest = (d.b * d.t * d.h * d.k.max(d.v + 1)).saturating_mul(PLANES);
@@ -521,8 +541,9 @@ impl Problem {
         (q, k, v): (Handle, Handle, Handle),
         gate: Option<Handle>,
         h0: Option<Handle>,
-    ) -> Problem {
-        Problem {
+    ) -> Result<Problem> {
+        check_head_dims(ctx, &dims)?;
+        Ok(Problem {
             dims,
             scale,
             direction,
@@ -539,7 +560,7 @@ impl Problem {
             gate,
             gate_bwd: None,
             h0,
-        }
+        })
     }
 
     fn n_seq(&self) -> usize {
