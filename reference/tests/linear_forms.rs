@@ -259,7 +259,7 @@ fn head_dim() -> impl Strategy<Value = usize> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 160,
+        cases: 256,
         rng_seed: RngSeed::Fixed(0x0011_AA77),
         failure_persistence: None,
         max_shrink_iters: 64,
