@@ -122,13 +122,13 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// Softmax probabilities of `scores` and their log-sum-exp, subtracting the max first.
 /// `None` for an empty row.
 fn softmax(scores: &[(usize, f64)]) -> Option<(Vec<f64>, f64)> {
+    if scores.is_empty() {
+        return None;
+    }
     let m = scores
         .iter()
         .map(|&(_, s)| s)
         .fold(f64::NEG_INFINITY, f64::max);
-    if scores.is_empty() {
-        return None;
-    }
     let e: Vec<f64> = scores.iter().map(|&(_, s)| (s - m).exp()).collect();
     // The max term contributes exp(0) = 1, so the sum is >= 1 and its log is finite.
     let l: f64 = e.iter().sum();

@@ -196,6 +196,20 @@ impl LightNetProblem<'_> {
                 seqs.len() * d.h * d.k,
                 "initial z must be [N, H, K]"
             );
+            // z = -inf is an empty prefix: its S row must be 0 (the additive gate then uses g = 0
+            // at the first token, which would otherwise keep a stray S0 that exp(z0 - z) kills).
+            for (i, z) in st.z.iter().enumerate() {
+                assert!(
+                    !z.is_nan() && *z < f64::INFINITY,
+                    "initial z must be < +inf"
+                );
+                if *z == f64::NEG_INFINITY {
+                    assert!(
+                        st.s[i * d.v..(i + 1) * d.v].iter().all(|&x| x == 0.0),
+                        "initial z = -inf (empty prefix) needs a zero S row"
+                    );
+                }
+            }
         }
         seqs
     }

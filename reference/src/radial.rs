@@ -161,7 +161,7 @@ pub fn paper_token_allowed(cfg: &RadialConfig, q: usize, k: usize) -> bool {
     let s128 = s as u128;
     // |k - l| + 1 <= s / 2^r  <=>  (|k - l| + 1) * 2^r <= s  (exact, no division)
     let band = two_r <= s128 && (kk.abs_diff(ll) as u128 + 1) * two_r <= s128;
-    let diag = (d as u128) % two_r.div_ceil(s128) == 0 && kk == ll;
+    let diag = (d as u128).is_multiple_of(two_r.div_ceil(s128)) && kk == ll;
     band || diag
 }
 
@@ -178,7 +178,7 @@ pub fn paper_frame_band(s: usize, i: usize, j: usize) -> Option<usize> {
     if two_r <= s128 {
         // |k - l| + 1 <= floor(s / 2^r)  (|k - l| is an integer), floor(s / 2^r) >= 1
         Some((s128 / two_r) as usize - 1)
-    } else if (d as u128) % two_r.div_ceil(s128) == 0 {
+    } else if (d as u128).is_multiple_of(two_r.div_ceil(s128)) {
         Some(0)
     } else {
         None
@@ -236,7 +236,7 @@ fn released_split_keeps(s: usize, d: usize) -> bool {
     if factor_log2 >= 64 {
         return d == 0; // the factor exceeds any usize d
     }
-    (d as u64) % (1u64 << factor_log2) == 0
+    (d as u64).is_multiple_of(1u64 << factor_log2)
 }
 
 /// The released code's token rule for query frame `i` and key frame `j` (step 1 of the module doc).

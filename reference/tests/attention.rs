@@ -2,7 +2,9 @@
 //! explicit softmax Jacobian), central finite differences, empty rows, causal with T != S, masks
 //! with and without the diagonal.
 
-use linattn_reference::attention::{AttnDims, AttnGrads, AttnOutput, AttnProblem, backward, forward};
+use linattn_reference::attention::{
+    AttnDims, AttnGrads, AttnOutput, AttnProblem, backward, forward,
+};
 use linattn_reference::block_mask::BlockMask;
 use linattn_reference::testing::Rng;
 use linattn_reference::{max_abs_diff, rel_rms};
@@ -101,14 +103,18 @@ fn brute(p: &AttnProblem, d_o: &[f64]) -> (AttnOutput, AttnGrads) {
                 let l: f64 = e.iter().sum();
                 let pr: Vec<f64> = e.iter().map(|x| x / l).collect();
                 lse[(bb * h + hh) * t + i] = m + l.ln();
-                for j in 0..s {
+                for (j, pj) in pr.iter().enumerate() {
                     for x in 0..d {
-                        o[qi(bb, i, hh) + x] += pr[j] * p.v[kj(bb, j, hh) + x];
+                        o[qi(bb, i, hh) + x] += pj * p.v[kj(bb, j, hh) + x];
                     }
                 }
                 // dp_j = d_o_i . v_j ; ds = (diag(p) - p p^T) dp
                 let dp: Vec<f64> = (0..s)
-                    .map(|j| (0..d).map(|x| d_o[qi(bb, i, hh) + x] * p.v[kj(bb, j, hh) + x]).sum())
+                    .map(|j| {
+                        (0..d)
+                            .map(|x| d_o[qi(bb, i, hh) + x] * p.v[kj(bb, j, hh) + x])
+                            .sum()
+                    })
                     .collect();
                 for j in 0..s {
                     let mut ds = 0.0;
@@ -184,7 +190,13 @@ fn check_all(x: &Data, causal: bool, mask: Option<&BlockMask>) {
     let p = problem(x, causal, mask);
     let out = forward(&p);
     let grads = backward(&p, &x.d_o);
-    for v in out.o.iter().chain(&grads.dq).chain(&grads.dk).chain(&grads.dv) {
+    for v in out
+        .o
+        .iter()
+        .chain(&grads.dq)
+        .chain(&grads.dk)
+        .chain(&grads.dv)
+    {
         assert!(v.is_finite(), "non-finite output or gradient");
     }
     assert!(out.lse.iter().all(|l| !l.is_nan() && *l < f64::INFINITY));
@@ -194,7 +206,11 @@ fn check_all(x: &Data, causal: bool, mask: Option<&BlockMask>) {
         out.lse.iter().map(|l| l.is_finite()).collect::<Vec<_>>(),
         bo.lse.iter().map(|l| l.is_finite()).collect::<Vec<_>>()
     );
-    let fin = |v: &[f64]| v.iter().map(|l| if l.is_finite() { *l } else { 0.0 }).collect::<Vec<_>>();
+    let fin = |v: &[f64]| {
+        v.iter()
+            .map(|l| if l.is_finite() { *l } else { 0.0 })
+            .collect::<Vec<_>>()
+    };
     assert_close("lse vs brute", &fin(&out.lse), &fin(&bo.lse), 1e-13);
     assert_close("dq vs brute", &grads.dq, &bg.dq, 1e-12);
     assert_close("dk vs brute", &grads.dk, &bg.dk, 1e-12);
@@ -308,7 +324,12 @@ fn empty_rows_give_zero_output_and_gradients() {
     for j in 6..8 {
         for hh in 0..2 {
             let off = (j * 2 + hh) * 3;
-            assert!(g.dk[off..off + 3].iter().chain(&g.dv[off..off + 3]).all(|&v| v == 0.0));
+            assert!(
+                g.dk[off..off + 3]
+                    .iter()
+                    .chain(&g.dv[off..off + 3])
+                    .all(|&v| v == 0.0)
+            );
         }
     }
     check_all(&x, true, Some(&m));
