@@ -299,3 +299,18 @@ fn lightnet_state_carries_across_calls() {
         "state: {rel_s:.3e} {rel_z:.3e}"
     );
 }
+
+/// Validation: an empty-prefix channel (`z0 = -inf`) with a nonzero `S` row is refused on every
+/// backend before any launch.
+#[test]
+fn lightnet_rejects_state_of_empty_prefix() {
+    let Some(cube) = cube() else { return };
+    let x = Tensor::zeros(vec![1, 4, 1, 2], DType::F32);
+    let s0 = Tensor::from_f32(vec![1, 1, 2, 2], vec![0.0, 0.0, 1.0, 0.0]).unwrap();
+    let z0 = Tensor::from_f32(vec![1, 1, 2], vec![f32::NEG_INFINITY, f32::NEG_INFINITY]).unwrap();
+    let problem = LightNet::causal(&x, &x, &x).with_initial_state(&s0, &z0);
+    for backend in [&cube, &Backend::Cpu] {
+        let err = lightnet::forward(backend, &problem, Form::Recurrent).unwrap_err();
+        assert!(matches!(err, linattn::Error::InvalidArgument(_)), "{err}");
+    }
+}

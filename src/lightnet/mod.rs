@@ -138,6 +138,17 @@ impl<'a> LightNet<'a> {
                     value,
                 });
             }
+            // An empty prefix has nothing to carry: its `S` row must be zero (the additive gate
+            // starts it over at the first token, so a stray row would be kept, not discarded).
+            let s = state.s.to_f64_vec();
+            let empty_with_state = state.z.to_f64_vec().into_iter().enumerate().find(|(i, z)| {
+                *z == f64::NEG_INFINITY && s[i * v..(i + 1) * v].iter().any(|&x| x != 0.0)
+            });
+            if let Some((index, _)) = empty_with_state {
+                return Err(Error::InvalidArgument(format!(
+                    "z0[{index}] is -inf (an empty prefix) but its row of s0 is not zero"
+                )));
+            }
         }
         Ok(LightNetSpec {
             dims: Dims { b, t, h, k, v },
