@@ -2,7 +2,8 @@
 //! half-precision inputs where the runtime has them (and a clear error where it does not), and
 //! the typed errors for what the kernels do not take.
 //!
-//! Prints `skipped: no wgpu adapter` and passes when there is none.
+//! Prints `skipped: no wgpu adapter` and passes when there is none (fails instead when
+//! `LINATTN_REQUIRE_WGPU` is set, as in CI).
 
 use linattn::cube::{CubeContext, DeviceTensor};
 use linattn::linear::cube::{DeviceGate, DeviceLinearAttention, backward_device, forward_device};
@@ -18,6 +19,11 @@ fn cube() -> Option<(Backend, CubeContext)> {
             Some((Backend::Cube(ctx.clone()), ctx))
         }
         Err(e) => {
+            // CI (.ci/run) sets LINATTN_REQUIRE_WGPU: there a missing adapter is a failure.
+            assert!(
+                std::env::var_os("LINATTN_REQUIRE_WGPU").is_none(),
+                "LINATTN_REQUIRE_WGPU is set but there is no wgpu adapter: {e}"
+            );
             println!("skipped: no wgpu adapter ({e})");
             None
         }

@@ -1,7 +1,8 @@
 //! `linattn run gla|lion|lightnet --device cube` end to end (safetensors in, safetensors out),
 //! against the same command on the CPU reference.
 //!
-//! Prints `skipped: no wgpu adapter` and passes when there is none.
+//! Prints `skipped: no wgpu adapter` and passes when there is none (fails instead when
+//! `LINATTN_REQUIRE_WGPU` is set, as in CI).
 
 use clap::Parser;
 use linattn::cli::io::{Inputs, Outputs};
@@ -57,6 +58,10 @@ fn run_both(op: &str, extra: &[&str], inputs: Outputs, expected: &[&str]) {
 #[test]
 fn run_ops_on_cube_match_cpu() {
     if let Err(e) = CubeContext::shared() {
+        assert!(
+            std::env::var_os("LINATTN_REQUIRE_WGPU").is_none(),
+            "LINATTN_REQUIRE_WGPU is set but there is no wgpu adapter: {e}"
+        );
         println!("skipped: no wgpu adapter ({e})");
         return;
     }

@@ -1,7 +1,8 @@
 //! The CubeCL LightNet kernels (additive gate + engine, and the non-causal softmax form) against
 //! the f64 reference, forward (`o`, final `S` and `z`) and every gradient (`dq`, `dk`, `dv`).
 //!
-//! Prints `skipped: no wgpu adapter` and passes when there is none. Output poisoning is on.
+//! Prints `skipped: no wgpu adapter` and passes when there is none (fails instead when
+//! `LINATTN_REQUIRE_WGPU` is set, as in CI). Output poisoning is on.
 
 use linattn::cube::CubeContext;
 use linattn::lightnet::{self, LightNet};
@@ -19,6 +20,11 @@ fn cube() -> Option<Backend> {
             Some(Backend::Cube(ctx))
         }
         Err(e) => {
+            // CI (.ci/run) sets LINATTN_REQUIRE_WGPU: there a missing adapter is a failure.
+            assert!(
+                std::env::var_os("LINATTN_REQUIRE_WGPU").is_none(),
+                "LINATTN_REQUIRE_WGPU is set but there is no wgpu adapter: {e}"
+            );
             println!("skipped: no wgpu adapter ({e})");
             None
         }

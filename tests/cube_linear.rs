@@ -1,8 +1,16 @@
 //! The CubeCL engine kernels against the f64 reference, forward and every gradient.
 //!
 //! Runs on whatever wgpu adapter is present (llvmpipe in CI); prints `skipped: no wgpu adapter`
-//! and passes when there is none. Output poisoning is on: every output and scratch buffer is
-//! filled with NaN before the kernels that must write it, so an unwritten element fails.
+//! and passes when there is none (fails instead when `LINATTN_REQUIRE_WGPU` is set, as in CI).
+//! Output poisoning is on: every output and scratch buffer is filled with NaN before the kernels
+//! that must write it, so an unwritten element fails.
+//!
+//! Matrix (ops.md / issue 3): shapes (B,T,H,K,V) (1,63,1,64,64), (2,200,2,60,100), (1,130,2,32,48)
+//! in the full product gate kind x strength x direction x chunk 16/64; (2,256,4,128,128) in a
+//! subset (every gate kind and direction at chunk 64, the extreme strengths at chunk 16); the
+//! recurrent and parallel forms on the small shapes in full and the medium one per gate kind;
+//! varlen `[0,15]`, `[0,0,16]`, `[0,1,100,300]` in every form. Causal cases carry `h0` and `dht`;
+//! bidirectional ones alternate row-sum normalisation and a separate backward gate.
 
 use linattn::cube::CubeContext;
 use linattn::linear::{self, Direction, Form, Gate, GateKind, LinearAttention};
@@ -21,6 +29,11 @@ fn cube() -> Option<Backend> {
             Some(Backend::Cube(ctx))
         }
         Err(e) => {
+            // CI (.ci/run) sets LINATTN_REQUIRE_WGPU: there a missing adapter is a failure.
+            assert!(
+                std::env::var_os("LINATTN_REQUIRE_WGPU").is_none(),
+                "LINATTN_REQUIRE_WGPU is set but there is no wgpu adapter: {e}"
+            );
             println!("skipped: no wgpu adapter ({e})");
             None
         }
