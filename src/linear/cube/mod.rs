@@ -11,9 +11,20 @@
 //! **Structure.** A problem is one or two *passes* of a causal engine over logical rows
 //! ([`layout`]): the forward pass (diagonal included) and, for a bidirectional problem, the reverse
 //! pass (the upper triangle through the flip identity, diagonal excluded), added into the same
-//! outputs. Normalisation appends a ones column to `v` ([`normalize`]). Each pass's gate gradient
-//! comes from the closed form (a reverse cumulative sum, [`gates::gate_grad_scan`](fn@gates::gate_grad_scan)) and is summed
-//! to the gate's shape at the end.
+//! outputs. Normalisation appends a ones column to `v` and keeps the diagonal apart
+//! ([`normalize`]). Each pass's gate gradient comes from the closed form of kernels.md (a reverse
+//! cumulative sum, [`gates::gate_grad_scan`](fn@gates::gate_grad_scan), without the terms that
+//! cancel analytically) and is summed to the gate's shape at the end; a per-head gate takes the
+//! pair-weighted form instead ([`Run::add_head_sums`]), which the closed form conditions badly.
+//!
+//! **Numerics.** Every `exp` has a non-positive argument that is a running sum of gates, never a
+//! difference of two large cumulative sums; results are f32 throughout, inputs f32 or f16/bf16
+//! widened on the device where the runtime has them. Measured against the f64 reference over
+//! the test matrix, the worst relative RMS error of any output or gradient is about `3e-6`.
+//!
+//! **Loop budget.** Every kernel bounds the loop iterations of one invocation
+//! ([`CubeContext::loop_budget`]): llvmpipe silently cuts loops off beyond 65535. Long scans run
+//! as several launches that carry their state through device memory.
 //!
 //! **Kernels** (one file per group, each documents its indexing and why its exponents are `<= 0`):
 //! [`gates`] (chunk-local cumulative gates as decay factors, gate-gradient scan and reductions),
