@@ -15,6 +15,7 @@ pub mod cube;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod lightnet;
 pub mod linear;
 pub mod lion;
 pub mod optim;

@@ -1,12 +1,26 @@
 //! The portable tier: CubeCL kernels written once, generic over the runtime. The library starts the
 //! wgpu runtime (Vulkan / Metal / DX12, or Mesa's llvmpipe on a CPU); the same kernels launch on any
 //! `cubecl::client::Client`, so a caller holding a CUDA or HIP client can use them too.
+//!
+//! Besides the context this module holds what every op's kernels share: device tensors and the
+//! transfers to and from host [`Tensor`]s ([`DeviceTensor`]), launch geometry ([`launch`]) and
+//! small utility kernels (fill, dtype casts, column copies; [`kernels`]).
 
+pub mod buffer;
+pub mod kernels;
+pub mod launch;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cubecl::client::Client;
+use cubecl::features::TypeUsage;
+use cubecl::prelude::CubeElement;
+
+pub use buffer::DeviceTensor;
 
 use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
 
 /// A started CubeCL runtime: the client to launch on and what the adapter can do.
 #[derive(Clone)]
@@ -17,6 +31,9 @@ pub struct CubeContext {
 struct CubeInner {
     client: Client,
     adapter_name: String,
+    /// Fill every output and scratch buffer with NaN before the kernels that must write it run, so
+    /// an element a kernel forgets to write reads back as NaN and fails every comparison.
+    poison: AtomicBool,
 }
 
 impl CubeContext {
@@ -39,6 +56,7 @@ impl CubeContext {
             inner: Arc::new(CubeInner {
                 client,
                 adapter_name: adapter_name.into(),
+                poison: AtomicBool::new(cfg!(debug_assertions)),
             }),
         }
     }
@@ -71,6 +89,127 @@ impl CubeContext {
     pub fn adapter_name(&self) -> &str {
         &self.inner.adapter_name
     }
+
+    /// Whether output and scratch buffers are filled with NaN before the kernels that write them
+    /// (on by default in debug builds; tests turn it on explicitly).
+    pub fn poison_outputs(&self) -> bool {
+        self.inner.poison.load(Ordering::Relaxed)
+    }
+
+    /// Turns output poisoning on or off for every user of this context (it is shared).
+    pub fn set_poison_outputs(&self, poison: bool) {
+        self.inner.poison.store(poison, Ordering::Relaxed);
+    }
+
+    /// Whether the kernels can read inputs of `dtype` on this runtime. f32 always; f16 and bf16
+    /// when the runtime can store them in buffers and convert them to f32 (queried from the
+    /// runtime's features: llvmpipe has f16 but no bf16); f64 never (the kernels compute in f32,
+    /// and narrowing an f64 input silently is not our call to make).
+    pub fn supports_dtype(&self, dtype: DType) -> bool {
+        let usable = |uses: cubecl::ir::EnumSet<TypeUsage>| {
+            uses.contains(TypeUsage::Buffer) && uses.contains(TypeUsage::Conversion)
+        };
+        match dtype {
+            DType::F32 => true,
+            DType::F16 => usable(<half::f16 as cubecl::prelude::Scalar>::supported_uses(
+                self.client(),
+            )),
+            DType::BF16 => usable(<half::bf16 as cubecl::prelude::Scalar>::supported_uses(
+                self.client(),
+            )),
+            DType::F64 => false,
+        }
+    }
+
+    /// The dtypes [`supports_dtype`](Self::supports_dtype) accepts, in words (for error messages).
+    pub fn supported_dtypes(&self) -> String {
+        [DType::F32, DType::F16, DType::BF16]
+            .into_iter()
+            .filter(|d| self.supports_dtype(*d))
+            .map(|d| d.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Returns [`Error::UnsupportedDtype`] unless `dtype` is usable for input `tensor`.
+    pub fn check_dtype(&self, tensor: &str, dtype: DType) -> Result<()> {
+        if self.supports_dtype(dtype) {
+            return Ok(());
+        }
+        Err(Error::UnsupportedDtype {
+            tensor: tensor.to_string(),
+            dtype,
+            backend: format!("cube ({})", self.adapter_name()),
+            supported: self.supported_dtypes(),
+        })
+    }
+
+    /// Whether the adapter is Mesa's software rasteriser (llvmpipe / lavapipe).
+    pub fn is_llvmpipe(&self) -> bool {
+        self.adapter_name().to_lowercase().contains("llvmpipe")
+    }
+
+    /// Loop iterations one kernel invocation may spend, summed over every loop it runs.
+    ///
+    /// Mesa's llvmpipe (gallivm) gives each shader invocation a single loop limiter, initialised
+    /// to `LP_MAX_TGSI_LOOP_ITERATIONS = 65535` and decremented at the end of every iteration of
+    /// *any* loop; when it reaches zero every loop exits, silently, and the invocation finishes
+    /// with whatever it had written (we measured it: see `tests/cube_linear.rs`,
+    /// `llvmpipe_loop_budget`). Every kernel here therefore bounds its per-invocation work by this
+    /// budget, half the limit for margin, and long scans are split into several launches that
+    /// carry their state through device memory. The same split runs on every runtime, so the
+    /// code path CI tests on llvmpipe is the one a GPU runs.
+    pub fn loop_budget(&self) -> usize {
+        LOOP_BUDGET
+    }
+
+    /// Largest shared memory per cube, in bytes.
+    pub fn max_shared_memory(&self) -> usize {
+        self.client().properties().hardware.max_shared_memory_size
+    }
+
+    /// Largest number of units (threads) per cube.
+    pub fn max_units_per_cube(&self) -> u32 {
+        self.client().properties().hardware.max_units_per_cube
+    }
+
+    /// Copies a host tensor to the device, keeping its dtype (checked with
+    /// [`check_dtype`](Self::check_dtype)).
+    pub fn upload(&self, name: &str, tensor: &Tensor) -> Result<DeviceTensor> {
+        buffer::upload(self, name, tensor)
+    }
+
+    /// Copies a device tensor back to the host.
+    pub fn download(&self, tensor: &DeviceTensor) -> Result<Tensor> {
+        buffer::download(self, tensor)
+    }
+}
+
+/// See [`CubeContext::loop_budget`].
+pub const LOOP_BUDGET: usize = 32_768;
+
+/// Longest sequence the single-loop scans (gate-gradient scan, LightNet's `logcumsumexp`) take on
+/// llvmpipe: they spend two or three loop iterations per token of one sequence in one invocation.
+pub const LLVMPIPE_MAX_SEQUENCE: usize = 16_384;
+
+/// Maps a runtime failure (a launch that did not run, a device fault) to [`Error::Runtime`].
+pub(crate) fn runtime_error(err: impl std::fmt::Display) -> Error {
+    Error::Runtime {
+        backend: "cube".into(),
+        message: err.to_string(),
+    }
+}
+
+/// Reads a buffer of `T` back (waits for every launch that writes it).
+pub(crate) fn read_vec<T: CubeElement>(
+    ctx: &CubeContext,
+    handle: &cubecl::server::Handle,
+) -> Result<Vec<T>> {
+    let bytes = ctx
+        .client()
+        .read_one(handle.clone())
+        .map_err(runtime_error)?;
+    Ok(T::from_bytes(&bytes).to_vec())
 }
 
 pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {

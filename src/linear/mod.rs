@@ -340,3 +340,69 @@ fn check_form(form: &Form) -> Result<()> {
     }
     Ok(())
 }
+
+/// Result of one decoding step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeOutput {
+    /// `[B, 1, H, V]`.
+    pub o: Tensor,
+    /// The updated state `[B, H, K, V]`.
+    pub state: Tensor,
+}
+
+/// One causal decoding step (ops.md section 1, recurrent form with one token):
+/// `S <- diag(exp g) S + k^T v`, `o = scale q S`.
+///
+/// `state` is `[B, H, K, V]`; `q`, `k` are `[B, 1, H, K]`, `v` `[B, 1, H, V]`; the gate is for
+/// that token (`[H]`, `[B, 1, H]` or `[B, 1, H, K]`); `scale` defaults to `K^-0.5`. Returns the
+/// output and the new state (the input is not modified).
+pub fn decode_step(
+    backend: &Backend,
+    state: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    gate: Gate,
+    scale: Option<f64>,
+) -> Result<DecodeOutput> {
+    let dims = validate_decode(state, q, k, v, &gate)?;
+    let scale = expect_scale(scale.unwrap_or((dims.k as f64).powf(-0.5)))?;
+    match backend {
+        Backend::Cpu => Ok(reference::decode_step(&dims, state, q, k, v, &gate, scale)),
+        #[cfg(feature = "cube")]
+        Backend::Cube(ctx) => cube::decode_step(ctx, state, q, k, v, gate, scale),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(_) => Err(Error::Unsupported(
+            "decode_step on the cuda backend (use cube or cpu)".into(),
+        )),
+    }
+}
+
+/// Shapes and values of a decoding step; returns its sizes (`t = 1`).
+fn validate_decode(
+    state: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    gate: &Gate,
+) -> Result<Dims> {
+    let ss = expect_rank("state", state, &["B", "H", "K", "V"])?;
+    expect_nonzero("state", state)?;
+    let (b, h, kd, vd) = (ss[0], ss[1], ss[2], ss[3]);
+    expect_shape("q", q, &["B", "1", "H", "K"], &[b, 1, h, kd])?;
+    expect_shape("k", k, &["B", "1", "H", "K"], &[b, 1, h, kd])?;
+    expect_shape("v", v, &["B", "1", "H", "V"], &[b, 1, h, vd])?;
+    expect_same_dtype(&[("q", q), ("k", k), ("v", v)])?;
+    for (name, tensor) in [("state", state), ("q", q), ("k", k), ("v", v)] {
+        expect_finite(name, tensor)?;
+    }
+    let dims = Dims {
+        b,
+        t: 1,
+        h,
+        k: kd,
+        v: vd,
+    };
+    validate_gate("g", gate, &dims)?;
+    Ok(dims)
+}

@@ -88,3 +88,29 @@ pub(super) fn backward(
         dh0: grads.dh0.zip(args.h0).map(|(d, h0)| like(h0, d)),
     }
 }
+
+pub(super) fn decode_step(
+    dims: &super::Dims,
+    state: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    gate: &Gate,
+    scale: f64,
+) -> super::DecodeOutput {
+    let mut s = state.to_f64_vec();
+    let g = gate.tensor().map(Tensor::to_f64_vec);
+    let o = reference::decode_step(
+        dims,
+        &mut s,
+        &q.to_f64_vec(),
+        &k.to_f64_vec(),
+        &v.to_f64_vec(),
+        reference::Gate::from_kind(gate.kind(), g.as_deref().unwrap_or(&[])),
+        scale,
+    );
+    super::DecodeOutput {
+        o: Tensor::f64_unchecked(vec![dims.b, 1, dims.h, dims.v], o),
+        state: Tensor::f64_unchecked(state.shape().to_vec(), s),
+    }
+}

@@ -1,6 +1,7 @@
 //! `linattn run OP`: one subcommand per op, each in the file of its op family.
 
 mod attention;
+mod lightnet;
 mod linear;
 mod optim;
 
@@ -91,6 +92,10 @@ pub enum RunOp {
     /// The multipliers of a learning-rate schedule for steps 0 .. T-1 (transformers' lambdas).
     /// Output lr [T].
     Schedule(optim::ScheduleArgs),
+    /// LightNet (additive recurrence on key logits; --bidirectional for the non-causal form).
+    /// Inputs q, k (key logits) [B,T,H,K], v [B,T,H,V], optional cu_seqlens [N+1], initial state
+    /// s0 [N,H,K,V] with z0 [N,H,K], do. Outputs o (and s, z when causal); with do: dq, dk, dv.
+    Lightnet(lightnet::LightNetArgs),
 }
 
 /// Runs one op end to end: read, compute, write.
@@ -102,6 +107,7 @@ pub fn execute(op: RunOp) -> Result<()> {
         RunOp::RadialMask(args) => return attention::radial_mask(&args)?.write(&args.output),
         RunOp::Optimize(args) => (args.common.clone(), optim::optimize(&args)?),
         RunOp::Schedule(args) => return optim::schedule(&args)?.write(&args.output),
+        RunOp::Lightnet(args) => (args.common.clone(), lightnet::lightnet(&args)?),
     };
     outputs.write(&common.output)
 }

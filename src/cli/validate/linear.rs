@@ -167,8 +167,20 @@ impl Inputs {
                     }),
             )
         };
-        let q = tensor(vec![b, t, h, k], rng.randn(b * t * h * k));
-        let kk = tensor(vec![b, t, h, k], rng.randn(b * t * h * k));
+        // Row-sum normalisation divides by `sum_j A_ij`: LION applies a positive feature map
+        // (elu + 1 for LIT) so that it stays positive. Raw normal draws let it cross zero, where
+        // the problem is ill-conditioned and no f32 path can meet 1e-5.
+        let features = |x: Vec<f64>| -> Vec<f64> {
+            if case.normalize {
+                x.into_iter()
+                    .map(|v| if v > 0.0 { v + 1.0 } else { v.exp() })
+                    .collect()
+            } else {
+                x
+            }
+        };
+        let q = tensor(vec![b, t, h, k], features(rng.randn(b * t * h * k)));
+        let kk = tensor(vec![b, t, h, k], features(rng.randn(b * t * h * k)));
         let vv = tensor(vec![b, t, h, v], rng.randn(b * t * h * v));
         let g = gate(rng);
         let g_bwd = if case.separate_gate_bwd {

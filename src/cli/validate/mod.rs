@@ -3,6 +3,7 @@
 //! and prints one row each. Exits non-zero on any failure.
 
 mod attention;
+mod lightnet;
 mod linear;
 mod optim;
 
@@ -124,6 +125,7 @@ pub fn execute(args: &ValidateArgs) -> Result<ExitCode> {
         rows.extend(linear::rows(&backend, args.quick, &mut rng));
         rows.extend(attention::rows(&backend, args.quick, &mut rng));
         rows.extend(optim::rows(&backend, args.quick, &mut rng));
+        rows.extend(lightnet::rows(&backend, args.quick, &mut rng));
     }
     print_table(&rows);
     let failed = rows.iter().filter(|r| !r.pass).count();

@@ -1,0 +1,164 @@
+//! Small utility kernels shared by every op: fill (zeros, poison), dtype casts to f32, and a column
+//! copy that appends or drops trailing columns (the ones column of row-sum normalisation).
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use super::CubeContext;
+use super::launch::{per_item, thread_index};
+
+/// `out[i] = value` for every `i < n`.
+#[cube(launch_unchecked)]
+fn fill_f32(out: &mut [f32], value: f32, n: usize) {
+    let i = thread_index();
+    if i < n {
+        out[i] = value;
+    }
+}
+
+/// `out[i] = f32(input[i])` for every `i < n`: widening f16/bf16 inputs once, on the device, so
+/// that every engine kernel reads f32 (accumulation is always f32).
+#[cube(launch_unchecked)]
+fn cast_to_f32<I: Float>(input: &[I], out: &mut [f32], n: usize) {
+    let i = thread_index();
+    if i < n {
+        out[i] = f32::cast_from(input[i]);
+    }
+}
+
+/// Row-wise column copy between `[rows, src_width]` and `[rows, dst_width]`: column `c` of the
+/// destination is column `c` of the source when `c < src_width`, else `fill`. With
+/// `dst_width = src_width + 1, fill = 1` it appends a ones column; with `dst_width < src_width` it
+/// drops the trailing columns.
+#[cube(launch_unchecked)]
+fn copy_columns(
+    src: &[f32],
+    dst: &mut [f32],
+    rows: usize,
+    src_width: usize,
+    dst_width: usize,
+    fill: f32,
+) {
+    let i = thread_index();
+    if i < rows * dst_width {
+        let r = i / dst_width;
+        let c = i % dst_width;
+        let mut x = fill;
+        if c < src_width {
+            x = src[r * src_width + c];
+        }
+        dst[i] = x;
+    }
+}
+
+/// A new f32 buffer of `n` elements (at least one, so that an empty tensor still has a binding).
+pub fn alloc_f32(ctx: &CubeContext, n: usize) -> Handle {
+    ctx.client().empty(n.max(1) * size_of::<f32>())
+}
+
+/// Fills the first `n` elements of `buf` with `value`.
+pub fn fill(ctx: &CubeContext, buf: &Handle, n: usize, value: f32) {
+    if n == 0 {
+        return;
+    }
+    let (count, dim) = per_item(n);
+    // SAFETY: `buf` holds at least `n` f32 (every caller allocates it with `alloc_f32(n)` or larger)
+    // and the kernel writes only indices `< n`.
+    unsafe {
+        fill_f32::launch_unchecked(
+            ctx.client(),
+            count,
+            dim,
+            BufferArg::from_raw_parts(buf.clone(), n),
+            value,
+            n,
+        )
+    };
+}
+
+/// A zero-filled f32 buffer of `n` elements (for kernels that accumulate into it).
+pub fn zeros(ctx: &CubeContext, n: usize) -> Handle {
+    let buf = alloc_f32(ctx, n);
+    fill(ctx, &buf, n, 0.0);
+    buf
+}
+
+/// An f32 buffer of `n` elements that the next kernels must write completely: filled with NaN when
+/// the context poisons outputs, so that an element left unwritten reads back as NaN.
+pub fn output(ctx: &CubeContext, n: usize) -> Handle {
+    let buf = alloc_f32(ctx, n);
+    if ctx.poison_outputs() {
+        fill(ctx, &buf, n, f32::NAN);
+    }
+    buf
+}
+
+/// Uploads f32 values.
+pub fn upload_f32(ctx: &CubeContext, data: &[f32]) -> Handle {
+    if data.is_empty() {
+        return alloc_f32(ctx, 1);
+    }
+    ctx.client().create_from_slice(f32::as_bytes(data))
+}
+
+/// Uploads u32 values (index tables).
+pub fn upload_u32(ctx: &CubeContext, data: &[u32]) -> Handle {
+    if data.is_empty() {
+        return ctx.client().create_from_slice(u32::as_bytes(&[0]));
+    }
+    ctx.client().create_from_slice(u32::as_bytes(data))
+}
+
+/// `n` elements of type `I` (f16 or bf16) widened to a new f32 buffer.
+pub fn cast_f32<I: Float + CubeElement>(ctx: &CubeContext, input: &Handle, n: usize) -> Handle {
+    let out = output(ctx, n);
+    if n == 0 {
+        return out;
+    }
+    let (count, dim) = per_item(n);
+    // SAFETY: `input` holds `n` elements of `I`, `out` `n` f32; indices `< n` only.
+    unsafe {
+        cast_to_f32::launch_unchecked::<I>(
+            ctx.client(),
+            count,
+            dim,
+            BufferArg::from_raw_parts(input.clone(), n),
+            BufferArg::from_raw_parts(out.clone(), n),
+            n,
+        )
+    };
+    out
+}
+
+/// `[rows, src_width] -> [rows, dst_width]`, see the kernel `copy_columns`.
+pub fn columns(
+    ctx: &CubeContext,
+    src: &Handle,
+    rows: usize,
+    src_width: usize,
+    dst_width: usize,
+    fill: f32,
+) -> Handle {
+    let n = rows * dst_width;
+    let dst = output(ctx, n);
+    if n == 0 {
+        return dst;
+    }
+    let (count, dim) = per_item(n);
+    // SAFETY: `src` holds `rows * src_width` f32 and `dst` `rows * dst_width`; the kernel reads
+    // `src[r * src_width + c]` only for `c < src_width` and writes indices `< n`.
+    unsafe {
+        copy_columns::launch_unchecked(
+            ctx.client(),
+            count,
+            dim,
+            BufferArg::from_raw_parts(src.clone(), (rows * src_width).max(1)),
+            BufferArg::from_raw_parts(dst.clone(), n),
+            rows,
+            src_width,
+            dst_width,
+            fill,
+        )
+    };
+    dst
+}

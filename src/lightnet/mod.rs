@@ -1,0 +1,263 @@
+//! LightNet's additive recurrence (ops.md section 2): causal (`z_t = logcumsumexp(k)`,
+//! `khat = exp(k - z)`, decay `g_t = z_{t-1} - z_t`, fed to the decayed linear attention engine) and
+//! the non-causal form (softmax of the key logits over the whole sequence). One problem
+//! description ([`LightNet`]), validated once on the host ([`LightNet::validate`]), runs on any
+//! [`Backend`] in any [`Form`] (the form of the engine underneath).
+//!
+//! Inner shape, as in every op module: this file (spec and validation), `reference` (the CPU path
+//! through `linattn-reference`), `cube` (CubeCL kernels).
+
+mod reference;
+
+#[cfg(feature = "cube")]
+pub mod cube;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::linear::{Dims, Form};
+use crate::tensor::{DType, Tensor};
+use crate::validation::*;
+
+/// The recurrent state `(S, z)` of causal LightNet, as host tensors.
+#[derive(Clone, Copy, Debug)]
+pub struct LightNetStateRef<'a> {
+    /// `[N, H, K, V]`: the engine state.
+    pub s: &'a Tensor,
+    /// `[N, H, K]`: `z = logcumsumexp(k)` at the last token (`-inf` for an empty prefix, whose `S`
+    /// must then be zero).
+    pub z: &'a Tensor,
+}
+
+/// One LightNet problem over host tensors. `k` holds the key logits (also the decay logits).
+#[derive(Clone, Copy, Debug)]
+pub struct LightNet<'a> {
+    /// `[B, T, H, K]`.
+    pub q: &'a Tensor,
+    /// `[B, T, H, K]`, key logits.
+    pub k: &'a Tensor,
+    /// `[B, T, H, V]`.
+    pub v: &'a Tensor,
+    /// Defaults to `K^-0.5`.
+    pub scale: Option<f64>,
+    /// `false`: causal (additive recurrence); `true`: non-causal (softmax over the sequence).
+    pub bidirectional: bool,
+    /// Causal only: the state to continue from.
+    pub initial_state: Option<LightNetStateRef<'a>>,
+    /// Packed variable-length offsets `[N + 1]` (with `B = 1`).
+    pub cu_seqlens: Option<&'a [i64]>,
+}
+
+impl<'a> LightNet<'a> {
+    pub fn causal(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+        LightNet {
+            q,
+            k,
+            v,
+            scale: None,
+            bidirectional: false,
+            initial_state: None,
+            cu_seqlens: None,
+        }
+    }
+
+    /// The non-causal form (images, video: one scan regardless of flattening order).
+    pub fn non_causal(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+        LightNet {
+            bidirectional: true,
+            ..Self::causal(q, k, v)
+        }
+    }
+
+    pub fn with_scale(mut self, scale: f64) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    pub fn with_initial_state(mut self, s: &'a Tensor, z: &'a Tensor) -> Self {
+        self.initial_state = Some(LightNetStateRef { s, z });
+        self
+    }
+
+    pub fn with_cu_seqlens(mut self, cu_seqlens: &'a [i64]) -> Self {
+        self.cu_seqlens = Some(cu_seqlens);
+        self
+    }
+
+    /// Checks every shape, value and option; returns the sizes every backend works from.
+    pub fn validate(&self) -> Result<LightNetSpec> {
+        let qs = expect_rank("q", self.q, &["B", "T", "H", "K"])?;
+        expect_nonzero("q", self.q)?;
+        let (b, t, h, k) = (qs[0], qs[1], qs[2], qs[3]);
+        expect_shape("k", self.k, &["B", "T", "H", "K"], &[b, t, h, k])?;
+        let vs = expect_rank("v", self.v, &["B", "T", "H", "V"])?;
+        expect_nonzero("v", self.v)?;
+        let v = vs[3];
+        expect_shape("v", self.v, &["B", "T", "H", "V"], &[b, t, h, v])?;
+        let dtype = expect_same_dtype(&[("q", self.q), ("k", self.k), ("v", self.v)])?;
+        for (name, tensor) in [("q", self.q), ("k", self.k), ("v", self.v)] {
+            expect_finite(name, tensor)?;
+        }
+        let cu_seqlens = match self.cu_seqlens {
+            None => None,
+            Some(cu) => {
+                if b != 1 {
+                    return Err(Error::BadCuSeqlens(format!(
+                        "variable length needs B = 1 (packed sequences), got B = {b}"
+                    )));
+                }
+                Some(parse_cu_seqlens(cu, t)?)
+            }
+        };
+        let num_sequences = cu_seqlens.as_ref().map_or(b, |cu| cu.len() - 1);
+        let scale = expect_scale(self.scale.unwrap_or((k as f64).powf(-0.5)))?;
+        if let Some(state) = self.initial_state {
+            if self.bidirectional {
+                return Err(Error::InvalidArgument(
+                    "an initial state `(s0, z0)` needs the causal form".into(),
+                ));
+            }
+            expect_shape(
+                "s0",
+                state.s,
+                &["N", "H", "K", "V"],
+                &[num_sequences, h, k, v],
+            )?;
+            expect_finite("s0", state.s)?;
+            expect_shape("z0", state.z, &["N", "H", "K"], &[num_sequences, h, k])?;
+            // `-inf` is the log-normaliser of an empty prefix; `+inf` and NaN are not.
+            let bad = state
+                .z
+                .to_f64_vec()
+                .into_iter()
+                .enumerate()
+                .find(|(_, z)| z.is_nan() || *z == f64::INFINITY);
+            if let Some((index, value)) = bad {
+                return Err(Error::NonFinite {
+                    tensor: "z0".into(),
+                    index,
+                    value,
+                });
+            }
+            // An empty prefix has nothing to carry: its `S` row must be zero (the additive gate
+            // starts it over at the first token, so a stray row would be kept, not discarded).
+            let s = state.s.to_f64_vec();
+            let empty_with_state = state.z.to_f64_vec().into_iter().enumerate().find(|(i, z)| {
+                *z == f64::NEG_INFINITY && s[i * v..(i + 1) * v].iter().any(|&x| x != 0.0)
+            });
+            if let Some((index, _)) = empty_with_state {
+                return Err(Error::InvalidArgument(format!(
+                    "z0[{index}] is -inf (an empty prefix) but its row of s0 is not zero"
+                )));
+            }
+        }
+        Ok(LightNetSpec {
+            dims: Dims { b, t, h, k, v },
+            dtype,
+            scale,
+            bidirectional: self.bidirectional,
+            has_initial_state: self.initial_state.is_some(),
+            cu_seqlens,
+            num_sequences,
+        })
+    }
+}
+
+/// A validated LightNet problem.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LightNetSpec {
+    pub dims: Dims,
+    pub dtype: DType,
+    pub scale: f64,
+    pub bidirectional: bool,
+    pub has_initial_state: bool,
+    pub cu_seqlens: Option<Vec<usize>>,
+    pub num_sequences: usize,
+}
+
+impl LightNetSpec {
+    /// `[B, T, H, V]`.
+    pub fn o_shape(&self) -> Vec<usize> {
+        let d = self.dims;
+        vec![d.b, d.t, d.h, d.v]
+    }
+
+    /// `[N, H, K, V]`.
+    pub fn s_shape(&self) -> Vec<usize> {
+        vec![self.num_sequences, self.dims.h, self.dims.k, self.dims.v]
+    }
+
+    /// `[N, H, K]`.
+    pub fn z_shape(&self) -> Vec<usize> {
+        vec![self.num_sequences, self.dims.h, self.dims.k]
+    }
+}
+
+/// The final recurrent state `(S, z)` of causal LightNet.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LightNetFinalState {
+    /// `[N, H, K, V]`.
+    pub s: Tensor,
+    /// `[N, H, K]`.
+    pub z: Tensor,
+}
+
+/// Forward result. The CPU backend returns f64 tensors, the GPU backends f32.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LightNetOutput {
+    /// `[B, T, H, V]`.
+    pub o: Tensor,
+    /// Causal only.
+    pub state: Option<LightNetFinalState>,
+}
+
+/// Gradients of `loss = sum(o * do)` w.r.t. `q`, `k` (the logits) and `v`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LightNetGrads {
+    pub dq: Tensor,
+    pub dk: Tensor,
+    pub dv: Tensor,
+}
+
+/// Runs the forward pass.
+pub fn forward(backend: &Backend, args: &LightNet, form: Form) -> Result<LightNetOutput> {
+    let spec = args.validate()?;
+    check_form(&form)?;
+    match backend {
+        Backend::Cpu => Ok(reference::forward(&spec, args, form)),
+        #[cfg(feature = "cube")]
+        Backend::Cube(ctx) => cube::forward(ctx, &spec, args, form),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(_) => Err(Error::Unsupported(
+            "LightNet on the cuda backend (use cube or cpu)".into(),
+        )),
+    }
+}
+
+/// Runs the backward pass (recomputing what it needs from the inputs).
+pub fn backward(
+    backend: &Backend,
+    args: &LightNet,
+    form: Form,
+    d_o: &Tensor,
+) -> Result<LightNetGrads> {
+    let spec = args.validate()?;
+    check_form(&form)?;
+    expect_shape("do", d_o, &["B", "T", "H", "V"], &spec.o_shape())?;
+    expect_finite("do", d_o)?;
+    match backend {
+        Backend::Cpu => Ok(reference::backward(&spec, args, form, d_o)),
+        #[cfg(feature = "cube")]
+        Backend::Cube(ctx) => cube::backward(ctx, &spec, args, form, d_o),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(_) => Err(Error::Unsupported(
+            "LightNet on the cuda backend (use cube or cpu)".into(),
+        )),
+    }
+}
+
+fn check_form(form: &Form) -> Result<()> {
+    if let Form::Chunkwise { chunk: 0 } = form {
+        return Err(Error::InvalidArgument("chunk size must be >= 1".into()));
+    }
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! Sequences, chunks, and the logical-to-physical row mapping every engine kernel shares.
+//!
+//! **Rows.** Tensors are `[B, T, H, D]`; a *row* is one `(b, t)` pair, physical row index
+//! `b * T + t`, so element `(row, h, d)` sits at `(row * H + h) * D + d`. A *sequence* is a run of
+//! rows `[start, start + len)`: `b * T .. (b + 1) * T` per batch entry, or one `cu_seqlens`
+//! segment (empty segments allowed).
+//!
+//! **Directions.** Every kernel runs a *causal pass* over *logical* rows. The forward pass maps
+//! logical row `r` to physical row `r`. The reverse pass (the part of a bidirectional problem
+//! above the diagonal) uses the flip identity of kernels.md: within a sequence, logical row
+//! `start + tau` is physical row `start + len - 1 - tau`, and its gate is the *backward* gate of the
+//! physical row one step later, `shift(flip(g_bwd))`: `0` at `tau = 0` (no decay enters the first
+//! logical step) and `g_bwd[phys + 1]` otherwise. Then the causal mask of the reversed sequence,
+//! `exp(sum_{m = j+1..i} gl_m)` for logical `j <= i`, is exactly LION's upper-triangle mask
+//! `exp(sum_{m = i'+1..j'} g_bwd_m)` for physical `i' < j'`. The reverse pass is *strict* (its
+//! diagonal is left out), so the diagonal is counted once, by the forward pass.
+//!
+//! Scratch buffers (cumulative gates, chunk factors, per-pass gate-gradient terms) are indexed by
+//! logical row; inputs and outputs by physical row.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::cube::CubeContext;
+use crate::cube::kernels::upload_u32;
+
+/// Gate kinds as the kernels see them (a runtime scalar, so one compiled kernel serves all four).
+pub const GATE_NONE: u32 = 0;
+pub const GATE_PER_HEAD: u32 = 1;
+pub const GATE_SCALAR: u32 = 2;
+pub const GATE_VECTOR: u32 = 3;
+
+/// The sequences of a problem, on the host and as a device table.
+pub struct Sequences {
+    /// `(first physical row, length)` per sequence.
+    pub seqs: Vec<(usize, usize)>,
+    /// u32 `[N * 2]`: `start, len` per sequence.
+    pub table: Handle,
+    /// u32 `[rows]`: the sequence each physical row belongs to (read by the parallel form).
+    pub row_seq: Handle,
+    /// `B * T`.
+    pub rows: usize,
+}
+
+impl Sequences {
+    /// `cu_seqlens` (packed, `b == 1`) or `b` sequences of `t` rows.
+    pub fn new(ctx: &CubeContext, b: usize, t: usize, cu_seqlens: Option<&[usize]>) -> Sequences {
+        let seqs: Vec<(usize, usize)> = match cu_seqlens {
+            Some(cu) => cu.windows(2).map(|w| (w[0], w[1] - w[0])).collect(),
+            None => (0..b).map(|i| (i * t, t)).collect(),
+        };
+        let rows = b * t;
+        let flat: Vec<u32> = seqs
+            .iter()
+            .flat_map(|&(s, l)| [s as u32, l as u32])
+            .collect();
+        let mut row_seq = vec![0u32; rows];
+        for (n, &(s, l)) in seqs.iter().enumerate() {
+            for r in &mut row_seq[s..s + l] {
+                *r = n as u32;
+            }
+        }
+        Sequences {
+            table: upload_u32(ctx, &flat),
+            row_seq: upload_u32(ctx, &row_seq),
+            seqs,
+            rows,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.seqs.len()
+    }
+}
+
+/// Entries per chunk in [`Chunks::table`].
+pub const CHUNK_FIELDS: usize = 5;
+
+/// The chunks of every sequence: chunk `c` of a sequence covers its logical rows
+/// `[start + c * C, min(start + (c + 1) * C, start + len))`.
+pub struct Chunks {
+    pub chunk: usize,
+    pub count: usize,
+    /// u32 `[count * 5]`: first logical row, length, sequence start, sequence length, sequence index.
+    pub table: Handle,
+    /// u32 `[N + 1]`: chunks of sequence `n` are `first[n] .. first[n + 1]`.
+    pub first: Handle,
+}
+
+impl Chunks {
+    pub fn new(ctx: &CubeContext, seqs: &Sequences, chunk: usize) -> Chunks {
+        let mut table = Vec::new();
+        let mut first = vec![0u32];
+        for (n, &(start, len)) in seqs.seqs.iter().enumerate() {
+            let mut c0 = 0;
+            while c0 < len {
+                let l = chunk.min(len - c0);
+                table.extend_from_slice(&[
+                    (start + c0) as u32,
+                    l as u32,
+                    start as u32,
+                    len as u32,
+                    n as u32,
+                ]);
+                c0 += chunk;
+            }
+            first.push((table.len() / CHUNK_FIELDS) as u32);
+        }
+        Chunks {
+            chunk,
+            count: table.len() / CHUNK_FIELDS,
+            table: upload_u32(ctx, &table),
+            first: upload_u32(ctx, &first),
+        }
+    }
+}
+
+/// Physical row of logical row `lrow` of the sequence `[seq_start, seq_start + seq_len)`.
+#[cube]
+pub fn physical_row(lrow: usize, seq_start: usize, seq_len: usize, reverse: u32) -> usize {
+    let mut p = lrow;
+    if reverse == 1 {
+        p = 2 * seq_start + seq_len - 1 - lrow;
+    }
+    p
+}
+
+/// The natural-log decay this pass applies at logical row `lrow`, head `h`, key channel `kk`.
+///
+/// Forward pass: `g[lrow]`. Reverse pass: `0` at the sequence's first logical row and
+/// `g[phys(lrow) + 1]` otherwise (see the module docs). `kind` picks the gate's shape: none (0),
+/// per head `[H]`, scalar `[rows, H]`, vector `[rows, H, K]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn gate_value(
+    g: &[f32],
+    kind: u32,
+    lrow: usize,
+    seq_start: usize,
+    seq_len: usize,
+    reverse: u32,
+    h: usize,
+    kk: usize,
+    heads: usize,
+    dk: usize,
+) -> f32 {
+    let mut value = 0.0f32;
+    if kind != 0 {
+        let mut present = true;
+        let mut p = lrow;
+        if reverse == 1 {
+            if lrow == seq_start {
+                present = false;
+            } else {
+                p = 2 * seq_start + seq_len - lrow;
+            }
+        }
+        if present {
+            let mut idx = h;
+            if kind == 2 {
+                idx = p * heads + h;
+            } else if kind == 3 {
+                idx = (p * heads + h) * dk + kk;
+            }
+            value = g[idx];
+        }
+    }
+    value
+}

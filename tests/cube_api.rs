@@ -1,0 +1,282 @@
+//! The cube backend's API beyond the engine matrix: the decoding step, the device-resident API,
+//! half-precision inputs where the runtime has them (and a clear error where it does not), and
+//! the typed errors for what the kernels do not take.
+//!
+//! Prints `skipped: no wgpu adapter` and passes when there is none (fails instead when
+//! `LINATTN_REQUIRE_WGPU` is set, as in CI).
+
+use linattn::cube::{CubeContext, DeviceTensor};
+use linattn::linear::cube::{DeviceGate, DeviceLinearAttention, backward_device, forward_device};
+use linattn::linear::{self, Form, Gate, LinearAttention};
+use linattn::reference::testing::{Rng, logsigmoid_gates};
+use linattn::reference::{max_abs_diff, rel_rms, within_tolerance};
+use linattn::{Backend, DType, Error, Tensor};
+
+fn cube() -> Option<(Backend, CubeContext)> {
+    match CubeContext::shared() {
+        Ok(ctx) => {
+            ctx.set_poison_outputs(true);
+            Some((Backend::Cube(ctx.clone()), ctx))
+        }
+        Err(e) => {
+            // CI (.ci/run) sets LINATTN_REQUIRE_WGPU: there a missing adapter is a failure.
+            assert!(
+                std::env::var_os("LINATTN_REQUIRE_WGPU").is_none(),
+                "LINATTN_REQUIRE_WGPU is set but there is no wgpu adapter: {e}"
+            );
+            println!("skipped: no wgpu adapter ({e})");
+            None
+        }
+    }
+}
+
+fn f32t(shape: Vec<usize>, data: Vec<f64>) -> Tensor {
+    Tensor::from_f64(shape, data).unwrap().to_dtype(DType::F32)
+}
+
+fn assert_close(name: &str, got: &Tensor, want: &Tensor, threshold: f64) {
+    let (a, b) = (got.to_f64_vec(), want.to_f64_vec());
+    assert!(
+        within_tolerance(&a, &b, threshold),
+        "{name}: rel rms {:.3e}, max abs {:.3e} (threshold {threshold:e})",
+        rel_rms(&a, &b),
+        max_abs_diff(&a, &b)
+    );
+}
+
+/// Decoding steps on the cube backend against the reference's `decode_step`, chained over a
+/// sequence, for every gate kind; the last state also equals the recurrent form's `ht`.
+#[test]
+fn decode_steps_match_reference_and_scan() {
+    let Some((cube, _)) = cube() else { return };
+    let (b, t, h, k, v) = (2, 9, 3, 16, 24);
+    let mut rng = Rng::new(11);
+    let q = f32t(vec![b, t, h, k], rng.randn(b * t * h * k));
+    let kk = f32t(vec![b, t, h, k], rng.randn(b * t * h * k));
+    let vv = f32t(vec![b, t, h, v], rng.randn(b * t * h * v));
+    let h0 = f32t(vec![b, h, k, v], rng.randn(b * h * k * v));
+    let per_head = f32t(vec![h], logsigmoid_gates(&mut rng, h, 1.0));
+    let scalar = f32t(vec![b, t, h], logsigmoid_gates(&mut rng, b * t * h, 1.0));
+    let vector = f32t(
+        vec![b, t, h, k],
+        logsigmoid_gates(&mut rng, b * t * h * k, 1.0),
+    );
+    // Token `s` of a `[B, T, H, D]` tensor as `[B, 1, H, D]`.
+    let token = |x: &Tensor, s: usize| {
+        let shape = x.shape();
+        let (bb, tt, row) = (shape[0], shape[1], shape[2..].iter().product::<usize>());
+        let data = x.to_f32_vec();
+        let picked: Vec<f32> = (0..bb)
+            .flat_map(|bi| data[(bi * tt + s) * row..(bi * tt + s + 1) * row].to_vec())
+            .collect();
+        let mut out_shape = shape.to_vec();
+        out_shape[1] = 1;
+        Tensor::from_f32(out_shape, picked).unwrap()
+    };
+    for kind in 0..4 {
+        let mut state_cube = h0.clone();
+        let mut state_cpu = h0.clone();
+        for s in 0..t {
+            let (qs, ks, vs) = (token(&q, s), token(&kk, s), token(&vv, s));
+            let gate_token = match kind {
+                2 => Some(token(&scalar.clone().reshape(vec![b, t, h, 1]).unwrap(), s)),
+                3 => Some(token(&vector, s)),
+                _ => None,
+            };
+            let gate_token = gate_token.map(|g| {
+                if kind == 2 {
+                    g.reshape(vec![b, 1, h]).unwrap()
+                } else {
+                    g
+                }
+            });
+            let gate = match kind {
+                0 => Gate::None,
+                1 => Gate::PerHead(&per_head),
+                2 => Gate::Scalar(gate_token.as_ref().unwrap()),
+                _ => Gate::Vector(gate_token.as_ref().unwrap()),
+            };
+            let got = linear::decode_step(&cube, &state_cube, &qs, &ks, &vs, gate, None).unwrap();
+            let want =
+                linear::decode_step(&Backend::Cpu, &state_cpu, &qs, &ks, &vs, gate, None).unwrap();
+            assert_eq!(got.o.shape(), &[b, 1, h, v]);
+            assert_close(&format!("kind {kind} step {s} o"), &got.o, &want.o, 1e-5);
+            assert_close(
+                &format!("kind {kind} step {s} state"),
+                &got.state,
+                &want.state,
+                1e-5,
+            );
+            state_cube = got.state;
+            state_cpu = want.state.to_dtype(DType::F32);
+        }
+        let gate = match kind {
+            0 => Gate::None,
+            1 => Gate::PerHead(&per_head),
+            2 => Gate::Scalar(&scalar),
+            _ => Gate::Vector(&vector),
+        };
+        let scan = linear::forward(
+            &Backend::Cpu,
+            &LinearAttention::causal(&q, &kk, &vv)
+                .with_gate(gate)
+                .with_h0(&h0),
+            Form::Recurrent,
+        )
+        .unwrap();
+        assert_close(
+            &format!("kind {kind} final state"),
+            &state_cube,
+            &scan.ht.unwrap(),
+            1e-5,
+        );
+    }
+}
+
+/// Decoding validates its shapes: a two-token query is refused with a typed error.
+#[test]
+fn decode_step_rejects_bad_shapes() {
+    let Some((cube, _)) = cube() else { return };
+    let state = Tensor::zeros(vec![1, 2, 4, 5], DType::F32);
+    let q = Tensor::zeros(vec![1, 2, 2, 4], DType::F32);
+    let v = Tensor::zeros(vec![1, 1, 2, 5], DType::F32);
+    let err = linear::decode_step(&cube, &state, &q, &q, &v, Gate::None, None).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+}
+
+/// The device-resident API gives what the host path gives, without leaving the device between
+/// forward and backward.
+#[test]
+fn device_resident_api_matches_host_path() {
+    let Some((cube, ctx)) = cube() else { return };
+    let (b, t, h, k, v) = (1, 40, 2, 16, 8);
+    let mut rng = Rng::new(5);
+    let q = f32t(vec![b, t, h, k], rng.randn(b * t * h * k));
+    let kk = f32t(vec![b, t, h, k], rng.randn(b * t * h * k));
+    let vv = f32t(vec![b, t, h, v], rng.randn(b * t * h * v));
+    let g = f32t(vec![b, t, h], logsigmoid_gates(&mut rng, b * t * h, 1.0));
+    let d_o = f32t(vec![b, t, h, v], rng.randn(b * t * h * v));
+    let form = Form::Chunkwise { chunk: 16 };
+    let host = LinearAttention::bidirectional(&q, &kk, &vv).with_gate(Gate::Scalar(&g));
+    let host_out = linear::forward(&cube, &host, form).unwrap();
+    let host_grads = linear::backward(&cube, &host, form, &d_o, None).unwrap();
+
+    let up = |name: &str, x: &Tensor| ctx.upload(name, x).unwrap();
+    let (dq, dk, dv, dg, ddo) = (
+        up("q", &q),
+        up("k", &kk),
+        up("v", &vv),
+        up("g", &g),
+        up("do", &d_o),
+    );
+    let device =
+        DeviceLinearAttention::bidirectional(&dq, &dk, &dv).with_gate(DeviceGate::Scalar(&dg));
+    let out = forward_device(&ctx, &device, form).unwrap();
+    let grads = backward_device(&ctx, &device, form, &ddo, None).unwrap();
+    assert_eq!(out.o.shape(), &[b, t, h, v]);
+    assert_eq!(ctx.download(&out.o).unwrap(), host_out.o);
+    assert_eq!(ctx.download(&grads.dq).unwrap(), host_grads.dq);
+    assert_eq!(
+        ctx.download(&grads.dg.unwrap()).unwrap(),
+        host_grads.dg.unwrap()
+    );
+
+    // A buffer far too small for its claimed shape is refused (sizes are checked in bytes, and
+    // runtimes round allocations up).
+    let small = ctx
+        .upload("x", &Tensor::zeros(vec![4], DType::F32))
+        .unwrap();
+    let err =
+        DeviceTensor::from_handle(small.into_handle(), vec![1 << 20], DType::F32).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+}
+
+/// f16 inputs (where the runtime stores and converts f16; llvmpipe does) are widened on the device
+/// and meet ops.md's half-precision thresholds; bf16 where the runtime has no bf16 (llvmpipe)
+/// and f64 (never: the kernels compute in f32) are refused with `UnsupportedDtype`.
+#[test]
+fn half_precision_inputs_or_clear_errors() {
+    let Some((cube, ctx)) = cube() else { return };
+    let (b, t, h, k, v) = (1, 70, 2, 32, 32);
+    let mut rng = Rng::new(9);
+    let q64 = Tensor::from_f64(vec![b, t, h, k], rng.randn(b * t * h * k)).unwrap();
+    let k64 = Tensor::from_f64(vec![b, t, h, k], rng.randn(b * t * h * k)).unwrap();
+    let v64 = Tensor::from_f64(vec![b, t, h, v], rng.randn(b * t * h * v)).unwrap();
+    let g = f32t(
+        vec![b, t, h, k],
+        logsigmoid_gates(&mut rng, b * t * h * k, 1.0),
+    );
+    let d_o = f32t(vec![b, t, h, v], rng.randn(b * t * h * v));
+    for dtype in [DType::F16, DType::BF16] {
+        let (q, kk, vv) = (
+            q64.to_dtype(dtype),
+            k64.to_dtype(dtype),
+            v64.to_dtype(dtype),
+        );
+        let problem = LinearAttention::causal(&q, &kk, &vv).with_gate(Gate::Vector(&g));
+        let form = Form::Chunkwise { chunk: 64 };
+        if !ctx.supports_dtype(dtype) {
+            let err = linear::forward(&cube, &problem, form).unwrap_err();
+            assert!(
+                matches!(err, Error::UnsupportedDtype { dtype: d, .. } if d == dtype),
+                "{err}"
+            );
+            println!("{dtype}: refused on {} ({err})", ctx.adapter_name());
+            continue;
+        }
+        // The reference sees the same rounded inputs, so this measures the kernels alone.
+        let got = linear::forward(&cube, &problem, form).unwrap();
+        let want = linear::forward(&Backend::Cpu, &problem, Form::Recurrent).unwrap();
+        assert_close(&format!("{dtype} o"), &got.o, &want.o, 4e-3);
+        let got = linear::backward(&cube, &problem, form, &d_o, None).unwrap();
+        let want = linear::backward(&Backend::Cpu, &problem, Form::Recurrent, &d_o, None).unwrap();
+        assert_close(&format!("{dtype} dq"), &got.dq, &want.dq, 5e-3);
+        assert_close(&format!("{dtype} dk"), &got.dk, &want.dk, 5e-3);
+        assert_close(&format!("{dtype} dv"), &got.dv, &want.dv, 5e-3);
+        assert_close(
+            &format!("{dtype} dg"),
+            got.dg.as_ref().unwrap(),
+            want.dg.as_ref().unwrap(),
+            5e-3,
+        );
+        println!("{dtype}: ok on {}", ctx.adapter_name());
+    }
+    let problem = LinearAttention::causal(&q64, &k64, &v64);
+    let err = linear::forward(&cube, &problem, Form::Recurrent).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::UnsupportedDtype {
+                dtype: DType::F64,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// What the kernels do not take is refused with a typed error, not computed wrongly: chunks
+/// above 64, head dims above 512, and on llvmpipe sequences beyond its loop limit.
+#[test]
+fn unsupported_configurations_are_refused() {
+    let Some((cube, ctx)) = cube() else { return };
+    let x = Tensor::zeros(vec![1, 8, 1, 4], DType::F32);
+    let problem = LinearAttention::causal(&x, &x, &x);
+    let err = linear::forward(&cube, &problem, Form::Chunkwise { chunk: 65 }).unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    let wide = Tensor::zeros(vec![1, 2, 1, 513], DType::F32);
+    let v = Tensor::zeros(vec![1, 2, 1, 4], DType::F32);
+    let problem = LinearAttention::causal(&wide, &wide, &v);
+    let err = linear::forward(&cube, &problem, Form::Recurrent).unwrap_err();
+    assert!(
+        matches!(err, Error::UnsupportedHeadDim { dim: 513, .. }),
+        "{err}"
+    );
+    if ctx.is_llvmpipe() {
+        let t = linattn::cube::LLVMPIPE_MAX_SEQUENCE + 1;
+        let long = Tensor::zeros(vec![1, t, 1, 1], DType::F32);
+        let problem = LinearAttention::causal(&long, &long, &long);
+        let err = linear::forward(&cube, &problem, Form::Chunkwise { chunk: 64 }).unwrap_err();
+        assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    }
+}
