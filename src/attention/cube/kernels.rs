@@ -48,7 +48,8 @@ fn tile_span(
 }
 
 /// Stages `n_rows` rows of `d` features, starting at token `first` of `(b, h)`, from `src`
-/// (`[B, len, H, D]`) into `dst` as f32 times `factor`; rows at or past `end` are zero.
+/// (`[B, len, H, D]`) into `dst` (row stride `stride`) as f32 times `factor`; rows at or past `end`
+/// are zero.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn stage_rows<F: Float>(
@@ -63,9 +64,11 @@ fn stage_rows<F: Float>(
     factor: f32,
     #[comptime] n_rows: usize,
     #[comptime] d: usize,
+    #[comptime] stride: usize,
     #[comptime] threads: usize,
 ) {
     let tid = UNIT_POS as usize;
+    #[unroll]
     for it in 0..comptime!(n_rows * d).div_ceil(threads) {
         let idx = it * threads + tid;
         if idx < comptime!(n_rows * d) {
@@ -76,27 +79,9 @@ fn stage_rows<F: Float>(
             if token < end {
                 val = f32::cast_from(src[((b * len + token) * heads + h) * d + x]) * factor;
             }
-            dst[idx] = val;
+            dst[r * stride + x] = val;
         }
     }
-}
-
-/// `dot(a[a_row, :], b[b_row, :])` over `d` features of two shared tiles.
-#[cube]
-fn dot_rows(
-    a: &Shared<[f32]>,
-    a_row: usize,
-    b: &Shared<[f32]>,
-    b_row: usize,
-    #[comptime] d: usize,
-) -> f32 {
-    let mut acc = 0.0f32;
-    let a0 = a_row * d;
-    let b0 = b_row * d;
-    for x in 0..d {
-        acc += a[a0 + x] * b[b0 + x];
-    }
-    acc
 }
 
 /// Forward: `o` and `lse` of one tile of `rows` queries of one `(b, h)`, iterating the plan's key
@@ -128,28 +113,29 @@ pub(super) fn attn_forward<F: Float>(
     #[comptime] tpr: usize,
 ) {
     let threads = comptime!(rows * tpr);
+    // Feature tiles use row stride d + 1 and score tiles cols + 1, so that on GPUs the lanes of a
+    // row (reading different tile rows) and the rows of a warp fall into different banks.
+    let fs = comptime!(d + 1);
+    let ps = comptime!(cols + 1);
+    let per_lane = comptime!(cols / tpr);
+    let feats = comptime!(d / tpr);
     let tid = UNIT_POS as usize;
     let row = tid / tpr;
     let lane = tid % tpr;
     let bh = CUBE_POS_Y as usize;
     let b = bh / heads;
     let h = bh % heads;
-    let (qb, q0, q_end) = tile_span(
-        CUBE_POS_X as usize,
-        tiles_per_block,
-        block_q,
-        t_len,
-        rows,
-    );
+    let (qb, q0, q_end) = tile_span(CUBE_POS_X as usize, tiles_per_block, block_q, t_len, rows);
     let qi = q0 + row;
-    let mut q_s = Shared::<[f32]>::new_slice(comptime!(rows * d));
-    let mut k_s = Shared::<[f32]>::new_slice(comptime!(cols * d));
-    let mut v_s = Shared::<[f32]>::new_slice(comptime!(cols * d));
-    let mut p_s = Shared::<[f32]>::new_slice(comptime!(rows * cols));
+    let mut q_s = Shared::<[f32]>::new_slice(comptime!(rows * (d + 1)));
+    let mut k_s = Shared::<[f32]>::new_slice(comptime!(cols * (d + 1)));
+    let mut v_s = Shared::<[f32]>::new_slice(comptime!(cols * (d + 1)));
+    let mut p_s = Shared::<[f32]>::new_slice(comptime!(rows * (cols + 1)));
     let mut red_s = Shared::<[f32]>::new_slice(comptime!(rows * tpr));
-    let mut acc = Array::<f32>::new(comptime!(d / tpr));
+    let mut acc = Array::<f32>::new(feats);
+    let mut sc = Array::<f32>::new(per_lane);
     #[unroll]
-    for c in 0..comptime!(d / tpr) {
+    for c in 0..feats {
         acc[c] = 0.0;
     }
     let mut m_run = NEG_SENTINEL.runtime();
@@ -160,7 +146,7 @@ pub(super) fn attn_forward<F: Float>(
     if q0 < q_end {
         // q is staged pre-scaled: s = (scale q) . k.
         stage_rows::<F>(
-            q, &mut q_s, q0, q_end, t_len, heads, b, h, scale, rows, d, threads,
+            q, &mut q_s, q0, q_end, t_len, heads, b, h, scale, rows, d, fs, threads,
         );
         let q_last = min(q0 + rows, q_end) - 1;
         let sub_tiles = block_k.div_ceil(cols);
@@ -177,22 +163,37 @@ pub(super) fn attn_forward<F: Float>(
                     let full = block_full && k0 + cols <= k_end;
                     sync_cube();
                     stage_rows::<F>(
-                        k, &mut k_s, k0, k_end, s_len, heads, b, h, 1.0, cols, d, threads,
+                        k, &mut k_s, k0, k_end, s_len, heads, b, h, 1.0, cols, d, fs, threads,
                     );
                     stage_rows::<F>(
-                        v, &mut v_s, k0, k_end, s_len, heads, b, h, 1.0, cols, d, threads,
+                        v, &mut v_s, k0, k_end, s_len, heads, b, h, 1.0, cols, d, fs, threads,
                     );
                     sync_cube();
 
-                    // Scores of this lane's columns, and their max.
+                    // Scores of this lane's columns j = c * tpr + lane (one q load per feature
+                    // serves all of them), masked to the sentinel, and their max.
+                    #[unroll]
+                    for c in 0..per_lane {
+                        sc[c] = 0.0;
+                    }
+                    for x0 in 0..comptime!(d / 8) {
+                        #[unroll]
+                        for x1 in 0..8usize {
+                            let x = x0 * 8 + x1;
+                            let qv = q_s[row * fs + x];
+                            #[unroll]
+                            for c in 0..per_lane {
+                                sc[c] += qv * k_s[(c * tpr + lane) * fs + x];
+                            }
+                        }
+                    }
                     let mut part_max = NEG_SENTINEL.runtime();
                     #[unroll]
-                    for c in 0..comptime!(cols / tpr) {
-                        let j = c * tpr + lane;
-                        let kj = k0 + j;
+                    for c in 0..per_lane {
+                        let kj = k0 + c * tpr + lane;
                         let allowed = full || (kj < k_end && (causal == 0 || kj <= qi));
-                        let score = select(allowed, dot_rows(&q_s, row, &k_s, j, d), NEG_SENTINEL);
-                        p_s[row * cols + j] = score;
+                        let score = select(allowed, sc[c], NEG_SENTINEL);
+                        sc[c] = score;
                         part_max = max(part_max, score);
                     }
                     red_s[row * tpr + lane] = part_max;
@@ -200,35 +201,42 @@ pub(super) fn attn_forward<F: Float>(
 
                     // Online softmax update with the row max over all lanes.
                     let mut m_new = m_run;
-                    for l in 0..tpr {
-                        m_new = max(m_new, red_s[row * tpr + l]);
+                    #[unroll]
+                    for ln in 0..tpr {
+                        m_new = max(m_new, red_s[row * tpr + ln]);
                     }
                     // m_run = m_new = NEG_SENTINEL (nothing allowed yet) gives alpha = 1 on a zero
                     // accumulator; a real m_new after the sentinel gives alpha = 0.
                     let alpha = f32::exp(m_run - m_new);
                     let mut tile_sum = 0.0f32;
                     #[unroll]
-                    for c in 0..comptime!(cols / tpr) {
+                    for c in 0..per_lane {
                         let j = c * tpr + lane;
                         let kj = k0 + j;
                         let allowed = full || (kj < k_end && (causal == 0 || kj <= qi));
-                        let p = select(allowed, f32::exp(p_s[row * cols + j] - m_new), 0.0);
-                        p_s[row * cols + j] = p;
+                        let p = select(allowed, f32::exp(sc[c] - m_new), 0.0);
+                        p_s[row * ps + j] = p;
                         tile_sum += p;
                     }
                     l_part = l_part * alpha + tile_sum;
                     m_run = m_new;
                     sync_cube();
 
-                    // acc = alpha acc + P V over this lane's features.
+                    // acc = alpha acc + P V over this lane's features x = c * tpr + lane.
                     #[unroll]
-                    for c in 0..comptime!(d / tpr) {
-                        let x = c * tpr + lane;
-                        let mut a = acc[c] * alpha;
-                        for j in 0..cols {
-                            a += p_s[row * cols + j] * v_s[j * d + x];
+                    for c in 0..feats {
+                        acc[c] *= alpha;
+                    }
+                    for j0 in 0..comptime!(cols / 8) {
+                        #[unroll]
+                        for j1 in 0..8usize {
+                            let j = j0 * 8 + j1;
+                            let p = p_s[row * ps + j];
+                            #[unroll]
+                            for c in 0..feats {
+                                acc[c] += p * v_s[j * fs + c * tpr + lane];
+                            }
                         }
-                        acc[c] = a;
                     }
                 }
             }
@@ -239,6 +247,7 @@ pub(super) fn attn_forward<F: Float>(
         red_s[row * tpr + lane] = l_part;
         sync_cube();
         let mut l = 0.0f32;
+        #[unroll]
         for ln in 0..tpr {
             l += red_s[row * tpr + ln];
         }
@@ -249,7 +258,7 @@ pub(super) fn attn_forward<F: Float>(
             let inv = 1.0 / safe_l;
             let o0 = ((b * t_len + qi) * heads + h) * d;
             #[unroll]
-            for c in 0..comptime!(d / tpr) {
+            for c in 0..feats {
                 o[o0 + c * tpr + lane] = acc[c] * inv;
             }
             if lane == 0 {
@@ -318,37 +327,37 @@ pub(super) fn attn_backward_dq<F: Float>(
     #[comptime] tpr: usize,
 ) {
     let threads = comptime!(rows * tpr);
+    let fs = comptime!(d + 1);
+    let ps = comptime!(cols + 1);
+    let per_lane = comptime!(cols / tpr);
+    let feats = comptime!(d / tpr);
     let tid = UNIT_POS as usize;
     let row = tid / tpr;
     let lane = tid % tpr;
     let bh = CUBE_POS_Y as usize;
     let b = bh / heads;
     let h = bh % heads;
-    let (qb, q0, q_end) = tile_span(
-        CUBE_POS_X as usize,
-        tiles_per_block,
-        block_q,
-        t_len,
-        rows,
-    );
+    let (qb, q0, q_end) = tile_span(CUBE_POS_X as usize, tiles_per_block, block_q, t_len, rows);
     let qi = q0 + row;
-    let mut q_s = Shared::<[f32]>::new_slice(comptime!(rows * d));
-    let mut do_s = Shared::<[f32]>::new_slice(comptime!(rows * d));
-    let mut k_s = Shared::<[f32]>::new_slice(comptime!(cols * d));
-    let mut v_s = Shared::<[f32]>::new_slice(comptime!(cols * d));
-    let mut ds_s = Shared::<[f32]>::new_slice(comptime!(rows * cols));
-    let mut acc = Array::<f32>::new(comptime!(d / tpr));
+    let mut q_s = Shared::<[f32]>::new_slice(comptime!(rows * (d + 1)));
+    let mut do_s = Shared::<[f32]>::new_slice(comptime!(rows * (d + 1)));
+    let mut k_s = Shared::<[f32]>::new_slice(comptime!(cols * (d + 1)));
+    let mut v_s = Shared::<[f32]>::new_slice(comptime!(cols * (d + 1)));
+    let mut ds_s = Shared::<[f32]>::new_slice(comptime!(rows * (cols + 1)));
+    let mut acc = Array::<f32>::new(feats);
+    let mut sc = Array::<f32>::new(per_lane);
+    let mut dp = Array::<f32>::new(per_lane);
     #[unroll]
-    for c in 0..comptime!(d / tpr) {
+    for c in 0..feats {
         acc[c] = 0.0;
     }
 
     if q0 < q_end {
         stage_rows::<F>(
-            q, &mut q_s, q0, q_end, t_len, heads, b, h, scale, rows, d, threads,
+            q, &mut q_s, q0, q_end, t_len, heads, b, h, scale, rows, d, fs, threads,
         );
         stage_rows::<f32>(
-            d_o, &mut do_s, q0, q_end, t_len, heads, b, h, 1.0, rows, d, threads,
+            d_o, &mut do_s, q0, q_end, t_len, heads, b, h, 1.0, rows, d, fs, threads,
         );
         // Row statistics. An empty row has lse = -inf: it gets no probability at all (and the
         // exponent never sees the infinity).
@@ -374,34 +383,53 @@ pub(super) fn attn_backward_dq<F: Float>(
                     let full = block_full && k0 + cols <= k_end;
                     sync_cube();
                     stage_rows::<F>(
-                        k, &mut k_s, k0, k_end, s_len, heads, b, h, 1.0, cols, d, threads,
+                        k, &mut k_s, k0, k_end, s_len, heads, b, h, 1.0, cols, d, fs, threads,
                     );
                     stage_rows::<F>(
-                        v, &mut v_s, k0, k_end, s_len, heads, b, h, 1.0, cols, d, threads,
+                        v, &mut v_s, k0, k_end, s_len, heads, b, h, 1.0, cols, d, fs, threads,
                     );
                     sync_cube();
 
+                    // s_ij and dP_ij = do_i . v_j for this lane's columns.
                     #[unroll]
-                    for c in 0..comptime!(cols / tpr) {
+                    for c in 0..per_lane {
+                        sc[c] = 0.0;
+                        dp[c] = 0.0;
+                    }
+                    for x0 in 0..comptime!(d / 8) {
+                        #[unroll]
+                        for x1 in 0..8usize {
+                            let x = x0 * 8 + x1;
+                            let qv = q_s[row * fs + x];
+                            let gv = do_s[row * fs + x];
+                            #[unroll]
+                            for c in 0..per_lane {
+                                let j = c * tpr + lane;
+                                sc[c] += qv * k_s[j * fs + x];
+                                dp[c] += gv * v_s[j * fs + x];
+                            }
+                        }
+                    }
+                    #[unroll]
+                    for c in 0..per_lane {
                         let j = c * tpr + lane;
                         let kj = k0 + j;
-                        let allowed =
-                            row_ok && (full || (kj < k_end && (causal == 0 || kj <= qi)));
-                        let s = dot_rows(&q_s, row, &k_s, j, d);
-                        let dp = dot_rows(&do_s, row, &v_s, j, d);
-                        let p = select(allowed, f32::exp(s - lse_used), 0.0);
-                        ds_s[row * cols + j] = p * (dp - row_delta);
+                        let allowed = row_ok && (full || (kj < k_end && (causal == 0 || kj <= qi)));
+                        let p = select(allowed, f32::exp(sc[c] - lse_used), 0.0);
+                        ds_s[row * ps + j] = p * (dp[c] - row_delta);
                     }
                     sync_cube();
 
-                    #[unroll]
-                    for c in 0..comptime!(d / tpr) {
-                        let x = c * tpr + lane;
-                        let mut a = acc[c];
-                        for j in 0..cols {
-                            a += ds_s[row * cols + j] * k_s[j * d + x];
+                    for j0 in 0..comptime!(cols / 8) {
+                        #[unroll]
+                        for j1 in 0..8usize {
+                            let j = j0 * 8 + j1;
+                            let g = ds_s[row * ps + j];
+                            #[unroll]
+                            for c in 0..feats {
+                                acc[c] += g * k_s[j * fs + c * tpr + lane];
+                            }
                         }
-                        acc[c] = a;
                     }
                 }
             }
@@ -409,7 +437,7 @@ pub(super) fn attn_backward_dq<F: Float>(
         if qi < q_end {
             let o0 = ((b * t_len + qi) * heads + h) * d;
             #[unroll]
-            for c in 0..comptime!(d / tpr) {
+            for c in 0..feats {
                 dq[o0 + c * tpr + lane] = acc[c] * scale;
             }
         }
@@ -448,42 +476,42 @@ pub(super) fn attn_backward_dkdv<F: Float>(
     #[comptime] tpr: usize,
 ) {
     let threads = comptime!(rows * tpr);
+    let fs = comptime!(d + 1);
+    let ps = comptime!(cols + 1);
+    let per_lane = comptime!(cols / tpr);
+    let feats = comptime!(d / tpr);
     let tid = UNIT_POS as usize;
     let row = tid / tpr;
     let lane = tid % tpr;
     let bh = CUBE_POS_Y as usize;
     let b = bh / heads;
     let h = bh % heads;
-    let (kb, k0, k_end) = tile_span(
-        CUBE_POS_X as usize,
-        tiles_per_block,
-        block_k,
-        s_len,
-        rows,
-    );
+    let (kb, k0, k_end) = tile_span(CUBE_POS_X as usize, tiles_per_block, block_k, s_len, rows);
     let kj = k0 + row;
-    let mut k_s = Shared::<[f32]>::new_slice(comptime!(rows * d));
-    let mut v_s = Shared::<[f32]>::new_slice(comptime!(rows * d));
-    let mut q_s = Shared::<[f32]>::new_slice(comptime!(cols * d));
-    let mut do_s = Shared::<[f32]>::new_slice(comptime!(cols * d));
+    let mut k_s = Shared::<[f32]>::new_slice(comptime!(rows * (d + 1)));
+    let mut v_s = Shared::<[f32]>::new_slice(comptime!(rows * (d + 1)));
+    let mut q_s = Shared::<[f32]>::new_slice(comptime!(cols * (d + 1)));
+    let mut do_s = Shared::<[f32]>::new_slice(comptime!(cols * (d + 1)));
     let mut lse_s = Shared::<[f32]>::new_slice(cols);
     let mut delta_s = Shared::<[f32]>::new_slice(cols);
-    let mut p_s = Shared::<[f32]>::new_slice(comptime!(rows * cols));
-    let mut ds_s = Shared::<[f32]>::new_slice(comptime!(rows * cols));
-    let mut dk_acc = Array::<f32>::new(comptime!(d / tpr));
-    let mut dv_acc = Array::<f32>::new(comptime!(d / tpr));
+    let mut p_s = Shared::<[f32]>::new_slice(comptime!(rows * (cols + 1)));
+    let mut ds_s = Shared::<[f32]>::new_slice(comptime!(rows * (cols + 1)));
+    let mut dk_acc = Array::<f32>::new(feats);
+    let mut dv_acc = Array::<f32>::new(feats);
+    let mut sc = Array::<f32>::new(per_lane);
+    let mut dp = Array::<f32>::new(per_lane);
     #[unroll]
-    for c in 0..comptime!(d / tpr) {
+    for c in 0..feats {
         dk_acc[c] = 0.0;
         dv_acc[c] = 0.0;
     }
 
     if k0 < k_end {
         stage_rows::<F>(
-            k, &mut k_s, k0, k_end, s_len, heads, b, h, 1.0, rows, d, threads,
+            k, &mut k_s, k0, k_end, s_len, heads, b, h, 1.0, rows, d, fs, threads,
         );
         stage_rows::<F>(
-            v, &mut v_s, k0, k_end, s_len, heads, b, h, 1.0, rows, d, threads,
+            v, &mut v_s, k0, k_end, s_len, heads, b, h, 1.0, rows, d, fs, threads,
         );
         let sub_tiles = block_q.div_ceil(cols);
         for e in col_ptr[kb] as usize..col_ptr[kb + 1] as usize {
@@ -494,17 +522,16 @@ pub(super) fn attn_backward_dkdv<F: Float>(
                 let i0 = qb * block_q + sub * cols;
                 // Uniform skips: sub-tile past the queries, or (causal) entirely before this
                 // tile's first key.
-                let i_last = min(i0 + cols, q_end) - 1;
-                let live = i0 < q_end && !(causal == 1 && i_last < k0);
+                let live = i0 < q_end && !(causal == 1 && min(i0 + cols, q_end) - 1 < k0);
                 if live {
                     let full = block_full && i0 + cols <= q_end;
                     sync_cube();
                     // q pre-scaled: s = (scale q) . k and dk = sum_i dS_ij (scale q_i).
                     stage_rows::<F>(
-                        q, &mut q_s, i0, q_end, t_len, heads, b, h, scale, cols, d, threads,
+                        q, &mut q_s, i0, q_end, t_len, heads, b, h, scale, cols, d, fs, threads,
                     );
                     stage_rows::<f32>(
-                        d_o, &mut do_s, i0, q_end, t_len, heads, b, h, 1.0, cols, d, threads,
+                        d_o, &mut do_s, i0, q_end, t_len, heads, b, h, 1.0, cols, d, fs, threads,
                     );
                     if tid < cols {
                         let qi = i0 + tid;
@@ -519,38 +546,54 @@ pub(super) fn attn_backward_dkdv<F: Float>(
                     }
                     sync_cube();
 
+                    // s_ij and dP_ij for this lane's query columns i = c * tpr + lane.
                     #[unroll]
-                    for c in 0..comptime!(cols / tpr) {
+                    for c in 0..per_lane {
+                        sc[c] = 0.0;
+                        dp[c] = 0.0;
+                    }
+                    for x0 in 0..comptime!(d / 8) {
+                        #[unroll]
+                        for x1 in 0..8usize {
+                            let x = x0 * 8 + x1;
+                            let kv = k_s[row * fs + x];
+                            let vv = v_s[row * fs + x];
+                            #[unroll]
+                            for c in 0..per_lane {
+                                let i = c * tpr + lane;
+                                sc[c] += q_s[i * fs + x] * kv;
+                                dp[c] += do_s[i * fs + x] * vv;
+                            }
+                        }
+                    }
+                    #[unroll]
+                    for c in 0..per_lane {
                         let i = c * tpr + lane;
                         let qi = i0 + i;
                         let row_lse = lse_s[i];
                         // An empty query row (lse = -inf) gets no probability.
                         let row_ok = row_lse > NEG_SENTINEL;
-                        let allowed =
-                            row_ok && (full || (qi < q_end && (causal == 0 || kj <= qi)));
-                        let s = dot_rows(&q_s, i, &k_s, row, d);
-                        let dp = dot_rows(&do_s, i, &v_s, row, d);
-                        let p = select(
-                            allowed,
-                            f32::exp(s - select(row_ok, row_lse, 0.0)),
-                            0.0,
-                        );
-                        p_s[row * cols + i] = p;
-                        ds_s[row * cols + i] = p * (dp - delta_s[i]);
+                        let allowed = row_ok && (full || (qi < q_end && (causal == 0 || kj <= qi)));
+                        let p =
+                            select(allowed, f32::exp(sc[c] - select(row_ok, row_lse, 0.0)), 0.0);
+                        p_s[row * ps + i] = p;
+                        ds_s[row * ps + i] = p * (dp[c] - delta_s[i]);
                     }
                     sync_cube();
 
-                    #[unroll]
-                    for c in 0..comptime!(d / tpr) {
-                        let x = c * tpr + lane;
-                        let mut a_k = dk_acc[c];
-                        let mut a_v = dv_acc[c];
-                        for i in 0..cols {
-                            a_k += ds_s[row * cols + i] * q_s[i * d + x];
-                            a_v += p_s[row * cols + i] * do_s[i * d + x];
+                    for i0 in 0..comptime!(cols / 8) {
+                        #[unroll]
+                        for i1 in 0..8usize {
+                            let i = i0 * 8 + i1;
+                            let p = p_s[row * ps + i];
+                            let g = ds_s[row * ps + i];
+                            #[unroll]
+                            for c in 0..feats {
+                                let x = c * tpr + lane;
+                                dk_acc[c] += g * q_s[i * fs + x];
+                                dv_acc[c] += p * do_s[i * fs + x];
+                            }
                         }
-                        dk_acc[c] = a_k;
-                        dv_acc[c] = a_v;
                     }
                 }
             }
@@ -558,7 +601,7 @@ pub(super) fn attn_backward_dkdv<F: Float>(
         if kj < k_end {
             let o0 = ((b * s_len + kj) * heads + h) * d;
             #[unroll]
-            for c in 0..comptime!(d / tpr) {
+            for c in 0..feats {
                 dk[o0 + c * tpr + lane] = dk_acc[c];
                 dv[o0 + c * tpr + lane] = dv_acc[c];
             }

@@ -40,7 +40,7 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use half::{bf16, f16};
 
-use super::{Attention, AttnGrads, AttnOutput, AttnSpec, AttentionPlan, BlockMask};
+use super::{Attention, AttentionPlan, AttnGrads, AttnOutput, AttnSpec, BlockMask};
 use crate::cube::CubeContext;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor, TensorData};
@@ -100,13 +100,15 @@ impl Tiles {
     /// `kernels.rs`).
     pub fn shared_floats(&self, kernel: AttnKernel, d: usize) -> usize {
         let (r, c) = (self.rows, self.cols);
+        // Feature tiles have row stride d + 1, score tiles c + 1 (bank-conflict padding).
+        let (fs, ps) = (d + 1, c + 1);
         match kernel {
             // q tile, k and v sub-tiles, P, per-lane reduction.
-            AttnKernel::Forward => (r + 2 * c) * d + r * c + r * self.tpr,
+            AttnKernel::Forward => (r + 2 * c) * fs + r * ps + r * self.tpr,
             // q and do tiles, k and v sub-tiles, dS.
-            AttnKernel::BackwardDq => (2 * r + 2 * c) * d + r * c,
+            AttnKernel::BackwardDq => (2 * r + 2 * c) * fs + r * ps,
             // k and v tiles, q and do sub-tiles, lse and delta, P and dS.
-            AttnKernel::BackwardDkDv => (2 * r + 2 * c) * d + 2 * c + 2 * r * c,
+            AttnKernel::BackwardDkDv => (2 * r + 2 * c) * fs + 2 * c + 2 * r * ps,
         }
     }
 }
@@ -133,24 +135,18 @@ pub fn kernel_tiles(
     for &rows in SIZES.iter().filter(|&&r| r <= row_cap) {
         for &cols in SIZES.iter().filter(|&&c| c <= col_cap) {
             let mut tpr = 1;
-            while rows * tpr * 2 <= unit_cap
-                && d % (tpr * 2) == 0
-                && cols % (tpr * 2) == 0
-            {
+            while rows * tpr * 2 <= unit_cap && d % (tpr * 2) == 0 && cols % (tpr * 2) == 0 {
                 tpr *= 2;
             }
             let tiles = Tiles { rows, cols, tpr };
             // dK/dV loads one lse / delta value per unit of the first `cols` units.
-            if rows * tpr > unit_cap || (kernel == AttnKernel::BackwardDkDv && rows * tpr < cols)
-            {
+            if rows * tpr > unit_cap || (kernel == AttnKernel::BackwardDkDv && rows * tpr < cols) {
                 continue;
             }
             if tiles.shared_floats(kernel, d) * 4 > max_shared_bytes {
                 continue;
             }
-            let better = best.is_none_or(|b| {
-                (rows * cols, rows) > (b.rows * b.cols, b.rows)
-            });
+            let better = best.is_none_or(|b| (rows * cols, rows) > (b.rows * b.cols, b.rows));
             if better {
                 best = Some(tiles);
             }
@@ -271,12 +267,14 @@ pub struct DeviceAttention<'a> {
 
 /// Forward outputs on the device, f32: `o: [B, T, H, D]`, `lse: [B, H, T]` (`-inf` for a row with
 /// no allowed key, whose `o` is 0).
+#[derive(Debug)]
 pub struct DeviceAttnOutput {
     pub o: Handle,
     pub lse: Handle,
 }
 
 /// Gradients on the device, f32: `dq: [B, T, H, D]`, `dk, dv: [B, S, H, D]`.
+#[derive(Debug)]
 pub struct DeviceAttnGrads {
     pub dq: Handle,
     pub dk: Handle,
@@ -380,6 +378,11 @@ impl CubeAttentionPlan {
         self.client().properties().hardware.max_shared_memory_size
     }
 
+    /// The tile shape `kernel` runs with for head dim `d` on this plan's device.
+    pub fn kernel_tiles(&self, kernel: AttnKernel, d: usize) -> Result<Tiles> {
+        self.tiles(kernel, d).map(|(tiles, _, _)| tiles)
+    }
+
     /// Tile shape of `kernel` for head dim `d` on this device, and the grid extent along x
     /// (`blocks * tiles per block`).
     fn tiles(&self, kernel: AttnKernel, d: usize) -> Result<(Tiles, usize, usize)> {
@@ -417,8 +420,12 @@ impl CubeAttentionPlan {
             let o = output_f32(&self.ctx, l.b * t * l.h * l.d);
             let lse = output_f32(&self.ctx, l.b * l.h * t);
             match l.dtype {
-                DType::F32 => self.launch_forward::<f32>(args, &l, tiles, per_block, grid_x, &o, &lse),
-                DType::F16 => self.launch_forward::<f16>(args, &l, tiles, per_block, grid_x, &o, &lse),
+                DType::F32 => {
+                    self.launch_forward::<f32>(args, &l, tiles, per_block, grid_x, &o, &lse)
+                }
+                DType::F16 => {
+                    self.launch_forward::<f16>(args, &l, tiles, per_block, grid_x, &o, &lse)
+                }
                 DType::BF16 => {
                     self.launch_forward::<bf16>(args, &l, tiles, per_block, grid_x, &o, &lse)
                 }
@@ -729,7 +736,8 @@ impl HostProblem {
     fn new(ctx: &CubeContext, spec: &AttnSpec, args: &Attention) -> Result<Self> {
         // Refuse an unsupported dtype before planning or uploading anything.
         check_dtype(ctx, "q", spec.dtype)?;
-        let plan = CubeAttentionPlan::from_mask(ctx, args.mask, spec.dims.t, spec.dims.s, spec.causal)?;
+        let plan =
+            CubeAttentionPlan::from_mask(ctx, args.mask, spec.dims.t, spec.dims.s, spec.causal)?;
         let q = upload_input(ctx, "q", args.q)?;
         let k = upload_input(ctx, "k", args.k)?;
         let v = upload_input(ctx, "v", args.v)?;
@@ -795,8 +803,17 @@ pub(super) fn backward(
     let q_len = dims.b * t * dims.h * dims.d;
     let kv_len = dims.b * s * dims.h * dims.d;
     Ok(AttnGrads {
-        dq: Tensor::f32_unchecked(args.q.shape().to_vec(), download_f32(ctx, &grads.dq, q_len)?),
-        dk: Tensor::f32_unchecked(args.k.shape().to_vec(), download_f32(ctx, &grads.dk, kv_len)?),
-        dv: Tensor::f32_unchecked(args.v.shape().to_vec(), download_f32(ctx, &grads.dv, kv_len)?),
+        dq: Tensor::f32_unchecked(
+            args.q.shape().to_vec(),
+            download_f32(ctx, &grads.dq, q_len)?,
+        ),
+        dk: Tensor::f32_unchecked(
+            args.k.shape().to_vec(),
+            download_f32(ctx, &grads.dk, kv_len)?,
+        ),
+        dv: Tensor::f32_unchecked(
+            args.v.shape().to_vec(),
+            download_f32(ctx, &grads.dv, kv_len)?,
+        ),
     })
 }
