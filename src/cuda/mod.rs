@@ -2,12 +2,24 @@
 //! through cudarc. libcuda and libnvrtc are loaded dynamically; their absence is reported as
 //! [`Error::DeviceUnavailable`], never as a panic (cudarc itself panics on a missing library, so we
 //! probe first).
+//!
+//! Layout: [`compile`] (embedded sources, NVRTC, PTX cache; usable without a GPU), [`exec`] (the
+//! [`exec::Executor`] interface, its CUDA implementation with a per-context module cache, and
+//! launches), [`emu`] (the same interface on the host emulation of `kernels/emu`, for checks
+//! without a GPU). Kernel families (e.g. `linear::cuda`) build on these.
+
+pub mod compile;
+pub mod emu;
+pub mod exec;
 
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaContext as DriverContext, CudaStream};
 
 use crate::error::{Error, Result};
+
+/// Why the CUDA backend cannot compile kernels when libnvrtc is missing.
+pub(crate) const NVRTC_MISSING: &str = "libnvrtc not found (install the CUDA toolkit or the `nvidia-cuda-nvrtc-cu12` wheel, e.g. scripts/install-cuda-wheels.sh, and put its lib folder on LD_LIBRARY_PATH)";
 
 /// Whether libnvrtc can be loaded (kernels can be compiled, with or without a GPU).
 pub fn nvrtc_available() -> bool {
@@ -33,6 +45,8 @@ struct CudaInner {
     name: String,
     /// Compute capability, e.g. (9, 0).
     capability: (i32, i32),
+    /// Loaded modules of this context, per kernel variant.
+    modules: exec::ModuleCache,
 }
 
 impl CudaContext {
@@ -53,7 +67,7 @@ impl CudaContext {
             return Err("libcuda (the NVIDIA driver library) not found".into());
         }
         if !nvrtc_available() {
-            return Err("libnvrtc not found (install the CUDA toolkit or the `nvidia-cuda-nvrtc-cu12` wheel and put its lib folder on LD_LIBRARY_PATH)".into());
+            return Err(NVRTC_MISSING.into());
         }
         let count = DriverContext::device_count().map_err(|e| format!("cuInit failed: {e:?}"))?;
         if count <= ordinal as i32 {
@@ -62,6 +76,12 @@ impl CudaContext {
         let context = DriverContext::new(ordinal).map_err(|e| format!("{e:?}"))?;
         let name = context.name().map_err(|e| format!("{e:?}"))?;
         let capability = context.compute_capability().map_err(|e| format!("{e:?}"))?;
+        if capability.0 < 8 {
+            return Err(format!(
+                "{name} has compute capability {}.{}; the kernels need 8.0 or newer",
+                capability.0, capability.1
+            ));
+        }
         let stream = context.default_stream();
         Ok(CudaContext {
             inner: Arc::new(CudaInner {
@@ -69,6 +89,7 @@ impl CudaContext {
                 stream,
                 name,
                 capability,
+                modules: exec::ModuleCache::default(),
             }),
         })
     }
@@ -94,5 +115,9 @@ impl CudaContext {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.inner.stream
+    }
+
+    pub(crate) fn module_cache(&self) -> &exec::ModuleCache {
+        &self.inner.modules
     }
 }

@@ -1,0 +1,375 @@
+//! Device-resident API: inputs and outputs are cudarc device slices, launches go to the caller's
+//! stream, nothing is copied to the host (except the tiny chunk tables built from `cu_seqlens`,
+//! which is a host slice because the launch grids depend on it).
+//!
+//! Sizes are checked against `dims` and typed errors returned. Gate values are not inspected here
+//! (that would need a device-to-host copy): they must be natural-log decays `<= 0`, as the host
+//! API validates; a positive gate overflows.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use half::{bf16, f16};
+use linattn_reference::linear::{Dims, Direction, Form, GateKind};
+
+use super::engine::{self, BackwardTargets, Cotangents, ForwardTargets, Inputs};
+use super::{Spec, engine_config};
+use crate::cuda::CudaContext;
+use crate::cuda::exec::CudaExec;
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+use crate::validation::parse_cu_seqlens;
+
+/// A device input of one of the supported element types, `[B, T, H, D]` row-major.
+#[derive(Clone, Copy)]
+pub enum DeviceTensor<'a> {
+    BF16(&'a CudaSlice<bf16>),
+    F16(&'a CudaSlice<f16>),
+    F32(&'a CudaSlice<f32>),
+}
+
+impl DeviceTensor<'_> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            DeviceTensor::BF16(_) => DType::BF16,
+            DeviceTensor::F16(_) => DType::F16,
+            DeviceTensor::F32(_) => DType::F32,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            DeviceTensor::BF16(s) => s.len(),
+            DeviceTensor::F16(s) => s.len(),
+            DeviceTensor::F32(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A device gate (f32 natural-log decays `<= 0`).
+#[derive(Clone, Copy)]
+pub enum DeviceGate<'a> {
+    None,
+    /// `[H]`.
+    PerHead(&'a CudaSlice<f32>),
+    /// `[B, T, H]`.
+    Scalar(&'a CudaSlice<f32>),
+    /// `[B, T, H, K]`.
+    Vector(&'a CudaSlice<f32>),
+}
+
+impl<'a> DeviceGate<'a> {
+    fn kind(&self) -> GateKind {
+        match self {
+            DeviceGate::None => GateKind::None,
+            DeviceGate::PerHead(_) => GateKind::PerHead,
+            DeviceGate::Scalar(_) => GateKind::Scalar,
+            DeviceGate::Vector(_) => GateKind::Vector,
+        }
+    }
+
+    fn slice(&self) -> Option<&'a CudaSlice<f32>> {
+        match *self {
+            DeviceGate::None => None,
+            DeviceGate::PerHead(s) | DeviceGate::Scalar(s) | DeviceGate::Vector(s) => Some(s),
+        }
+    }
+}
+
+/// One engine problem on device slices (the device twin of `linear::LinearAttention`).
+#[derive(Clone, Copy)]
+pub struct DeviceProblem<'a> {
+    /// With `cu_seqlens`, `b == 1` and `t` is the packed length.
+    pub dims: Dims,
+    pub q: DeviceTensor<'a>,
+    pub k: DeviceTensor<'a>,
+    pub v: DeviceTensor<'a>,
+    pub gate: DeviceGate<'a>,
+    pub gate_bwd: Option<DeviceGate<'a>>,
+    pub direction: Direction,
+    /// Defaults to `K^-0.5`.
+    pub scale: Option<f64>,
+    pub normalize: Option<f64>,
+    /// `[N, H, K, V]`, causal only.
+    pub h0: Option<&'a CudaSlice<f32>>,
+    /// Packed offsets `[N + 1]` (host).
+    pub cu_seqlens: Option<&'a [i64]>,
+}
+
+/// Forward results, written in place (f32): `o: [B, T, H, V]`, `ht: [N, H, K, V]`.
+pub struct DeviceForward<'a> {
+    pub o: &'a mut CudaSlice<f32>,
+    pub ht: Option<&'a mut CudaSlice<f32>>,
+}
+
+/// Gradients, written in place (f32), shaped like their inputs.
+pub struct DeviceBackward<'a> {
+    pub dq: &'a mut CudaSlice<f32>,
+    pub dk: &'a mut CudaSlice<f32>,
+    pub dv: &'a mut CudaSlice<f32>,
+    pub dg: Option<&'a mut CudaSlice<f32>>,
+    pub dg_bwd: Option<&'a mut CudaSlice<f32>>,
+    pub dh0: Option<&'a mut CudaSlice<f32>>,
+}
+
+fn expect_len(name: &str, len: usize, want: usize, what: &str) -> Result<()> {
+    if len != want {
+        return Err(Error::ShapeMismatch {
+            tensor: name.to_string(),
+            expected: format!("{what} = {want} elements"),
+            actual: vec![len],
+        });
+    }
+    Ok(())
+}
+
+impl DeviceProblem<'_> {
+    /// Checks sizes and options; the device counterpart of `LinearAttention::validate`.
+    pub fn validate(&self) -> Result<Spec> {
+        let d = self.dims;
+        if [d.b, d.t, d.h, d.k, d.v].contains(&0) {
+            return Err(Error::InvalidArgument(format!(
+                "every dimension must be >= 1, got {d:?}"
+            )));
+        }
+        expect_len("q", self.q.len(), d.qk_len(), "B*T*H*K")?;
+        expect_len("k", self.k.len(), d.qk_len(), "B*T*H*K")?;
+        expect_len("v", self.v.len(), d.v_len(), "B*T*H*V")?;
+        let dtype = self.q.dtype();
+        if self.k.dtype() != dtype || self.v.dtype() != dtype {
+            return Err(Error::InvalidArgument(
+                "q, k, v must share one dtype".into(),
+            ));
+        }
+        let cu_seqlens = match self.cu_seqlens {
+            None => None,
+            Some(cu) => {
+                if d.b != 1 {
+                    return Err(Error::BadCuSeqlens(format!(
+                        "variable length needs B = 1, got B = {}",
+                        d.b
+                    )));
+                }
+                Some(parse_cu_seqlens(cu, d.t)?)
+            }
+        };
+        let num_sequences = cu_seqlens.as_ref().map_or(d.b, |cu| cu.len() - 1);
+        let gate_kind = self.gate.kind();
+        let check_gate = |name: &str, g: &DeviceGate| -> Result<()> {
+            if let Some(s) = g.slice() {
+                expect_len(name, s.len(), g.kind().len(&d), "the gate's element count")?;
+            }
+            Ok(())
+        };
+        check_gate("g", &self.gate)?;
+        if let Some(gb) = &self.gate_bwd {
+            if self.direction != Direction::Bidirectional || gb.kind() != gate_kind {
+                return Err(Error::InvalidArgument(
+                    "`g_bwd` needs the bidirectional direction and the same gate kind as `g`"
+                        .into(),
+                ));
+            }
+            check_gate("g_bwd", gb)?;
+        }
+        let scale = self.scale.unwrap_or((d.k as f64).powf(-0.5));
+        if !scale.is_finite() || scale == 0.0 {
+            return Err(Error::InvalidArgument(format!(
+                "scale must be finite and nonzero, got {scale}"
+            )));
+        }
+        if let Some(eps) = self.normalize
+            && !(eps.is_finite() && eps >= 0.0)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "normalisation eps must be finite and >= 0, got {eps}"
+            )));
+        }
+        if let Some(h0) = self.h0 {
+            if self.direction != Direction::Causal || self.normalize.is_some() {
+                return Err(Error::InvalidArgument(
+                    "an initial state needs the causal direction without normalisation".into(),
+                ));
+            }
+            expect_len("h0", h0.len(), num_sequences * d.state_len(), "N*H*K*V")?;
+        }
+        Ok(Spec {
+            dims: d,
+            dtype,
+            gate_kind,
+            has_gate_bwd: self.gate_bwd.is_some(),
+            direction: self.direction,
+            scale,
+            normalize: self.normalize,
+            has_h0: self.h0.is_some(),
+            cu_seqlens,
+            num_sequences,
+        })
+    }
+}
+
+/// Raw device addresses of the slices, with cudarc's stream-ordering guards kept alive until the
+/// launches are issued.
+struct Pointers<'a> {
+    stream: &'a Arc<CudaStream>,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Pointers<'a> {
+    fn read<T>(&mut self, s: &'a CudaSlice<T>) -> u64 {
+        let (ptr, guard) = s.device_ptr(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    fn write<T>(&mut self, s: &'a mut CudaSlice<T>) -> u64 {
+        let (ptr, guard) = s.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    fn tensor(&mut self, t: DeviceTensor<'a>) -> u64 {
+        match t {
+            DeviceTensor::BF16(s) => self.read(s),
+            DeviceTensor::F16(s) => self.read(s),
+            DeviceTensor::F32(s) => self.read(s),
+        }
+    }
+
+    fn gate(&mut self, g: Option<&DeviceGate<'a>>) -> u64 {
+        g.and_then(DeviceGate::slice).map_or(0, |s| self.read(s))
+    }
+
+    fn inputs(&mut self, p: &DeviceProblem<'a>) -> Inputs {
+        Inputs {
+            q: self.tensor(p.q),
+            k: self.tensor(p.k),
+            v: self.tensor(p.v),
+            g: self.gate(Some(&p.gate)),
+            g_bwd: self.gate(p.gate_bwd.as_ref()),
+            h0: p.h0.map_or(0, |s| self.read(s)),
+        }
+    }
+}
+
+/// Forward pass on device slices, launched on `stream` (asynchronous: results are ready when the
+/// stream reaches this point).
+pub fn forward<'a>(
+    ctx: &CudaContext,
+    stream: &'a Arc<CudaStream>,
+    problem: &DeviceProblem<'a>,
+    form: Form,
+    out: DeviceForward<'a>,
+) -> Result<()> {
+    let spec = problem.validate()?;
+    let cfg = engine_config(&spec, form)?;
+    expect_len("o", out.o.len(), spec.dims.v_len(), "B*T*H*V")?;
+    match (&out.ht, spec.has_final_state()) {
+        (Some(ht), true) => expect_len(
+            "ht",
+            ht.len(),
+            spec.num_sequences * spec.dims.state_len(),
+            "N*H*K*V",
+        )?,
+        (Some(_), false) => {
+            return Err(Error::InvalidArgument(
+                "`ht` requested but this problem has no final state".into(),
+            ));
+        }
+        (None, _) => {}
+    }
+    let exec = CudaExec::on_stream(ctx, stream.clone());
+    let mut ptrs = Pointers {
+        stream,
+        guards: Vec::new(),
+    };
+    let inp = ptrs.inputs(problem);
+    let targets = ForwardTargets {
+        o: ptrs.write(out.o),
+        ht: out.ht.map_or(0, |s| ptrs.write(s)),
+    };
+    engine::forward(&exec, &cfg, &inp, &targets)
+}
+
+/// Backward pass on device slices (recomputes what it needs), launched on `stream`. `d_o` may be
+/// of the inputs' dtype or f32.
+pub fn backward<'a>(
+    ctx: &CudaContext,
+    stream: &'a Arc<CudaStream>,
+    problem: &DeviceProblem<'a>,
+    form: Form,
+    d_o: DeviceTensor<'a>,
+    d_ht: Option<&'a CudaSlice<f32>>,
+    out: DeviceBackward<'a>,
+) -> Result<()> {
+    let spec = problem.validate()?;
+    let cfg = engine_config(&spec, form)?;
+    let d = spec.dims;
+    expect_len("do", d_o.len(), d.v_len(), "B*T*H*V")?;
+    if d_o.dtype() != spec.dtype && d_o.dtype() != DType::F32 {
+        return Err(Error::UnsupportedDtype {
+            tensor: "do".into(),
+            dtype: d_o.dtype(),
+            backend: "cuda".into(),
+            supported: format!("{} (the inputs' dtype) or f32", spec.dtype),
+        });
+    }
+    let state_len = spec.num_sequences * d.state_len();
+    if let Some(dht) = d_ht {
+        if !spec.has_final_state() {
+            return Err(Error::InvalidArgument(
+                "`dht` given but this problem has no final state".into(),
+            ));
+        }
+        expect_len("dht", dht.len(), state_len, "N*H*K*V")?;
+    }
+    expect_len("dq", out.dq.len(), d.qk_len(), "B*T*H*K")?;
+    expect_len("dk", out.dk.len(), d.qk_len(), "B*T*H*K")?;
+    expect_len("dv", out.dv.len(), d.v_len(), "B*T*H*V")?;
+    let gate_len = spec.gate_kind.len(&d);
+    for (name, s, wanted) in [
+        ("dg", out.dg.as_deref(), spec.gate_kind != GateKind::None),
+        ("dg_bwd", out.dg_bwd.as_deref(), spec.has_gate_bwd),
+    ] {
+        match (s, wanted) {
+            (Some(s), true) => expect_len(name, s.len(), gate_len, "the gate's element count")?,
+            (Some(_), false) => {
+                return Err(Error::InvalidArgument(format!(
+                    "`{name}` given but there is no such gate"
+                )));
+            }
+            (None, _) => {}
+        }
+    }
+    if let Some(dh0) = out.dh0.as_deref() {
+        if !spec.has_h0 {
+            return Err(Error::InvalidArgument(
+                "`dh0` given but the problem has no h0".into(),
+            ));
+        }
+        expect_len("dh0", dh0.len(), state_len, "N*H*K*V")?;
+    }
+    let exec = CudaExec::on_stream(ctx, stream.clone());
+    let mut ptrs = Pointers {
+        stream,
+        guards: Vec::new(),
+    };
+    let inp = ptrs.inputs(problem);
+    let cot = Cotangents {
+        d_o: ptrs.tensor(d_o),
+        do_f32: d_o.dtype() != spec.dtype,
+        dht: d_ht.map_or(0, |s| ptrs.read(s)),
+    };
+    let targets = BackwardTargets {
+        dq: ptrs.write(out.dq),
+        dk: ptrs.write(out.dk),
+        dv: ptrs.write(out.dv),
+        dg: out.dg.map_or(0, |s| ptrs.write(s)),
+        dg_bwd: out.dg_bwd.map_or(0, |s| ptrs.write(s)),
+        dh0: out.dh0.map_or(0, |s| ptrs.write(s)),
+    };
+    engine::backward(&exec, &cfg, &inp, &cot, &targets)
+}
