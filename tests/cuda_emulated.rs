@@ -68,7 +68,6 @@ fn smoke_chunk_f32() {
     ));
 }
 
-
 /// Runs cases and reports every failure at the end (so one run shows the whole picture).
 fn run_all(exec: &EmuExec, runs: &[(Case, DType, Form)]) {
     let mut failed = Vec::new();
@@ -77,7 +76,13 @@ fn run_all(exec: &EmuExec, runs: &[(Case, DType, Form)]) {
             failed.push(case.label(*dtype, *form));
         }
     }
-    assert!(failed.is_empty(), "{} of {} failed:\n{}", failed.len(), runs.len(), failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed:\n{}",
+        failed.len(),
+        runs.len(),
+        failed.join("\n")
+    );
 }
 
 const CHUNK64: Form = Form::Chunkwise { chunk: 64 };
@@ -100,7 +105,10 @@ fn every_op_chunk64() {
 #[test]
 fn every_op_chunk16_padded() {
     let Some(exec) = exec() else { return };
-    let runs: Vec<_> = ops(SHAPES[3], 1.0).into_iter().map(|c| (c, DType::F32, CHUNK16)).collect();
+    let runs: Vec<_> = ops(SHAPES[3], 1.0)
+        .into_iter()
+        .map(|c| (c, DType::F32, CHUNK16))
+        .collect();
     run_all(&exec, &runs);
 }
 
@@ -124,7 +132,10 @@ fn gate_strengths() {
     let mut runs = Vec::new();
     for strength in [0.1, 10.0] {
         for case in ops(SHAPES[0], strength) {
-            if matches!(case.name.as_str(), "gla" | "mamba2" | "lion-s" | "bidir-vector") {
+            if matches!(
+                case.name.as_str(),
+                "gla" | "mamba2" | "lion-s" | "bidir-vector"
+            ) {
                 runs.push((case.clone(), DType::BF16, CHUNK64));
                 runs.push((case, DType::F32, CHUNK16));
             }
@@ -165,9 +176,21 @@ fn padded_head_dims() {
 fn large_head_dims() {
     let Some(exec) = exec() else { return };
     let runs = vec![
-        (Case::causal("gla", (1, 70, 1, 256, 192), GateKind::Vector), DType::BF16, CHUNK64),
-        (Case::causal("mamba2", (1, 70, 1, 128, 256), GateKind::Scalar), DType::BF16, CHUNK64),
-        (Case::causal("gla", (1, 40, 1, 256, 256), GateKind::Vector), DType::F32, Form::Recurrent),
+        (
+            Case::causal("gla", (1, 70, 1, 256, 192), GateKind::Vector),
+            DType::BF16,
+            CHUNK64,
+        ),
+        (
+            Case::causal("mamba2", (1, 70, 1, 128, 256), GateKind::Scalar),
+            DType::BF16,
+            CHUNK64,
+        ),
+        (
+            Case::causal("gla", (1, 40, 1, 256, 256), GateKind::Vector),
+            DType::F32,
+            Form::Recurrent,
+        ),
     ];
     run_all(&exec, &runs);
 }
@@ -190,4 +213,3 @@ fn full_matrix_on_request() {
     }
     run_all(&exec, &runs);
 }
-

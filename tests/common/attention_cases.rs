@@ -19,7 +19,9 @@ use linattn::{DType, Result, Tensor};
 /// Which blocks a case allows.
 #[derive(Clone, Debug)]
 pub enum MaskKind {
-    /// No mask: the kernels' computed dense lists.
+    /// No mask through the host API (`forward_on`: the dense mode with its default blocks).
+    HostDense,
+    /// No mask: the kernels' computed dense lists with the case's block sizes.
     Dense,
     /// Every block, through an uploaded plan (must agree with `Dense`).
     FullPlan,
@@ -50,7 +52,14 @@ pub struct AttnCase {
 }
 
 impl AttnCase {
-    pub fn new(t: usize, s: usize, d: usize, block: (usize, usize), causal: bool, mask: MaskKind) -> Self {
+    pub fn new(
+        t: usize,
+        s: usize,
+        d: usize,
+        block: (usize, usize),
+        causal: bool,
+        mask: MaskKind,
+    ) -> Self {
         AttnCase {
             b: 1,
             t,
@@ -90,6 +99,7 @@ impl AttnCase {
 
     pub fn label(&self, dtype: DType) -> String {
         let mask = match &self.mask {
+            MaskKind::HostDense => "host-dense".to_string(),
             MaskKind::Dense => "dense".to_string(),
             MaskKind::FullPlan => "full-plan".to_string(),
             MaskKind::Random {
@@ -129,7 +139,7 @@ impl AttnCase {
     pub fn block_mask(&self, rng: &mut Rng) -> Option<BlockMask> {
         let (nq, nk) = BlockMask::grid(self.t, self.s, self.block_q, self.block_k);
         match &self.mask {
-            MaskKind::Dense | MaskKind::FullPlan => None,
+            MaskKind::HostDense | MaskKind::Dense | MaskKind::FullPlan => None,
             MaskKind::Random {
                 density,
                 diagonal,
@@ -141,10 +151,31 @@ impl AttnCase {
                 for qb in 0..nq {
                     for kb in 0..nk {
                         // Blocks holding a token pair with i == j.
-                        let (q_lo, q_hi) = (qb * self.block_q, ((qb + 1) * self.block_q).min(self.t));
-                        let (k_lo, k_hi) = (kb * self.block_k, ((kb + 1) * self.block_k).min(self.s));
+                        let (q_lo, q_hi) =
+                            (qb * self.block_q, ((qb + 1) * self.block_q).min(self.t));
+                        let (k_lo, k_hi) =
+                            (kb * self.block_k, ((kb + 1) * self.block_k).min(self.s));
                         if q_lo < k_hi && k_lo < q_hi {
                             dense[qb * nk + kb] = u8::from(*diagonal);
+                        }
+                    }
+                }
+                if !*diagonal {
+                    // Keep rows testable: a row left without blocks gets one random block lying
+                    // entirely before its first query (so the causal rule keeps it); the first
+                    // query blocks have none and stay empty (rows without any allowed key).
+                    for qb in 0..nq {
+                        let row = &mut dense[qb * nk..(qb + 1) * nk];
+                        if row.iter().any(|&x| x != 0) {
+                            continue;
+                        }
+                        let before: Vec<usize> = (0..nk)
+                            .filter(|&kb| {
+                                ((kb + 1) * self.block_k).min(self.s) <= qb * self.block_q
+                            })
+                            .collect();
+                        if !before.is_empty() {
+                            row[before[rng.range(0, before.len() - 1)]] = 1;
                         }
                     }
                 }
@@ -152,7 +183,13 @@ impl AttnCase {
                     let qb = nq / 2;
                     dense[qb * nk..(qb + 1) * nk].fill(0);
                 }
-                Some(BlockMask::from_dense(nq, nk, self.block_q, self.block_k, &dense))
+                Some(BlockMask::from_dense(
+                    nq,
+                    nk,
+                    self.block_q,
+                    self.block_k,
+                    &dense,
+                ))
             }
             MaskKind::Radial(cfg) => Some(radial_mask(cfg).expect("radial mask")),
         }
@@ -258,10 +295,20 @@ fn draw(rng: &mut Rng, shape: &[usize], gain: f64, dtype: DType) -> Tensor {
 }
 
 /// Runs forward and backward of `case` on `exec` and compares with the f64 reference.
-pub fn run_case<E: Executor>(exec: &E, case: &AttnCase, dtype: DType, seed: u64) -> Result<Vec<Check>> {
+pub fn run_case<E: Executor>(
+    exec: &E,
+    case: &AttnCase,
+    dtype: DType,
+    seed: u64,
+) -> Result<Vec<Check>> {
     let mut rng = Rng::new(seed);
     let mask = case.block_mask(&mut rng);
-    let q = draw(&mut rng, &[case.b, case.t, case.h, case.d], case.q_gain, dtype);
+    let q = draw(
+        &mut rng,
+        &[case.b, case.t, case.h, case.d],
+        case.q_gain,
+        dtype,
+    );
     let k = draw(&mut rng, &[case.b, case.s, case.h, case.d], 1.0, dtype);
     let v = draw(&mut rng, &[case.b, case.s, case.h, case.d], 1.0, dtype);
     let d_o = draw(&mut rng, &[case.b, case.t, case.h, case.d], 1.0, dtype);
@@ -275,9 +322,20 @@ pub fn run_case<E: Executor>(exec: &E, case: &AttnCase, dtype: DType, seed: u64)
     };
     let spec = args.validate()?;
     let (out, grads) = match case.mask {
-        MaskKind::FullPlan => {
-            let plan = AttentionPlan::new(None, case.t, case.s, case.block_q, case.block_k, case.causal)?;
-            let plan = DeviceAttentionPlan::upload(exec, &plan)?;
+        MaskKind::FullPlan | MaskKind::Dense => {
+            let plan = if matches!(case.mask, MaskKind::Dense) {
+                DeviceAttentionPlan::dense(case.t, case.s, case.block_q, case.block_k, case.causal)?
+            } else {
+                let plan = AttentionPlan::new(
+                    None,
+                    case.t,
+                    case.s,
+                    case.block_q,
+                    case.block_k,
+                    case.causal,
+                )?;
+                DeviceAttentionPlan::upload(exec, &plan)?
+            };
             (
                 forward_with_plan_on(exec, &spec, &args, &plan)?,
                 backward_with_plan_on(exec, &spec, &args, &d_o, &plan)?,
@@ -289,7 +347,12 @@ pub fn run_case<E: Executor>(exec: &E, case: &AttnCase, dtype: DType, seed: u64)
         ),
     };
 
-    let (qr, kr, vr, dor) = (q.to_f64_vec(), k.to_f64_vec(), v.to_f64_vec(), d_o.to_f64_vec());
+    let (qr, kr, vr, dor) = (
+        q.to_f64_vec(),
+        k.to_f64_vec(),
+        v.to_f64_vec(),
+        d_o.to_f64_vec(),
+    );
     let problem = AttnProblem {
         dims: AttnDims {
             b: case.b,
@@ -310,7 +373,10 @@ pub fn run_case<E: Executor>(exec: &E, case: &AttnCase, dtype: DType, seed: u64)
 
     let o = out.o.to_f64_vec();
     let lse = out.lse.to_f64_vec();
-    let mut checks = vec![compare("o", &o, &want.o, 4e-3), compare_lse(&lse, &want.lse)];
+    let mut checks = vec![
+        compare("o", &o, &want.o, 4e-3),
+        compare_lse(&lse, &want.lse),
+    ];
     checks.push(compare("dq", &grads.dq.to_f64_vec(), &want_grads.dq, 5e-3));
     checks.push(compare("dk", &grads.dk.to_f64_vec(), &want_grads.dk, 5e-3));
     checks.push(compare("dv", &grads.dv.to_f64_vec(), &want_grads.dv, 5e-3));
@@ -324,7 +390,11 @@ pub fn run_case<E: Executor>(exec: &E, case: &AttnCase, dtype: DType, seed: u64)
             for i in 0..t {
                 if want.lse[(bb * h + hh) * t + i] == f64::NEG_INFINITY {
                     let at = ((bb * t + i) * h + hh) * d;
-                    if o[at..at + d].iter().chain(&dq[at..at + d]).any(|&x| x != 0.0) {
+                    if o[at..at + d]
+                        .iter()
+                        .chain(&dq[at..at + d])
+                        .any(|&x| x != 0.0)
+                    {
                         bad_empty += 1;
                     }
                 }

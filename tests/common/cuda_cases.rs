@@ -109,7 +109,9 @@ impl Inputs {
         // zero and any rounding is amplified without bound).
         let features = |x: Vec<f64>| -> Vec<f64> {
             if case.normalize {
-                x.into_iter().map(|x| if x > 0.0 { x + 1.0 } else { x.exp() }).collect()
+                x.into_iter()
+                    .map(|x| if x > 0.0 { x + 1.0 } else { x.exp() })
+                    .collect()
             } else {
                 x
             }
@@ -343,7 +345,10 @@ pub fn varlen_cases() -> Vec<Case> {
 pub fn full_matrix() -> Vec<Case> {
     let mut out = Vec::new();
     for shape in SHAPES {
-        for (si, strength) in linattn::reference::testing::GATE_STRENGTHS.into_iter().enumerate() {
+        for (si, strength) in linattn::reference::testing::GATE_STRENGTHS
+            .into_iter()
+            .enumerate()
+        {
             for case in ops(shape, strength) {
                 if case.gate == GateKind::None && si > 0 {
                     continue;

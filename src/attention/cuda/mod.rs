@@ -55,7 +55,8 @@ pub fn plan_for<E: Executor>(
     let d = spec.dims;
     match mask {
         Some(m) => {
-            let plan = AttentionPlan::new(Some(m), d.t, d.s, m.block_q(), m.block_k(), spec.causal)?;
+            let plan =
+                AttentionPlan::new(Some(m), d.t, d.s, m.block_q(), m.block_k(), spec.causal)?;
             DeviceAttentionPlan::upload(exec, &plan)
         }
         None => DeviceAttentionPlan::dense(d.t, d.s, DENSE_BLOCK_Q, DENSE_BLOCK_K, spec.causal),

@@ -151,13 +151,7 @@ impl<B> DeviceAttentionPlan<B> {
 
     /// Dense attention (every block, causal pruning if `causal`): the kernels compute the block
     /// lists, nothing is uploaded.
-    pub fn dense(
-        t: usize,
-        s: usize,
-        block_q: usize,
-        block_k: usize,
-        causal: bool,
-    ) -> Result<Self> {
+    pub fn dense(t: usize, s: usize, block_q: usize, block_k: usize, causal: bool) -> Result<Self> {
         let (nq, nk) = check_geometry(t, s, block_q, block_k)?;
         let nnz = if causal {
             (0..nq)
@@ -212,11 +206,19 @@ mod tests {
 
     #[test]
     fn dense_nnz_matches_the_host_plan() {
-        for &(t, s, bq, bk) in &[(200, 256, 64, 128), (1000, 1000, 128, 64), (64, 300, 128, 128)] {
+        for &(t, s, bq, bk) in &[
+            (200, 256, 64, 128),
+            (1000, 1000, 128, 64),
+            (64, 300, 128, 128),
+        ] {
             for causal in [false, true] {
                 let host = AttentionPlan::new(None, t, s, bq, bk, causal).unwrap();
                 let dense = DeviceAttentionPlan::<()>::dense(t, s, bq, bk, causal).unwrap();
-                assert_eq!(dense.geometry().nnz, host.rows.nnz(), "{t} {s} {bq} {bk} {causal}");
+                assert_eq!(
+                    dense.geometry().nnz,
+                    host.rows.nnz(),
+                    "{t} {s} {bq} {bk} {causal}"
+                );
             }
         }
     }
