@@ -10,11 +10,17 @@
 // recomputing S and dP once more than FlashAttention-2's atomic dq).
 //
 // Compile-time variant: LA_DTYPE (0 bf16, 1 f16), ATT_D (head dim 64 | 128), ATT_BQ and ATT_BK (the
-// plan's block sizes, 64 | 128). A forward / dQ CTA covers one query block with BQ / 16 warps of 16
-// query rows each and walks each key block of its list in sub-tiles of KT = 64 keys; a dK/dV CTA
-// covers one key block with BK / 16 warps of 16 keys each and walks each query block in sub-tiles
-// of QT queries. Shared K/V (resp. Q/dO) sub-tiles are double-buffered with cp.async: the copy of
-// sub-tile i + 1 runs while sub-tile i is computed.
+// plan's block sizes, 64 | 128).
+// - attn_fwd / attn_bwd_dq: a CTA of 4 warps covers one query block; each warp owns MT = BQ / 64
+//   m-tiles of 16 query rows (MT = 2 at BQ = 128, as FlashAttention-2's 32 rows per warp: every
+//   K/V fragment read from shared memory feeds two mma, which keeps ldmatrix traffic below the
+//   tensor-core rate). The CTA walks each key block of its list in shared sub-tiles of KT = 64
+//   keys, computed in chunks of KC keys (64 at MT = 1; 16 or 32 at MT = 2, where the score tiles
+//   share the registers with the 32-row accumulators).
+// - attn_bwd_dkdv: a CTA of BK / 16 warps covers one key block, 16 keys per warp, and walks each
+//   query block of its column list in sub-tiles of QT queries.
+// Shared K/V (resp. Q/dO) sub-tiles are double-buffered with cp.async: the copy of sub-tile i + 1
+// runs while sub-tile i is computed.
 //
 // Numerics. Scores are scaled once by scale * log2(e) and exponentiated with exp2 (ex2.approx).
 // Running max m and sum l are f32 per row. A masked score is -inf; while a row has seen only masked
@@ -43,24 +49,36 @@
 static constexpr int D = ATT_D;
 static constexpr int BQ = ATT_BQ;
 static constexpr int BK = ATT_BK;
-// Keys per shared K/V sub-tile (forward, dQ) and queries per shared Q/dO sub-tile (dK/dV). The
-// dK/dV warps hold two D-wide f32 accumulators (dk, dv) next to the 16 x QT score tiles S and dP:
-// at D = 128 a QT of 32 keeps that under the 255-register limit without spills.
+// Query kernels: 4 warps, MT m-tiles of 16 rows per warp.
+static constexpr int Q_WARPS = 4;
+static constexpr int Q_THREADS = Q_WARPS * 32;
+static constexpr int MT = BQ / (16 * Q_WARPS);
+// Keys per shared K/V sub-tile (forward and dQ), processed in chunks of KC keys: the per-warp
+// score tiles are 16 MT x KC. At MT = 2 they share the registers with a 32-row f32 accumulator
+// (2 x D / 2 per lane): KC = 16 at D = 128 and 32 at D = 64 are the largest chunks that ptxas
+// (12.9) schedules without spills for sm_80 and sm_90 (kernels/RESOURCES.md).
 static constexpr int KT = 64;
+static constexpr int KC = MT == 1 ? 64 : (D == 128 ? 16 : 32);
+// With one m-tile per warp the forward keeps its Q fragments in registers for the whole walk;
+// with two they would take 2 * D / 4 registers next to the 2 x D/2 accumulator, so they are
+// re-read from shared memory at each sub-tile.
+static constexpr bool Q_IN_REGS = MT == 1;
+// Queries per shared Q/dO sub-tile of dK/dV. Its warps hold two D-wide f32 accumulators (dk, dv)
+// next to the 16 x QT score tiles S and dP: at D = 128 a QT of 32 keeps that well under the
+// 255-register limit (64 also fits, at 253 registers).
 #ifndef ATT_QT
 #define ATT_QT (ATT_D == 128 ? 32 : 64)
 #endif
 static constexpr int QT = ATT_QT;
-static constexpr int KSUB = BK / KT;  // key sub-tiles per key block
-static constexpr int QSUB = BQ / QT;  // query sub-tiles per query block
+static constexpr int KSUB = BK / KT;       // forward key sub-tiles per key block
+static constexpr int QSUB = BQ / QT;       // query sub-tiles per query block
 static constexpr int LD = D + SmemPad<T>::value;  // shared row stride (elements)
-static constexpr int Q_WARPS = BQ / 16;
-static constexpr int Q_THREADS = Q_WARPS * 32;
 static constexpr int K_WARPS = BK / 16;
 static constexpr int K_THREADS = K_WARPS * 32;
 static constexpr float LN2 = 0.6931471805599453f;
 
-static_assert(BK % KT == 0 && BQ % QT == 0, "block sizes must be multiples of the sub-tiles");
+static_assert(MT == 1 || MT == 2, "query blocks of 64 or 128 rows");
+static_assert(BK % KT == 0 && KT % KC == 0 && BQ % QT == 0, "sub-tiles must divide the blocks");
 static_assert(D % 16 == 0, "head dim must be a multiple of 16");
 static_assert(ElemTraits<T>::is_16bit, "attention kernels take bf16 or f16 inputs");
 
@@ -110,45 +128,55 @@ LA_DEVICE void acc_to_a(FragA<T> (&a)[NT / 2], const float (&c)[NT][4]) {
     }
 }
 
-template <int NT>
-LA_DEVICE void zero_acc(float (&c)[NT][4]) {
+template <int M, int NT>
+LA_DEVICE void zero_acc(float (&c)[M][NT][4]) {
     #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int m = 0; m < M; ++m)
         #pragma unroll
-        for (int e = 0; e < 4; ++e) c[n][e] = 0.0f;
+        for (int n = 0; n < NT; ++n)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) c[m][n][e] = 0.0f;
 }
 
-// c(16 x 8 NT) += A(16 x D) B where A rows are 16 consecutive shared rows [m][d] and B(d, n) is the
-// shared row n, column d of a [NT * 8][LD] tile: the "A times tile^T" product (S = Q K^T and
-// friends).
-template <int NT>
-LA_DEVICE void mma_a_bt(float (&c)[NT][4], const T* a_rows, const T* b_rows) {
+// c[m] (16 x 8 NT) += A_m B for m < M, where A_m is the 16 x D block of shared rows
+// a_rows + 16 m (row-major [row][d]) and B(d, n) is shared row n, column d of a tile: the
+// "rows times tile^T" product (S = Q K^T and friends). Each B fragment feeds M mma.
+template <int M, int NT>
+LA_DEVICE void mma_rows_bt(float (&c)[M][NT][4], const T* a_rows, const T* b_rows) {
     #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-        FragA<T> a;
-        load_a<T, false>(a, a_rows + kk * 16, LD);
+        FragA<T> a[M];
+        #pragma unroll
+        for (int m = 0; m < M; ++m) load_a<T, false>(a[m], a_rows + 16 * m * LD + kk * 16, LD);
         #pragma unroll
         for (int nn = 0; nn < NT / 2; ++nn) {
             FragB<T> b0, b1;
             load_b2<T, false>(b0, b1, b_rows + nn * 16 * LD + kk * 16, LD);
-            mma<T>(c[2 * nn], a, b0);
-            mma<T>(c[2 * nn + 1], a, b1);
+            #pragma unroll
+            for (int m = 0; m < M; ++m) {
+                mma<T>(c[m][2 * nn], a[m], b0);
+                mma<T>(c[m][2 * nn + 1], a[m], b1);
+            }
         }
     }
 }
 
-// c(16 x D) += A(16 x 16 KF) B where A comes from registers and B(k, n) is shared row k, column n
-// of a [16 KF][LD] tile: the "fragments times tile" product (O += P V and friends).
-template <int KF>
-LA_DEVICE void mma_frag_b(float (&c)[D / 8][4], const FragA<T> (&a)[KF], const T* b_rows) {
+// c[m] (16 x D) += A_m B for m < M, where A_m comes from registers (KF fragments of 16 columns)
+// and B(k, n) is shared row k, column n of a [16 KF][LD] tile: the "fragments times tile" product
+// (O += P V and friends). Each B fragment feeds M mma.
+template <int M, int KF>
+LA_DEVICE void mma_frags_b(float (&c)[M][D / 8][4], const FragA<T> (&a)[M][KF], const T* b_rows) {
     #pragma unroll
     for (int kk = 0; kk < KF; ++kk) {
         #pragma unroll
         for (int nn = 0; nn < D / 16; ++nn) {
             FragB<T> b0, b1;
             load_b2<T, true>(b0, b1, b_rows + kk * 16 * LD + nn * 16, LD);
-            mma<T>(c[2 * nn], a[kk], b0);
-            mma<T>(c[2 * nn + 1], a[kk], b1);
+            #pragma unroll
+            for (int m = 0; m < M; ++m) {
+                mma<T>(c[m][2 * nn], a[m][kk], b0);
+                mma<T>(c[m][2 * nn + 1], a[m][kk], b1);
+            }
         }
     }
 }
@@ -205,7 +233,6 @@ LA_KERNEL(Q_THREADS) attn_fwd(ATT_PARAMS p) {
     const int q0 = qb * BQ;
     const BlockList list = row_list(p, BQ, BK, qb);
     const int n_sub = list.count * KSUB;
-    const T* qg = reinterpret_cast<const T*>(p.q);
     const T* kg = reinterpret_cast<const T*>(p.k);
     const T* vg = reinterpret_cast<const T*>(p.v);
 
@@ -216,16 +243,23 @@ LA_KERNEL(Q_THREADS) attn_fwd(ATT_PARAMS p) {
         async_rows<KT, Q_THREADS>(Ks + st * KT * LD, kg, p.S, p.H, b, h, k0);
         async_rows<KT, Q_THREADS>(Vs + st * KT * LD, vg, p.S, p.H, b, h, k0);
     };
-    async_rows<BQ, Q_THREADS>(Qs, qg, p.T, p.H, b, h, q0);
+    async_rows<BQ, Q_THREADS>(Qs, reinterpret_cast<const T*>(p.q), p.T, p.H, b, h, q0);
     if (n_sub > 0) issue_kv(0);
     cp_async_commit();
 
     const int w = warp_id(), g = frag_gid(), t2 = 2 * frag_tig();
-    const int r0 = q0 + 16 * w + g;  // this lane's rows: r0 and r0 + 8
-    float acc[D / 8][4];
-    zero_acc<D / 8>(acc);
-    float m[2] = {-ATT_INF, -ATT_INF}, l[2] = {0.0f, 0.0f};
-    FragA<T> qf[D / 16];
+    const T* Qw = Qs + 16 * MT * w * LD;  // this warp's first query row in shared memory
+    const int r0 = q0 + 16 * MT * w + g;  // this lane's rows: r0 + 16 m + 8 half
+    float acc[MT][D / 8][4];
+    zero_acc<MT, D / 8>(acc);
+    // Row statistics (log2 domain), index 2 m + half.
+    float m[2 * MT], l[2 * MT];
+    #pragma unroll
+    for (int r = 0; r < 2 * MT; ++r) {
+        m[r] = -ATT_INF;
+        l[r] = 0.0f;
+    }
+    FragA<T> qf[Q_IN_REGS ? D / 16 : 1];
 
     for (int it = 0; it < n_sub; ++it) {
         if (it + 1 < n_sub) {
@@ -236,92 +270,112 @@ LA_KERNEL(Q_THREADS) attn_fwd(ATT_PARAMS p) {
             cp_async_wait<0>();
         }
         block_sync();
-        if (it == 0) {
-            #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) load_a<T, false>(qf[kk], Qs + 16 * w * LD + kk * 16, LD);
-        }
         const u32 ent = row_entry(p, list, BQ, BK, it / KSUB);
         const int k0 = (int)(ent & ~ATT_FULL_BIT) * BK + (it % KSUB) * KT;
         const bool full = (ent & ATT_FULL_BIT) != 0;
         const T* Kt = Ks + (it & 1) * KT * LD;
         const T* Vt = Vs + (it & 1) * KT * LD;
 
-        // S = Q K^T (16 rows x KT keys per warp).
-        float s[KT / 8][4];
-        zero_acc<KT / 8>(s);
-        #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            #pragma unroll
-            for (int nn = 0; nn < KT / 16; ++nn) {
-                FragB<T> b0, b1;
-                load_b2<T, false>(b0, b1, Kt + nn * 16 * LD + kk * 16, LD);
-                mma<T>(s[2 * nn], qf[kk], b0);
-                mma<T>(s[2 * nn + 1], qf[kk], b1);
-            }
-        }
-
-        // To the exp2 domain; mask partial blocks; row max.
-        float mx[2] = {-ATT_INF, -ATT_INF};
-        #pragma unroll
-        for (int n = 0; n < KT / 8; ++n) {
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float x = s[n][e] * p.scale_log2;
-                if (!full) {
-                    const int i = r0 + 8 * (e >> 1), j = k0 + 8 * n + t2 + (e & 1);
-                    if (j >= p.S || (p.causal && j > i)) x = -ATT_INF;
+        // Chunks of KC keys: S = Q K^T (16 MT rows x KC keys per warp), online softmax, O += P V.
+        #pragma unroll 1
+        for (int c0 = 0; c0 < KT; c0 += KC) {
+            float s[MT][KC / 8][4];
+            zero_acc<MT, KC / 8>(s);
+            if constexpr (Q_IN_REGS) {
+                if (it == 0 && c0 == 0) {
+                    #pragma unroll
+                    for (int kk = 0; kk < D / 16; ++kk) load_a<T, false>(qf[kk], Qw + kk * 16, LD);
                 }
-                s[n][e] = x;
-                mx[e >> 1] = fmax_(mx[e >> 1], x);
+                #pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    #pragma unroll
+                    for (int nn = 0; nn < KC / 16; ++nn) {
+                        FragB<T> b0, b1;
+                        load_b2<T, false>(b0, b1, Kt + (c0 + nn * 16) * LD + kk * 16, LD);
+                        mma<T>(s[0][2 * nn], qf[kk], b0);
+                        mma<T>(s[0][2 * nn + 1], qf[kk], b1);
+                    }
+                }
+            } else {
+                mma_rows_bt<MT, KC / 8>(s, Qw, Kt + c0 * LD);
             }
-        }
-        float base[2], alpha[2];
-        #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float m_new = fmax_(m[r], quad_max(mx[r]));
-            base[r] = m_new == -ATT_INF ? 0.0f : m_new;
-            alpha[r] = fast_exp2(m[r] - base[r]);
-            m[r] = m_new;
-            l[r] *= alpha[r];
-        }
-        #pragma unroll
-        for (int n = 0; n < KT / 8; ++n) {
-            #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float pe = fast_exp2(s[n][e] - base[e >> 1]);
-                s[n][e] = pe;
-                l[e >> 1] += pe;
-            }
-        }
-        #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            acc[n][0] *= alpha[0];
-            acc[n][1] *= alpha[0];
-            acc[n][2] *= alpha[1];
-            acc[n][3] *= alpha[1];
-        }
 
-        // O += P V.
-        FragA<T> pf[KT / 16];
-        acc_to_a<KT / 8>(pf, s);
-        mma_frag_b<KT / 16>(acc, pf, Vt);
+            // To the exp2 domain; mask partial blocks; online softmax per row.
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                float mx[2] = {-ATT_INF, -ATT_INF};
+                #pragma unroll
+                for (int n = 0; n < KC / 8; ++n) {
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float x = s[mt][n][e] * p.scale_log2;
+                        if (!full) {
+                            const int i = r0 + 16 * mt + 8 * (e >> 1);
+                            const int j = k0 + c0 + 8 * n + t2 + (e & 1);
+                            if (j >= p.S || (p.causal && j > i)) x = -ATT_INF;
+                        }
+                        s[mt][n][e] = x;
+                        mx[e >> 1] = fmax_(mx[e >> 1], x);
+                    }
+                }
+                float base[2], alpha[2];
+                #pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                    const int r = 2 * mt + hf;
+                    const float m_new = fmax_(m[r], quad_max(mx[hf]));
+                    base[hf] = m_new == -ATT_INF ? 0.0f : m_new;
+                    alpha[hf] = fast_exp2(m[r] - base[hf]);
+                    m[r] = m_new;
+                    l[r] *= alpha[hf];
+                }
+                #pragma unroll
+                for (int n = 0; n < KC / 8; ++n) {
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const float pe = fast_exp2(s[mt][n][e] - base[e >> 1]);
+                        s[mt][n][e] = pe;
+                        l[2 * mt + (e >> 1)] += pe;
+                    }
+                }
+                // Rescale only when a running max moved (alpha == 1 exactly otherwise): once the
+                // maxima settle, whole warps skip the D / 2 multiplies per row pair.
+                if (alpha[0] != 1.0f || alpha[1] != 1.0f) {
+                    #pragma unroll
+                    for (int n = 0; n < D / 8; ++n) {
+                        acc[mt][n][0] *= alpha[0];
+                        acc[mt][n][1] *= alpha[0];
+                        acc[mt][n][2] *= alpha[1];
+                        acc[mt][n][3] *= alpha[1];
+                    }
+                }
+            }
+
+            FragA<T> pf[MT][KC / 16];
+            #pragma unroll
+            for (int mt = 0; mt < MT; ++mt) acc_to_a<KC / 8>(pf[mt], s[mt]);
+            mma_frags_b<MT, KC / 16>(acc, pf, Vt + c0 * LD);
+        }
         block_sync();
     }
     cp_async_wait<0>();  // (a CTA without blocks still has its Q copy in flight)
 
-    float inv[2];
+    float* lse = reinterpret_cast<float*>(p.lse) + ((i64)b * p.H + h) * p.T;
     #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l[r] = quad_sum(l[r]);
-        inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    }
-    store_rows(p.o, p.o_f32 != 0, acc, p.T, p.H, b, h, r0, inv[0], inv[1]);
-    if (frag_tig() == 0) {
-        float* lse = reinterpret_cast<float*>(p.lse) + ((i64)b * p.H + h) * p.T;
+    for (int mt = 0; mt < MT; ++mt) {
+        float inv[2];
         #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = r0 + 8 * r;
-            if (row < p.T) lse[row] = l[r] > 0.0f ? (m[r] + log2f(l[r])) * LN2 : -ATT_INF;
+        for (int hf = 0; hf < 2; ++hf) {
+            const int r = 2 * mt + hf;
+            l[r] = quad_sum(l[r]);
+            inv[hf] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        }
+        store_rows(p.o, p.o_f32 != 0, acc[mt], p.T, p.H, b, h, r0 + 16 * mt, inv[0], inv[1]);
+        if (frag_tig() == 0) {
+            #pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+                const int r = 2 * mt + hf, row = r0 + 16 * mt + 8 * hf;
+                if (row < p.T) lse[row] = l[r] > 0.0f ? (m[r] + log2f(l[r])) * LN2 : -ATT_INF;
+            }
         }
     }
 }
@@ -389,17 +443,17 @@ LA_KERNEL(Q_THREADS) attn_bwd_dq(ATT_PARAMS p) {
     cp_async_commit();
 
     const int w = warp_id(), g = frag_gid(), t2 = 2 * frag_tig();
-    const int r0 = q0 + 16 * w + g;
-    float lse2[2], delta[2];
+    const int r0 = q0 + 16 * MT * w + g;  // this lane's rows: r0 + 16 m + 8 half
+    float lse2[2 * MT], delta[2 * MT];
     #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = r0 + 8 * r;
+    for (int r = 0; r < 2 * MT; ++r) {
+        const int row = r0 + 16 * (r >> 1) + 8 * (r & 1);
         const i64 at = ((i64)b * p.H + h) * p.T + row;
         lse2[r] = row < p.T ? lse_base(reinterpret_cast<const float*>(p.lse)[at]) : ATT_INF;
         delta[r] = row < p.T ? reinterpret_cast<const float*>(p.delta)[at] : 0.0f;
     }
-    float dq[D / 8][4];
-    zero_acc<D / 8>(dq);
+    float dq[MT][D / 8][4];
+    zero_acc<MT, D / 8>(dq);
 
     for (int it = 0; it < n_sub; ++it) {
         if (it + 1 < n_sub) {
@@ -416,40 +470,52 @@ LA_KERNEL(Q_THREADS) attn_bwd_dq(ATT_PARAMS p) {
         const T* Kt = Ks + (it & 1) * KT * LD;
         const T* Vt = Vs + (it & 1) * KT * LD;
 
-        // P = exp2(S scale_log2 - lse2), 0 where masked.
-        float s[KT / 8][4];
-        zero_acc<KT / 8>(s);
-        mma_a_bt<KT / 8>(s, Qs + 16 * w * LD, Kt);
-        #pragma unroll
-        for (int n = 0; n < KT / 8; ++n) {
+        #pragma unroll 1
+        for (int c0 = 0; c0 < KT; c0 += KC) {
+            // P = exp2(S scale_log2 - lse2), 0 where masked.
+            float s[MT][KC / 8][4];
+            zero_acc<MT, KC / 8>(s);
+            mma_rows_bt<MT, KC / 8>(s, Qs + 16 * MT * w * LD, Kt + c0 * LD);
             #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float pe = fast_exp2(s[n][e] * p.scale_log2 - lse2[e >> 1]);
-                if (!full) {
-                    const int i = r0 + 8 * (e >> 1), j = k0 + 8 * n + t2 + (e & 1);
-                    if (j >= p.S || (p.causal && j > i)) pe = 0.0f;
+            for (int mt = 0; mt < MT; ++mt) {
+                #pragma unroll
+                for (int n = 0; n < KC / 8; ++n) {
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float pe = fast_exp2(s[mt][n][e] * p.scale_log2 - lse2[2 * mt + (e >> 1)]);
+                        if (!full) {
+                            const int i = r0 + 16 * mt + 8 * (e >> 1);
+                            const int j = k0 + c0 + 8 * n + t2 + (e & 1);
+                            if (j >= p.S || (p.causal && j > i)) pe = 0.0f;
+                        }
+                        s[mt][n][e] = pe;
+                    }
                 }
-                s[n][e] = pe;
             }
-        }
-        // dP = dO V^T; dS = P (dP - delta).
-        float dp[KT / 8][4];
-        zero_acc<KT / 8>(dp);
-        mma_a_bt<KT / 8>(dp, dOs + 16 * w * LD, Vt);
-        #pragma unroll
-        for (int n = 0; n < KT / 8; ++n) {
+            // dP = dO V^T; dS = P (dP - delta).
+            float dp[MT][KC / 8][4];
+            zero_acc<MT, KC / 8>(dp);
+            mma_rows_bt<MT, KC / 8>(dp, dOs + 16 * MT * w * LD, Vt + c0 * LD);
+            FragA<T> dsf[MT][KC / 16];
             #pragma unroll
-            for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - delta[e >> 1]);
+            for (int mt = 0; mt < MT; ++mt) {
+                #pragma unroll
+                for (int n = 0; n < KC / 8; ++n) {
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        dp[mt][n][e] = s[mt][n][e] * (dp[mt][n][e] - delta[2 * mt + (e >> 1)]);
+                }
+                acc_to_a<KC / 8>(dsf[mt], dp[mt]);
+            }
+            // dQ += dS K.
+            mma_frags_b<MT, KC / 16>(dq, dsf, Kt + c0 * LD);
         }
-        // dQ += dS K.
-        FragA<T> dsf[KT / 16];
-        acc_to_a<KT / 8>(dsf, dp);
-        mma_frag_b<KT / 16>(dq, dsf, Kt);
         block_sync();
     }
     cp_async_wait<0>();
-    const float sc = p.scale;
-    store_rows(p.dq, p.grad_f32 != 0, dq, p.T, p.H, b, h, r0, sc, sc);
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+        store_rows(p.dq, p.grad_f32 != 0, dq[mt], p.T, p.H, b, h, r0 + 16 * mt, p.scale, p.scale);
 }
 
 // ================================================================================================
@@ -489,9 +555,9 @@ LA_KERNEL(K_THREADS) attn_bwd_dkdv(ATT_PARAMS p) {
 
     const int w = warp_id(), g = frag_gid(), t2 = 2 * frag_tig();
     const int j0 = k0 + 16 * w + g;  // this lane's keys: j0 and j0 + 8
-    float dk[D / 8][4], dv[D / 8][4];
-    zero_acc<D / 8>(dk);
-    zero_acc<D / 8>(dv);
+    float dk[1][D / 8][4], dv[1][D / 8][4];
+    zero_acc<1, D / 8>(dk);
+    zero_acc<1, D / 8>(dv);
 
     for (int it = 0; it < n_sub; ++it) {
         if (it + 1 < n_sub) {
@@ -512,47 +578,48 @@ LA_KERNEL(K_THREADS) attn_bwd_dkdv(ATT_PARAMS p) {
         const float* deltat = deltas + st * QT;
 
         // P^T = exp2(K Q^T scale_log2 - lse2[i]) (16 keys x QT queries per warp), 0 where masked.
-        float s[QT / 8][4];
-        zero_acc<QT / 8>(s);
-        mma_a_bt<QT / 8>(s, Ks + 16 * w * LD, Qt);
+        float s[1][QT / 8][4];
+        zero_acc<1, QT / 8>(s);
+        mma_rows_bt<1, QT / 8>(s, Ks + 16 * w * LD, Qt);
         #pragma unroll
         for (int n = 0; n < QT / 8; ++n) {
             #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int c = 8 * n + t2 + (e & 1);
-                float pe = fast_exp2(s[n][e] * p.scale_log2 - lse_base(lset[c]));
+                float pe = fast_exp2(s[0][n][e] * p.scale_log2 - lse_base(lset[c]));
                 if (need_mask) {
                     const int i = q0 + c, j = j0 + 8 * (e >> 1);
                     if (i >= p.T || j >= p.S || (p.causal && j > i)) pe = 0.0f;
                 }
-                s[n][e] = pe;
+                s[0][n][e] = pe;
             }
         }
         // dV += P^T dO.
         {
-            FragA<T> pf[QT / 16];
-            acc_to_a<QT / 8>(pf, s);
-            mma_frag_b<QT / 16>(dv, pf, dOt);
+            FragA<T> pf[1][QT / 16];
+            acc_to_a<QT / 8>(pf[0], s[0]);
+            mma_frags_b<1, QT / 16>(dv, pf, dOt);
         }
         // dP^T = V dO^T; dS^T = P^T (dP^T - delta[i]); dK += dS^T Q.
-        float dp[QT / 8][4];
-        zero_acc<QT / 8>(dp);
-        mma_a_bt<QT / 8>(dp, Vs + 16 * w * LD, dOt);
+        float dp[1][QT / 8][4];
+        zero_acc<1, QT / 8>(dp);
+        mma_rows_bt<1, QT / 8>(dp, Vs + 16 * w * LD, dOt);
         #pragma unroll
         for (int n = 0; n < QT / 8; ++n) {
             #pragma unroll
-            for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - deltat[8 * n + t2 + (e & 1)]);
+            for (int e = 0; e < 4; ++e)
+                dp[0][n][e] = s[0][n][e] * (dp[0][n][e] - deltat[8 * n + t2 + (e & 1)]);
         }
         {
-            FragA<T> dsf[QT / 16];
-            acc_to_a<QT / 8>(dsf, dp);
-            mma_frag_b<QT / 16>(dk, dsf, Qt);
+            FragA<T> dsf[1][QT / 16];
+            acc_to_a<QT / 8>(dsf[0], dp[0]);
+            mma_frags_b<1, QT / 16>(dk, dsf, Qt);
         }
         block_sync();
     }
     cp_async_wait<0>();
-    store_rows(p.dk, p.grad_f32 != 0, dk, p.S, p.H, b, h, j0, p.scale, p.scale);
-    store_rows(p.dv, p.grad_f32 != 0, dv, p.S, p.H, b, h, j0, 1.0f, 1.0f);
+    store_rows(p.dk, p.grad_f32 != 0, dk[0], p.S, p.H, b, h, j0, p.scale, p.scale);
+    store_rows(p.dv, p.grad_f32 != 0, dv[0], p.S, p.H, b, h, j0, 1.0f, 1.0f);
 }
 
 // Dynamic shared memory (bytes) of each kernel above, read by the host after loading the module.

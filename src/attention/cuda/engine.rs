@@ -144,7 +144,7 @@ pub(crate) fn forward<E: Executor>(
     exec.launch(
         kernels::kernel(&variant, "attn_fwd"),
         [bh, g.nq as u32, 1],
-        kernels::query_threads(g.block_q),
+        kernels::QUERY_THREADS,
         p.as_bytes(),
     )
 }
@@ -186,7 +186,7 @@ pub(crate) fn backward<E: Executor>(
     exec.launch(
         kernels::kernel(&variant, "attn_bwd_dq"),
         [bh, g.nq as u32, 1],
-        kernels::query_threads(g.block_q),
+        kernels::QUERY_THREADS,
         p.as_bytes(),
     )?;
     exec.launch(

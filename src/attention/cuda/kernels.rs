@@ -76,10 +76,9 @@ pub fn kernel<'a>(variant: &'a Variant, name: &'static str) -> KernelRef<'a> {
     }
 }
 
-/// Threads of a CTA of the query-block kernels (attn_fwd, attn_bwd_dq): one warp per 16 rows.
-pub fn query_threads(block_q: usize) -> u32 {
-    (block_q / 16 * 32) as u32
-}
+/// Threads of a CTA of the query-block kernels (attn_fwd, attn_bwd_dq): 4 warps of `block_q / 4`
+/// rows (Q_THREADS in attention.cu).
+pub const QUERY_THREADS: u32 = 128;
 
 /// Threads of a CTA of attn_bwd_dkdv: one warp per 16 keys.
 pub fn key_threads(block_k: usize) -> u32 {
