@@ -152,6 +152,20 @@ LA_DEVICE void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
                  : "memory");
 }
 LA_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Asynchronous global -> shared copies (sm_80 cp.async). `valid == false` reads nothing and
+// zero-fills the destination (src-size 0); the source address is then unused but must be a valid
+// pointer value. Completion: cp_async_commit() closes a group, cp_async_wait<N>() waits until at
+// most N of the committed groups are pending (then a block barrier publishes the data).
+LA_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(smem_dst)),
+                 "l"(gmem_src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+LA_DEVICE void cp_async_4(void* smem_dst, const void* gmem_src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(smem_dst)),
+                 "l"(gmem_src), "r"(valid ? 4 : 0)
+                 : "memory");
+}
 // Waits until at most N committed groups of this thread are still in flight.
 template <int N>
 LA_DEVICE void cp_async_wait() {

@@ -41,6 +41,14 @@ pub static KERNEL_FILES: &[KernelFile] = &[
         name: "linear_util.cu",
         text: include_str!("../../kernels/linear_util.cu"),
     },
+    KernelFile {
+        name: "attention.cuh",
+        text: include_str!("../../kernels/attention.cuh"),
+    },
+    KernelFile {
+        name: "attention.cu",
+        text: include_str!("../../kernels/attention.cu"),
+    },
 ];
 
 /// Looks up an embedded kernel file.

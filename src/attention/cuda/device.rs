@@ -1,0 +1,322 @@
+//! Device-resident API: q, k, v, o, lse, do and the gradients are cudarc device slices, the plan
+//! is a [`CudaAttentionPlan`] uploaded once, launches go to the caller's stream and nothing is
+//! copied to the host. Sizes, dtypes, head dim and the plan's geometry are checked and typed
+//! errors returned; values are not inspected (that would need a device-to-host copy).
+//!
+//! Outputs may be f32 or the inputs' dtype (o; the three gradients share one choice).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use half::{bf16, f16};
+
+pub use crate::linear::cuda::device::DeviceTensor;
+
+use super::engine::{self, BackwardAddrs, ForwardAddrs, Problem};
+use super::plan::{CudaAttentionPlan, DeviceAttentionPlan};
+use super::{DENSE_BLOCK_K, DENSE_BLOCK_Q};
+use crate::attention::AttnDims;
+use crate::attention::plan::AttentionPlan;
+use crate::cuda::CudaContext;
+use crate::cuda::exec::CudaExec;
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+
+/// A device output of one of the supported element types.
+pub enum DeviceTensorMut<'a> {
+    BF16(&'a mut CudaSlice<bf16>),
+    F16(&'a mut CudaSlice<f16>),
+    F32(&'a mut CudaSlice<f32>),
+}
+
+impl DeviceTensorMut<'_> {
+    pub fn dtype(&self) -> DType {
+        match self {
+            DeviceTensorMut::BF16(_) => DType::BF16,
+            DeviceTensorMut::F16(_) => DType::F16,
+            DeviceTensorMut::F32(_) => DType::F32,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            DeviceTensorMut::BF16(s) => s.len(),
+            DeviceTensorMut::F16(s) => s.len(),
+            DeviceTensorMut::F32(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One attention problem on device slices (the device twin of `attention::Attention`; the mask
+/// lives in the plan).
+#[derive(Clone, Copy)]
+pub struct DeviceAttention<'a> {
+    pub dims: AttnDims,
+    /// `[B, T, H, D]`.
+    pub q: DeviceTensor<'a>,
+    /// `[B, S, H, D]`.
+    pub k: DeviceTensor<'a>,
+    /// `[B, S, H, D]`.
+    pub v: DeviceTensor<'a>,
+    /// Defaults to `D^-0.5`.
+    pub scale: Option<f64>,
+    /// Top-left aligned causal rule (must match the plan's).
+    pub causal: bool,
+}
+
+fn expect_len(name: &str, len: usize, want: usize, what: &str) -> Result<()> {
+    if len != want {
+        return Err(Error::ShapeMismatch {
+            tensor: name.to_string(),
+            expected: format!("{what} = {want} elements"),
+            actual: vec![len],
+        });
+    }
+    Ok(())
+}
+
+/// The output dtype rule: f32 or the inputs' dtype; returns whether it is f32.
+fn output_is_f32(name: &str, out: DType, input: DType) -> Result<bool> {
+    if out == DType::F32 {
+        Ok(true)
+    } else if out == input {
+        Ok(false)
+    } else {
+        Err(Error::UnsupportedDtype {
+            tensor: name.into(),
+            dtype: out,
+            backend: engine::BACKEND.into(),
+            supported: format!("f32 or {input} (the inputs' dtype)"),
+        })
+    }
+}
+
+impl DeviceAttention<'_> {
+    /// Checks sizes, dtypes, head dim and scale.
+    fn validate(&self) -> Result<Problem> {
+        let d = self.dims;
+        if [d.b, d.t, d.s, d.h, d.d].contains(&0) {
+            return Err(Error::InvalidArgument(format!(
+                "every dimension must be >= 1, got {d:?}"
+            )));
+        }
+        expect_len("q", self.q.len(), d.q_len(), "B*T*H*D")?;
+        expect_len("k", self.k.len(), d.kv_len(), "B*S*H*D")?;
+        expect_len("v", self.v.len(), d.kv_len(), "B*S*H*D")?;
+        let dtype = self.q.dtype();
+        if self.k.dtype() != dtype || self.v.dtype() != dtype {
+            return Err(Error::InvalidArgument(
+                "q, k, v must share one dtype".into(),
+            ));
+        }
+        engine::check_support(dtype, d.d)?;
+        let scale = self.scale.unwrap_or((d.d as f64).powf(-0.5));
+        if !scale.is_finite() || scale == 0.0 {
+            return Err(Error::InvalidArgument(format!(
+                "scale must be finite and nonzero, got {scale}"
+            )));
+        }
+        Ok(Problem {
+            dims: d,
+            dtype,
+            scale,
+            causal: self.causal,
+        })
+    }
+}
+
+/// Raw device addresses of the slices, with cudarc's stream-ordering guards kept alive until the
+/// launches are issued.
+struct Pointers<'a> {
+    stream: &'a Arc<CudaStream>,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Pointers<'a> {
+    fn read<T>(&mut self, s: &'a CudaSlice<T>) -> u64 {
+        let (ptr, guard) = s.device_ptr(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    fn write<T>(&mut self, s: &'a mut CudaSlice<T>) -> u64 {
+        let (ptr, guard) = s.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    fn tensor(&mut self, t: DeviceTensor<'a>) -> u64 {
+        match t {
+            DeviceTensor::BF16(s) => self.read(s),
+            DeviceTensor::F16(s) => self.read(s),
+            DeviceTensor::F32(s) => self.read(s),
+        }
+    }
+
+    fn tensor_mut(&mut self, t: DeviceTensorMut<'a>) -> u64 {
+        match t {
+            DeviceTensorMut::BF16(s) => self.write(s),
+            DeviceTensorMut::F16(s) => self.write(s),
+            DeviceTensorMut::F32(s) => self.write(s),
+        }
+    }
+}
+
+/// Uploads a host plan to the device of `stream` (do it once per mask and sequence lengths).
+pub fn upload_plan(
+    ctx: &CudaContext,
+    stream: &Arc<CudaStream>,
+    plan: &AttentionPlan,
+) -> Result<CudaAttentionPlan> {
+    DeviceAttentionPlan::upload(&CudaExec::on_stream(ctx, stream.clone()), plan)
+}
+
+/// Forward pass: `o [B, T, H, D]` (f32 or the inputs' dtype) and `lse [B, H, T]` f32, launched on
+/// `stream` (asynchronous).
+pub fn forward<'a>(
+    ctx: &CudaContext,
+    stream: &'a Arc<CudaStream>,
+    plan: &CudaAttentionPlan,
+    problem: &DeviceAttention<'a>,
+    o: DeviceTensorMut<'a>,
+    lse: &'a mut CudaSlice<f32>,
+) -> Result<()> {
+    let prob = problem.validate()?;
+    let d = prob.dims;
+    expect_len("o", o.len(), d.q_len(), "B*T*H*D")?;
+    expect_len("lse", lse.len(), d.lse_len(), "B*H*T")?;
+    let o_f32 = output_is_f32("o", o.dtype(), prob.dtype)?;
+    let exec = CudaExec::on_stream(ctx, stream.clone());
+    let mut ptrs = Pointers {
+        stream,
+        guards: Vec::new(),
+    };
+    let addrs = ForwardAddrs {
+        q: ptrs.tensor(problem.q),
+        k: ptrs.tensor(problem.k),
+        v: ptrs.tensor(problem.v),
+        o: ptrs.tensor_mut(o),
+        o_f32,
+        lse: ptrs.write(lse),
+    };
+    engine::forward(&exec, plan, &prob, &addrs)
+}
+
+/// The backward's inputs besides the problem: the forward's `o` and `lse`, and `do` (the inputs'
+/// dtype).
+#[derive(Clone, Copy)]
+pub struct DeviceForwardState<'a> {
+    /// `[B, T, H, D]`, f32 or the inputs' dtype.
+    pub o: DeviceTensor<'a>,
+    /// `[B, H, T]`.
+    pub lse: &'a CudaSlice<f32>,
+    /// `[B, T, H, D]`, the inputs' dtype.
+    pub d_o: DeviceTensor<'a>,
+}
+
+/// Gradients, written in place: all f32 or all the inputs' dtype.
+pub struct DeviceGrads<'a> {
+    pub dq: DeviceTensorMut<'a>,
+    pub dk: DeviceTensorMut<'a>,
+    pub dv: DeviceTensorMut<'a>,
+}
+
+/// Backward pass: `delta = rowsum(do * o)` (a `B * H * T` f32 workspace allocated on the stream),
+/// dQ over the plan's rows, dK / dV over its columns; no atomics. Launched on `stream`.
+pub fn backward<'a>(
+    ctx: &CudaContext,
+    stream: &'a Arc<CudaStream>,
+    plan: &CudaAttentionPlan,
+    problem: &DeviceAttention<'a>,
+    state: DeviceForwardState<'a>,
+    grads: DeviceGrads<'a>,
+) -> Result<()> {
+    let prob = problem.validate()?;
+    let d = prob.dims;
+    expect_len("o", state.o.len(), d.q_len(), "B*T*H*D")?;
+    expect_len("lse", state.lse.len(), d.lse_len(), "B*H*T")?;
+    expect_len("do", state.d_o.len(), d.q_len(), "B*T*H*D")?;
+    let o_f32 = output_is_f32("o", state.o.dtype(), prob.dtype)?;
+    if state.d_o.dtype() != prob.dtype {
+        return Err(Error::UnsupportedDtype {
+            tensor: "do".into(),
+            dtype: state.d_o.dtype(),
+            backend: engine::BACKEND.into(),
+            supported: format!("{} (the inputs' dtype)", prob.dtype),
+        });
+    }
+    expect_len("dq", grads.dq.len(), d.q_len(), "B*T*H*D")?;
+    expect_len("dk", grads.dk.len(), d.kv_len(), "B*S*H*D")?;
+    expect_len("dv", grads.dv.len(), d.kv_len(), "B*S*H*D")?;
+    let grad_f32 = output_is_f32("dq", grads.dq.dtype(), prob.dtype)?;
+    for (name, g) in [("dk", &grads.dk), ("dv", &grads.dv)] {
+        if g.dtype() != grads.dq.dtype() {
+            return Err(Error::InvalidArgument(format!(
+                "`{name}` is {} but `dq` is {}: the gradients share one dtype",
+                g.dtype(),
+                grads.dq.dtype()
+            )));
+        }
+    }
+    let mut delta = stream
+        .alloc_zeros::<f32>(d.lse_len())
+        .map_err(|e| Error::Runtime {
+            backend: engine::BACKEND.into(),
+            message: format!("allocating the delta workspace: {e:?}"),
+        })?;
+    let exec = CudaExec::on_stream(ctx, stream.clone());
+    let mut ptrs = Pointers {
+        stream,
+        guards: Vec::new(),
+    };
+    let addrs = BackwardAddrs {
+        q: ptrs.tensor(problem.q),
+        k: ptrs.tensor(problem.k),
+        v: ptrs.tensor(problem.v),
+        o: ptrs.tensor(state.o),
+        o_f32,
+        lse: ptrs.read(state.lse),
+        d_o: ptrs.tensor(state.d_o),
+        delta: ptrs.write(&mut delta),
+        dq: ptrs.tensor_mut(grads.dq),
+        dk: ptrs.tensor_mut(grads.dk),
+        dv: ptrs.tensor_mut(grads.dv),
+        grad_f32,
+    };
+    let result = engine::backward(&exec, plan, &prob, &addrs);
+    drop(ptrs);
+    drop(delta);
+    result
+}
+
+/// The dense FlashAttention baseline's plan (computed lists, nothing uploaded) for `problem`.
+pub fn dense_plan(problem: &DeviceAttention) -> Result<CudaAttentionPlan> {
+    let d = problem.dims;
+    DeviceAttentionPlan::dense(d.t, d.s, DENSE_BLOCK_Q, DENSE_BLOCK_K, problem.causal)
+}
+
+/// Dense FlashAttention-2 forward (every key, optionally causal): the library's baseline.
+pub fn flash_attention_dense_forward<'a>(
+    ctx: &CudaContext,
+    stream: &'a Arc<CudaStream>,
+    problem: &DeviceAttention<'a>,
+    o: DeviceTensorMut<'a>,
+    lse: &'a mut CudaSlice<f32>,
+) -> Result<()> {
+    forward(ctx, stream, &dense_plan(problem)?, problem, o, lse)
+}
+
+/// Dense FlashAttention-2 backward (the baseline's gradients).
+pub fn flash_attention_dense_backward<'a>(
+    ctx: &CudaContext,
+    stream: &'a Arc<CudaStream>,
+    problem: &DeviceAttention<'a>,
+    state: DeviceForwardState<'a>,
+    grads: DeviceGrads<'a>,
+) -> Result<()> {
+    backward(ctx, stream, &dense_plan(problem)?, problem, state, grads)
+}
