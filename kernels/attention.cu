@@ -624,8 +624,11 @@ LA_KERNEL(K_THREADS) attn_bwd_dkdv(ATT_PARAMS p) {
 
 // Dynamic shared memory (bytes) of each kernel above, read by the host after loading the module.
 // Order: see KERNELS in src/attention/cuda/kernels.rs.
-__constant__ int la_smem_table[3] = {
+// The host reads it through la_smem_query (kernels/common.cuh).
+#define LA_SMEM_TABLE_LEN 3
+__constant__ int la_smem_table[LA_SMEM_TABLE_LEN] = {
     FWD_SMEM_BYTES,   // attn_fwd
     DQ_SMEM_BYTES,    // attn_bwd_dq
     DKDV_SMEM_BYTES,  // attn_bwd_dkdv
 };
+LA_DEFINE_SMEM_QUERY(la_smem_table, LA_SMEM_TABLE_LEN)

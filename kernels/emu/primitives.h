@@ -52,7 +52,14 @@ LA_DEVICE float fast_exp2(float x) {
 // cp.async.wait_group releases their group, so a kernel that reads a destination before waiting,
 // or reuses a buffer with copies still pending, computes wrong results in the emulation too.
 LA_DEVICE void cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
-    la_emu_cp_async(smem_dst, gmem_src, src_bytes);
+    la_emu_cp_async(smem_dst, gmem_src, src_bytes, 16);
+}
+// `valid == false`: nothing is read, the destination is zero-filled (src-size 0).
+LA_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+    la_emu_cp_async(smem_dst, gmem_src, valid ? 16 : 0, 16);
+}
+LA_DEVICE void cp_async_4(void* smem_dst, const void* gmem_src, bool valid) {
+    la_emu_cp_async(smem_dst, gmem_src, valid ? 4 : 0, 4);
 }
 LA_DEVICE void cp_async_commit() { la_emu_cp_commit(); }
 template <int N>
@@ -128,43 +135,5 @@ static inline void la_emu_mma(float c[4], const u32 a[4], const u32 b[2]) {
 }
 LA_DEVICE void mma_bf16_16816(float c[4], const u32 a[4], const u32 b[2]) { la_emu_mma<bf16_t>(c, a, b); }
 LA_DEVICE void mma_f16_16816(float c[4], const u32 a[4], const u32 b[2]) { la_emu_mma<f16_t>(c, a, b); }
-
-// cp.async: each thread's copies are queued with their group number and performed at
-// cp_async_wait<N>() (the source is read then), so a read of shared memory before the matching
-// wait sees stale data here as it may on a GPU. Kernels must wait for every group before exiting.
-#include <vector>
-struct LaEmuCopy {
-    void* dst;
-    const void* src;  // nullptr: zero fill
-    int bytes;
-    unsigned long long group;
-};
-static std::vector<LaEmuCopy> la_emu_copies[1024];
-static unsigned long long la_emu_copy_groups[1024];
-static inline void la_emu_cp_async(void* dst, const void* src, int bytes, bool valid) {
-    const unsigned t = threadIdx.x;
-    la_emu_copies[t].push_back(LaEmuCopy{dst, valid ? src : nullptr, bytes, la_emu_copy_groups[t]});
-}
-LA_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) { la_emu_cp_async(smem_dst, gmem_src, 16, valid); }
-LA_DEVICE void cp_async_4(void* smem_dst, const void* gmem_src, bool valid) { la_emu_cp_async(smem_dst, gmem_src, 4, valid); }
-LA_DEVICE void cp_async_commit() { la_emu_copy_groups[threadIdx.x] += 1; }
-template <int N>
-LA_DEVICE void cp_async_wait() {
-    const unsigned t = threadIdx.x;
-    const unsigned long long committed = la_emu_copy_groups[t];
-    std::vector<LaEmuCopy>& q = la_emu_copies[t];
-    size_t kept = 0;
-    for (size_t i = 0; i < q.size(); ++i) {
-        const LaEmuCopy& c = q[i];
-        // Groups committed before the N most recent ones complete; uncommitted copies stay queued.
-        if (c.group + N < committed) {
-            if (c.src) std::memcpy(c.dst, c.src, (size_t)c.bytes);
-            else std::memset(c.dst, 0, (size_t)c.bytes);
-        } else {
-            q[kept++] = c;
-        }
-    }
-    q.resize(kept);
-}
 
 using std::fmaf;

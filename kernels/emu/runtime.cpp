@@ -54,7 +54,8 @@ enum class Wait { None, Block, Warp };
 struct PendingCopy {
     void* dst;
     const void* src;
-    int bytes;
+    int bytes;  // read from src; the rest of `size` is zero-filled
+    int size;   // 16 (cp.async.cg) or 4 (cp.async.ca)
     unsigned long long group;
 };
 
@@ -217,10 +218,11 @@ const unsigned char* la_emu_warp_exchange(const void* data, int bytes) {
     return out;
 }
 
-void la_emu_cp_async(void* dst, const void* src, int src_bytes) {
+void la_emu_cp_async(void* dst, const void* src, int src_bytes, int size) {
     Fiber& f = rt.fibers[rt.current];
-    if (src_bytes < 0 || src_bytes > 16) rt.error = "cp.async with a source size outside 0..16";
-    f.copies.push_back(PendingCopy{dst, src, src_bytes, f.committed});
+    if (size != 16 && size != 4) rt.error = "cp.async of a size other than 4 or 16 bytes";
+    if (src_bytes < 0 || src_bytes > size) rt.error = "cp.async with a source size outside 0..size";
+    f.copies.push_back(PendingCopy{dst, src, src_bytes, size, f.committed});
 }
 
 void la_emu_cp_commit() { rt.fibers[rt.current].committed += 1; }
@@ -234,7 +236,7 @@ void la_emu_cp_wait(int n) {
         if (c.group < limit) {
             unsigned char* d = static_cast<unsigned char*>(c.dst);
             std::memcpy(d, c.src, (size_t)c.bytes);
-            std::memset(d + c.bytes, 0, (size_t)(16 - c.bytes));
+            std::memset(d + c.bytes, 0, (size_t)(c.size - c.bytes));
         } else {
             keep.push_back(c);
         }

@@ -32,9 +32,10 @@ unsigned char* la_emu_dynamic_smem();
 // collective.
 const unsigned char* la_emu_warp_exchange(const void* data, int bytes);
 void la_emu_block_barrier();
-// cp.async emulation: queue a 16-byte copy (first src_bytes from src, rest zero), close the
-// thread's current group, perform every queued copy except those of the newest `n` groups.
-void la_emu_cp_async(void* dst, const void* src, int src_bytes);
+// cp.async emulation: queue a `size`-byte copy (4 or 16; first src_bytes from src, rest zero),
+// close the thread's current group, perform every queued copy except those of the newest `n`
+// groups.
+void la_emu_cp_async(void* dst, const void* src, int src_bytes, int size);
 void la_emu_cp_commit();
 void la_emu_cp_wait(int n);
 }
