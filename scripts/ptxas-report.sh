@@ -8,7 +8,8 @@
 #    the PTX to a temporary folder (LINATTN_PTX_DIR),
 # 3. runs `ptxas -v` on each PTX and writes kernels/RESOURCES.md: per kernel registers, spill
 #    stores/loads, stack frame, static and dynamic shared memory (the latter from la_smem_table),
-# 4. exits non-zero when any kernel of linear_chunk.cu (the chunk forward/backward) spills.
+# 4. exits non-zero when any hot kernel spills: linear_chunk.cu (the chunk forward/backward) and
+#    attention.cu (block-sparse FlashAttention forward/backward).
 # With LINATTN_PTX_DIR set to a folder of PTX from an earlier compile-test run, step 2 is skipped.
 set -euo pipefail
 
@@ -30,7 +31,7 @@ else
     PTX_DIR="$(mktemp -d)"
     echo "compiling every kernel variant to PTX (NVRTC from $NVRTC_LIB_DIR)" >&2
     LD_LIBRARY_PATH="$NVRTC_LIB_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" LINATTN_PTX_DIR="$PTX_DIR" \
-        cargo test --quiet --test cuda_compile every_variant -- --nocapture >&2
+        cargo test --quiet --test cuda_compile --test cuda_attention_compile every_ -- --nocapture >&2
 fi
 trap 'rm -rf "$PTX_DIR"' EXIT
 
@@ -61,6 +62,9 @@ ptx_dir, log_dir, out_path, ptxas_version = sys.argv[1:5]
 # Dynamic shared memory slots of linear_chunk.cu (kernel name -> index in la_smem_table).
 CHUNK_SLOTS = {"la_states": 1, "la_dstates": 2, "la_intra_A": 3, "la_fwd_o": 4, "la_bwd_dv": 5,
                "la_bwd_dA": 6, "la_bwd_dqk_intra": 7, "la_bwd_dqkg": 8}
+# ... and of attention.cu (KERNELS in src/attention/cuda/kernels.rs).
+ATTN_SLOTS = {"attn_fwd": 0, "attn_bwd_dq": 1, "attn_bwd_dkdv": 2}
+HOT = ("linear_chunk", "attention")
 
 def smem_table(ptx):
     m = re.search(r"la_smem_table\[(\d+)\]\s*=\s*\{([^}]*)\}", ptx)
@@ -79,7 +83,8 @@ for name in sorted(os.listdir(log_dir)):
     base = name[:-4]
     arch, variant = base.split("__", 1)
     ptx = open(os.path.join(ptx_dir, base + ".ptx")).read()
-    table = smem_table(ptx) if variant.startswith("linear_chunk") else None
+    slots = CHUNK_SLOTS if variant.startswith("linear_chunk") else ATTN_SLOTS if variant.startswith("attention") else {}
+    table = smem_table(ptx) if slots else None
     log = open(os.path.join(log_dir, name)).read()
     for block in re.split(r"(?=ptxas info\s*: Compiling entry function)", log):
         m = re.search(r"Compiling entry function '(\w+)'", block)
@@ -90,16 +95,16 @@ for name in sorted(os.listdir(log_dir)):
         stack, st, ld = map(int, re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", block).groups())
         sm = re.search(r"(\d+) bytes smem", block)
         static_smem = int(sm.group(1)) if sm else 0
-        dyn = table[CHUNK_SLOTS[kernel]] if table and kernel in CHUNK_SLOTS else 0
+        dyn = table[slots[kernel]] if table and kernel in slots else 0
         rows.append((arch, variant, kernel, regs, st, ld, stack, static_smem, dyn))
 
 def pretty_variant(v):
-    v = v.replace("linear_", "").replace(".cu", "")
+    v = v.replace("linear_", "").replace(".cu", "").replace("ATT_", "")
     v = v.replace("LA_DTYPE=0", "bf16").replace("LA_DTYPE=1", "f16").replace("LA_DTYPE=2", "f32")
     v = v.replace("LA_GATE_VEC=1", "vector gate").replace("LA_GATE_VEC=0", "scalar gate").replace("LA_BT=", "BT ")
     return v.replace("_", " ").strip()
 
-spills = [r for r in rows if r[1].startswith("linear_chunk") and (r[4] or r[5])]
+spills = [r for r in rows if r[1].startswith(HOT) and (r[4] or r[5])]
 lines = [
     "# Kernel resources",
     "",
@@ -107,9 +112,9 @@ lines = [
     f"`ptxas -v` ({ptxas_version}). Registers per thread, spill stores/loads and stack frame",
     "in bytes per thread, static and dynamic shared memory in bytes per block (dynamic: the kernel's",
     "entry of `la_smem_table`; above 48 KiB the host opts in per function). CI fails on any spill in",
-    "the chunk kernels (`linear_chunk.cu`).",
+    "the hot kernels: the chunk kernels (`linear_chunk.cu`) and the attention kernels (`attention.cu`).",
     "",
-    f"Kernels: {len(rows)} (arch, variant, kernel) triples; spills in chunk kernels: {len(spills)}.",
+    f"Kernels: {len(rows)} (arch, variant, kernel) triples; spills in hot kernels: {len(spills)}.",
     "",
 ]
 for arch in sorted({r[0] for r in rows}):

@@ -20,8 +20,11 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1' || ! ls /usr/share/vulka
 fi
 
 echo "== NVRTC and ptxas wheels (.tools/cuda)"
-# shellcheck source=/dev/null
-source <(scripts/install-cuda-wheels.sh .tools/cuda)
+cuda_paths="$(scripts/install-cuda-wheels.sh .tools/cuda)"
+# The library also finds .tools/cuda of this checkout by itself; the variable makes it explicit.
+LINATTN_NVRTC_DIR="$(sed -n 's/^NVRTC_LIB_DIR=//p' <<<"$cuda_paths")"
+export LINATTN_NVRTC_DIR
+echo "libnvrtc: $LINATTN_NVRTC_DIR"
 
 echo "== cargo test"
 cargo test --workspace --all-targets

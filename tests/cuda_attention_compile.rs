@@ -53,6 +53,10 @@ fn smem_table(ptx: &str) -> Option<Vec<u32>> {
 #[test]
 fn every_attention_variant_compiles_for_sm80_and_sm90() {
     if !linattn::cuda::nvrtc_available() {
+        assert!(
+            std::env::var_os("LINATTN_REQUIRE_NVRTC").is_none(),
+            "LINATTN_REQUIRE_NVRTC is set but libnvrtc cannot be loaded"
+        );
         println!(
             "skipped: libnvrtc not found (run scripts/install-cuda-wheels.sh and put its NVRTC_LIB_DIR on LD_LIBRARY_PATH)"
         );

@@ -28,6 +28,10 @@ fn kernels_of(variant: &Variant) -> Vec<&'static str> {
 #[test]
 fn every_variant_compiles_for_sm80_and_sm90() {
     if !linattn::cuda::nvrtc_available() {
+        assert!(
+            std::env::var_os("LINATTN_REQUIRE_NVRTC").is_none(),
+            "LINATTN_REQUIRE_NVRTC is set but libnvrtc cannot be loaded"
+        );
         println!(
             "skipped: libnvrtc not found (run scripts/install-cuda-wheels.sh and put its NVRTC_LIB_DIR on LD_LIBRARY_PATH)"
         );
@@ -110,6 +114,10 @@ fn every_variant_compiles_for_sm80_and_sm90() {
 #[test]
 fn compile_errors_carry_the_nvrtc_log() {
     if !linattn::cuda::nvrtc_available() {
+        assert!(
+            std::env::var_os("LINATTN_REQUIRE_NVRTC").is_none(),
+            "LINATTN_REQUIRE_NVRTC is set but libnvrtc cannot be loaded"
+        );
         println!("skipped: libnvrtc not found");
         return;
     }

@@ -22,6 +22,10 @@ fn context() -> Option<CubeContext> {
     match CubeContext::shared() {
         Ok(ctx) => Some(ctx),
         Err(e) => {
+            assert!(
+                std::env::var_os("LINATTN_REQUIRE_WGPU").is_none(),
+                "LINATTN_REQUIRE_WGPU is set but no wgpu adapter: {e}"
+            );
             println!("skipped: no wgpu adapter ({e})");
             None
         }
