@@ -379,3 +379,111 @@ fn device_api_rejects_a_final_state_request_without_one() {
         r.err()
     );
 }
+
+/// LightNet on the cuda backend (the gate transform on the host, the engine on the GPU) against
+/// the f64 reference: causal with an initial state and varlen, and the non-causal form; f32
+/// inputs, so the tolerance is the f32 one (1e-5 relative RMS) on `o` and every gradient.
+#[test]
+fn lightnet_on_the_cuda_engine() {
+    use linattn::lightnet::{self, LightNet};
+    let Some(ctx) = context() else { return };
+    let backend = Backend::Cuda(ctx);
+    let (t, h, k, v) = (200, 2, 64, 64);
+    let mut rng = Rng::new(17);
+    let mut tensor = |shape: Vec<usize>, scale: f64| {
+        let n = shape.iter().product();
+        let data = rng.randn(n).into_iter().map(|x| x * scale).collect();
+        Tensor::from_f64(shape, data).unwrap().to_dtype(DType::F32)
+    };
+    let q = tensor(vec![1, t, h, k], 1.0);
+    let kl = tensor(vec![1, t, h, k], 2.0);
+    let vv = tensor(vec![1, t, h, v], 1.0);
+    let d_o = tensor(vec![1, t, h, v], 1.0);
+    let cu: Vec<i64> = vec![0, 1, 100, 200];
+    let s0 = tensor(vec![3, h, k, v], 1.0);
+    let z0 = tensor(vec![3, h, k], 1.0);
+    let cases = [
+        ("causal", LightNet::causal(&q, &kl, &vv)),
+        (
+            "causal varlen h0",
+            LightNet::causal(&q, &kl, &vv)
+                .with_cu_seqlens(&cu)
+                .with_initial_state(&s0, &z0),
+        ),
+        ("non-causal", LightNet::non_causal(&q, &kl, &vv)),
+    ];
+    let mut failed = Vec::new();
+    for (name, args) in &cases {
+        for form in [Form::Chunkwise { chunk: 64 }, Form::Recurrent] {
+            let got = lightnet::forward(&backend, args, form).unwrap();
+            let want = lightnet::forward(&Backend::Cpu, args, form).unwrap();
+            let gg = lightnet::backward(&backend, args, form, &d_o).unwrap();
+            let gw = lightnet::backward(&Backend::Cpu, args, form, &d_o).unwrap();
+            let errs = [
+                ("o", &got.o, &want.o),
+                ("dq", &gg.dq, &gw.dq),
+                ("dk", &gg.dk, &gw.dk),
+                ("dv", &gg.dv, &gw.dv),
+            ]
+            .map(|(n, a, b)| {
+                (
+                    n,
+                    linattn::reference::rel_rms(&a.to_f64_vec(), &b.to_f64_vec()),
+                )
+            });
+            println!("lightnet {name} {form:?}: {errs:?}");
+            if errs.iter().any(|(_, e)| e.is_nan() || *e > 1e-5) {
+                failed.push(format!("{name} {form:?}"));
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
+/// The public `linear::decode_step` on the cuda backend equals the CPU one over a chain of steps.
+#[test]
+fn public_decode_step_matches_the_cpu() {
+    let Some(ctx) = context() else { return };
+    let backend = Backend::Cuda(ctx);
+    let (b, h, k, v) = (2, 3, 64, 32);
+    let mut rng = Rng::new(23);
+    let mut state_gpu = Tensor::from_f64(vec![b, h, k, v], rng.randn(b * h * k * v)).unwrap();
+    let mut state_cpu = state_gpu.clone();
+    let mut worst: f64 = 0.0;
+    for _ in 0..8 {
+        let mut draw = |shape: Vec<usize>| {
+            let n = shape.iter().product();
+            Tensor::from_f64(shape, rng.randn(n))
+                .unwrap()
+                .to_dtype(DType::F32)
+        };
+        let (q, kk, vv) = (
+            draw(vec![b, 1, h, k]),
+            draw(vec![b, 1, h, k]),
+            draw(vec![b, 1, h, v]),
+        );
+        let g = Tensor::from_f64(vec![b, 1, h, k], logsigmoid_gates(&mut rng, b * h * k, 1.0))
+            .unwrap()
+            .to_dtype(DType::F32);
+        let gpu = linear::decode_step(&backend, &state_gpu, &q, &kk, &vv, Gate::Vector(&g), None)
+            .unwrap();
+        let cpu = linear::decode_step(
+            &Backend::Cpu,
+            &state_cpu,
+            &q,
+            &kk,
+            &vv,
+            Gate::Vector(&g),
+            None,
+        )
+        .unwrap();
+        worst = worst.max(linattn::reference::rel_rms(
+            &gpu.o.to_f64_vec(),
+            &cpu.o.to_f64_vec(),
+        ));
+        state_gpu = gpu.state;
+        state_cpu = cpu.state;
+    }
+    println!("public decode step, 8 steps: worst rel err {worst:.2e}");
+    assert!(worst <= 1e-5, "{worst:e}");
+}

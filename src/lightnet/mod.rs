@@ -5,8 +5,11 @@
 //! [`Backend`] in any [`Form`] (the form of the engine underneath).
 //!
 //! Inner shape, as in every op module: this file (spec and validation), `reference` (the CPU path
-//! through `linattn-reference`), `cube` (CubeCL kernels).
+//! through `linattn-reference`), `cube` (CubeCL kernels: the transform on the device too),
+//! `engine_path` (the transform on the host, the engine on any backend: how `cuda` runs it).
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod engine_path;
 mod reference;
 
 #[cfg(feature = "cube")]
@@ -227,9 +230,7 @@ pub fn forward(backend: &Backend, args: &LightNet, form: Form) -> Result<LightNe
         #[cfg(feature = "cube")]
         Backend::Cube(ctx) => cube::forward(ctx, &spec, args, form),
         #[cfg(feature = "cuda")]
-        Backend::Cuda(_) => Err(Error::Unsupported(
-            "LightNet on the cuda backend (use cube or cpu)".into(),
-        )),
+        Backend::Cuda(_) => engine_path::forward(backend, &spec, args, form),
     }
 }
 
@@ -249,9 +250,7 @@ pub fn backward(
         #[cfg(feature = "cube")]
         Backend::Cube(ctx) => cube::backward(ctx, &spec, args, form, d_o),
         #[cfg(feature = "cuda")]
-        Backend::Cuda(_) => Err(Error::Unsupported(
-            "LightNet on the cuda backend (use cube or cpu)".into(),
-        )),
+        Backend::Cuda(_) => engine_path::backward(backend, &spec, args, form, d_o),
     }
 }
 

@@ -372,9 +372,15 @@ pub fn decode_step(
         #[cfg(feature = "cube")]
         Backend::Cube(ctx) => cube::decode_step(ctx, state, q, k, v, gate, scale),
         #[cfg(feature = "cuda")]
-        Backend::Cuda(_) => Err(Error::Unsupported(
-            "decode_step on the cuda backend (use cube or cpu)".into(),
-        )),
+        Backend::Cuda(ctx) => {
+            // The CUDA step updates an f32 state in place; the public API leaves its input alone.
+            let mut new_state = state.to_dtype(DType::F32);
+            let o = cuda::decode_step(ctx, &mut new_state, q, k, v, gate, Some(scale))?;
+            Ok(DecodeOutput {
+                o,
+                state: new_state,
+            })
+        }
     }
 }
 

@@ -135,7 +135,10 @@ pub fn kernel_tiles(
     for &rows in SIZES.iter().filter(|&&r| r <= row_cap) {
         for &cols in SIZES.iter().filter(|&&c| c <= col_cap) {
             let mut tpr = 1;
-            while rows * tpr * 2 <= unit_cap && d % (tpr * 2) == 0 && cols % (tpr * 2) == 0 {
+            while rows * tpr * 2 <= unit_cap
+                && d.is_multiple_of(tpr * 2)
+                && cols.is_multiple_of(tpr * 2)
+            {
                 tpr *= 2;
             }
             let tiles = Tiles { rows, cols, tpr };
