@@ -69,7 +69,7 @@ fn radial_for(seq: usize) -> RadialConfig {
         (30, 3_840)
     } else {
         assert!(
-            seq % 4096 == 0,
+            seq.is_multiple_of(4096),
             "sequence length {seq}: use 115200 or a multiple of 4096"
         );
         (seq / 4096, 4096)
