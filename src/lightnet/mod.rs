@@ -8,7 +8,6 @@
 //! through `linattn-reference`), `cube` (CubeCL kernels: the transform on the device too),
 //! `engine_path` (the transform on the host, the engine on any backend: how `cuda` runs it).
 
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 mod engine_path;
 mod reference;
 
@@ -252,6 +251,35 @@ pub fn backward(
         #[cfg(feature = "cuda")]
         Backend::Cuda(_) => engine_path::backward(backend, &spec, args, form, d_o),
     }
+}
+
+/// The forward pass as two stages: the gate transform on the host (f64), then the decayed linear
+/// attention engine of `backend` in `form`. This is how the `cuda` backend runs LightNet; on the
+/// `cpu` backend it is an independent derivation of the reference's definition-based LightNet
+/// (which `linattn validate` compares it with).
+pub fn forward_via_engine(
+    backend: &Backend,
+    args: &LightNet,
+    form: Form,
+) -> Result<LightNetOutput> {
+    let spec = args.validate()?;
+    check_form(&form)?;
+    engine_path::forward(backend, &spec, args, form)
+}
+
+/// The backward pass of [`forward_via_engine`]: the engine's gradients, then the adjoint of the
+/// gate transform on the host.
+pub fn backward_via_engine(
+    backend: &Backend,
+    args: &LightNet,
+    form: Form,
+    d_o: &Tensor,
+) -> Result<LightNetGrads> {
+    let spec = args.validate()?;
+    check_form(&form)?;
+    expect_shape("do", d_o, &["B", "T", "H", "V"], &spec.o_shape())?;
+    expect_finite("do", d_o)?;
+    engine_path::backward(backend, &spec, args, form, d_o)
 }
 
 fn check_form(form: &Form) -> Result<()> {

@@ -136,14 +136,10 @@ pub(super) fn rows(backend: &Backend, quick: bool, rng: &mut Rng) -> Vec<Row> {
             let inputs = Inputs::draw(&case, dtype, rng);
             let problem = inputs.problem(&case);
             for form in forms(quick) {
-                // As for the engine: the CPU backend's parallel form is checked against its
-                // recurrent form, every other row against the reference's parallel form.
-                let reference_form = if backend.kind() == BackendKind::Cpu && form == Form::Parallel
-                {
-                    Form::Recurrent
-                } else {
-                    Form::Parallel
-                };
+                // Every row is checked against the reference's definition-based LightNet
+                // (`S_t = sum_u exp(k_u - z_t) v_u`, one formula for every form); the CPU rows
+                // run LightNet through the gate transform and the CPU engine in `form`.
+                let reference_form = Form::Parallel;
                 let (b, t, h, k, v) = case.shape;
                 let mut row = Row {
                     op: case.op.to_string(),
@@ -197,7 +193,12 @@ fn compare(
         thr
     };
     let reference = Backend::Cpu;
-    let got = lightnet::forward(backend, problem, form)?;
+    let on_cpu = backend.kind() == BackendKind::Cpu;
+    let got = if on_cpu {
+        lightnet::forward_via_engine(backend, problem, form)?
+    } else {
+        lightnet::forward(backend, problem, form)?
+    };
     let want = lightnet::forward(&reference, problem, reference_form)?;
     let mut cmp = Comparison::default();
     cmp.add("o", &got.o.to_f64_vec(), &want.o.to_f64_vec(), thr_o);
@@ -209,7 +210,11 @@ fn compare(
         (None, None) => {}
         _ => cmp.add("state", &[f64::NAN], &[0.0], thr),
     }
-    let got = lightnet::backward(backend, problem, form, &inputs.d_o)?;
+    let got = if on_cpu {
+        lightnet::backward_via_engine(backend, problem, form, &inputs.d_o)?
+    } else {
+        lightnet::backward(backend, problem, form, &inputs.d_o)?
+    };
     let want = lightnet::backward(&reference, problem, reference_form, &inputs.d_o)?;
     cmp.add("dq", &got.dq.to_f64_vec(), &want.dq.to_f64_vec(), thr);
     cmp.add("dk", &got.dk.to_f64_vec(), &want.dk.to_f64_vec(), thr);
