@@ -88,7 +88,8 @@ fn wsm_merge_is_correct() {
 }
 
 /// The kernel file compiles with NVRTC for sm_80 and sm_90 and holds every kernel the launcher
-/// uses (tests/cuda_compile.rs checks it with every other variant; this is the fast check).
+/// uses (tests/cuda_compile.rs checks it with every other variant; this is the fast check). With
+/// `LINATTN_PTX_DIR` set the PTX is written there too (for a `ptxas -v` look at this file alone).
 #[test]
 fn optim_kernels_compile_with_nvrtc() {
     if !linattn::cuda::nvrtc_available() {
@@ -99,7 +100,15 @@ fn optim_kernels_compile_with_nvrtc() {
         let ptx = linattn::cuda::compile::compile_ptx(arch, &linattn::optim::cuda::variant())
             .unwrap_or_else(|e| panic!("{arch}: {e}"));
         for kernel in linattn::optim::cuda::KERNELS {
-            assert!(ptx.contains(&format!(".entry {kernel}(")), "{arch}: no {kernel}");
+            assert!(
+                ptx.contains(&format!(".entry {kernel}(")),
+                "{arch}: no {kernel}"
+            );
+        }
+        if let Some(dir) = std::env::var_os("LINATTN_PTX_DIR") {
+            let dir = std::path::PathBuf::from(dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("{arch}__optim.cu.ptx")), ptx.as_bytes()).unwrap();
         }
     }
 }

@@ -379,8 +379,12 @@ impl<E: Executor> CudaOptimizer<E> {
         self.exec
             .launch(kernel(v, "opt_finalize"), [1, 1, 1], THREADS, p.as_bytes())?;
         let blocks = (self.num_chunks as u64).min(MAX_GRID) as u32;
-        self.exec
-            .launch(kernel(v, "opt_update"), [blocks, 1, 1], THREADS, p.as_bytes())
+        self.exec.launch(
+            kernel(v, "opt_update"),
+            [blocks, 1, 1],
+            THREADS,
+            p.as_bytes(),
+        )
     }
 
     fn read_bytes(&self, buf: &E::Buffer, bytes: usize) -> Result<Vec<u8>> {
@@ -643,7 +647,12 @@ pub fn merge_on<E: Executor>(
     };
     let v = variant();
     let blocks = quads.div_ceil(THREADS as u64).min(MAX_GRID) as u32;
-    exec.launch(kernel(&v, "opt_merge"), [blocks, 1, 1], THREADS, p.as_bytes())?;
+    exec.launch(
+        kernel(&v, "opt_merge"),
+        [blocks, 1, 1],
+        THREADS,
+        p.as_bytes(),
+    )?;
     Ok(match (copy_format, copy) {
         (Some(format), Some(copy)) => {
             let mut bytes = vec![0u8; layout.total as usize * 2];

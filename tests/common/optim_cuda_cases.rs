@@ -78,8 +78,20 @@ pub fn per_step_check<E: Executor + Clone>(
     decay: &[bool],
     grad_scale: f64,
 ) -> f64 {
+    per_step_check_sizes(exec, config, decay, grad_scale, &SIZES, 5)
+}
+
+/// [`per_step_check`] on tensors of `sizes` for `steps` calls (at most 5).
+pub fn per_step_check_sizes<E: Executor + Clone>(
+    exec: &E,
+    config: &OptimizerConfig,
+    decay: &[bool],
+    grad_scale: f64,
+    sizes: &[usize],
+    steps: usize,
+) -> f64 {
     let mut rng = Rng::new(11);
-    let params = random_tensors(&mut rng, &SIZES, 1.0);
+    let params = random_tensors(&mut rng, sizes, 1.0);
     let schedule = Schedule::Linear {
         warmup: 1,
         total: 6,
@@ -87,24 +99,24 @@ pub fn per_step_check<E: Executor + Clone>(
     let mut opt =
         CudaOptimizer::new(exec.clone(), config, &schedule, 6, &slices(&params), decay).unwrap();
     let mut p = params.clone();
-    let mut m: Vec<Vec<f32>> = SIZES.iter().map(|&n| vec![0.0; n]).collect();
+    let mut m: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
     let mut v = m.clone();
     let mut e = params.clone();
     let mut worst = 0f64;
-    for call in 0..5usize {
-        let grads = random_tensors(&mut rng, &SIZES, grad_scale);
+    for call in 0..steps {
+        let grads = random_tensors(&mut rng, sizes, grad_scale);
         opt.set_grads(&slices(&grads)).unwrap();
         opt.step().unwrap();
         let lr = config.lr * schedule.multiplier(call);
         let grads64: Vec<Vec<f64>> = grads.iter().map(|g| to64(g)).collect();
         let grad_refs: Vec<&[f64]> = grads64.iter().map(Vec::as_slice).collect();
-        let coef = config
-            .max_grad_norm
-            .map_or(1.0, |max| clip_coefficient(global_grad_norm(&grad_refs), max));
+        let coef = config.max_grad_norm.map_or(1.0, |max| {
+            clip_coefficient(global_grad_norm(&grad_refs), max)
+        });
         let mut expect_p = Vec::new();
         let mut expect_m = Vec::new();
         let mut expect_v = Vec::new();
-        for i in 0..SIZES.len() {
+        for i in 0..sizes.len() {
             let mut pi = to64(&p[i]);
             let mut mi = to64(&m[i]);
             let mut vi = to64(&v[i]);
@@ -164,7 +176,11 @@ pub fn per_step_check<E: Executor + Clone>(
         }
     }
     let status = opt.status().unwrap();
-    assert_eq!((status.calls, status.steps, status.skipped), (5, 5, 0));
+    let steps = steps as u64;
+    assert_eq!(
+        (status.calls, status.steps, status.skipped),
+        (steps, steps, 0)
+    );
     worst
 }
 
@@ -273,9 +289,15 @@ pub fn non_finite_skip<E: Executor + Clone>(exec: &E, method: Method) {
     let mut rng = Rng::new(2);
     let params = random_tensors(&mut rng, &SIZES, 1.0);
     let schedule = Schedule::Constant { warmup: 0 };
-    let mut opt =
-        CudaOptimizer::new(exec.clone(), &config, &schedule, 8, &slices(&params), &[true; 5])
-            .unwrap();
+    let mut opt = CudaOptimizer::new(
+        exec.clone(),
+        &config,
+        &schedule,
+        8,
+        &slices(&params),
+        &[true; 5],
+    )
+    .unwrap();
     let good = random_tensors(&mut rng, &SIZES, 0.5);
     opt.set_grads(&slices(&good)).unwrap();
     opt.step().unwrap();
@@ -374,9 +396,15 @@ pub fn unchecked_nan_propagates<E: Executor + Clone>(exec: &E) {
     };
     let params = vec![vec![1.0f32; 9]];
     let schedule = Schedule::Constant { warmup: 0 };
-    let mut opt =
-        CudaOptimizer::new(exec.clone(), &config, &schedule, 2, &slices(&params), &[true])
-            .unwrap();
+    let mut opt = CudaOptimizer::new(
+        exec.clone(),
+        &config,
+        &schedule,
+        2,
+        &slices(&params),
+        &[true],
+    )
+    .unwrap();
     let mut g = vec![0.5f32; 9];
     g[8] = f32::NAN;
     opt.set_grads(&[&g]).unwrap();
