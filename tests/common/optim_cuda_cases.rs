@@ -449,6 +449,10 @@ pub fn bias_corrections_match_f64<E: Executor + Clone>(exec: &E) -> f64 {
         assert_eq!(clip, 1.0);
     }
     assert_eq!(opt.status().unwrap().steps, 400);
+    // Calls past the lr table (capacity 1) keep its last value and are not recorded.
+    let history = opt.history().unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].lr, 1.0);
     worst
 }
 
