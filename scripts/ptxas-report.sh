@@ -102,7 +102,7 @@ for name in sorted(os.listdir(log_dir)):
 def pretty_variant(v):
     v = v.replace("linear_", "").replace(".cu", "").replace("ATT_", "")
     v = v.replace("LA_DTYPE=0", "bf16").replace("LA_DTYPE=1", "f16").replace("LA_DTYPE=2", "f32")
-    v = v.replace("[]", "").replace("LA_GATE_VEC=1", "vector gate").replace("LA_GATE_VEC=0", "scalar gate").replace("LA_BT=", "BT ")
+    v = v.replace("LA_GATE_VEC=1", "vector gate").replace("LA_GATE_VEC=0", "scalar gate").replace("LA_BT=", "BT ")
     return v.replace("_", " ").strip()
 
 spills = [r for r in rows if r[1].startswith(HOT) and (r[4] or r[5])]

@@ -7,13 +7,23 @@
 #[path = "common/optim_cuda_cases.rs"]
 mod optim_cuda_cases;
 
+use std::sync::Mutex;
+
 use linattn::cuda::emu::EmuExec;
 use linattn::optim::{Method, OptimizerConfig};
 use optim_cuda_cases::*;
 
 fn exec() -> Option<EmuExec> {
+    // EmuExec builds a variant's library on first use with no lock inside a process: test threads
+    // starting together on a cold cache would run the C++ compiler into the same temporary file.
+    // Build it once, under a lock, before any test launches (later calls hit the in-memory cache).
+    static BUILD: Mutex<()> = Mutex::new(());
     match EmuExec::new() {
-        Ok(e) => Some(e),
+        Ok(e) => {
+            let _guard = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+            e.prepare(&linattn::optim::cuda::variant()).unwrap();
+            Some(e)
+        }
         Err(e) => {
             println!("skipped: {e}");
             None
