@@ -29,8 +29,10 @@
 
 // Threads per block of every kernel of this file.
 #define OPT_THREADS 256
-// Quads per chunk (4096 elements): 4 quads per thread.
+// Quads per chunk (4096 elements): 4 quads per thread. The host cuts its chunk table with the
+// same length (CHUNK_QUADS in src/optim/cuda.rs).
 #define OPT_CHUNK_QUADS 1024
+static_assert(OPT_CHUNK_QUADS % OPT_THREADS == 0, "opt_update unrolls whole rounds of a block");
 
 // Model copy formats (CopyFormat in src/optim/mod.rs).
 #define OPT_COPY_NONE 0
