@@ -8,8 +8,9 @@
 #    the PTX to a temporary folder (LINATTN_PTX_DIR),
 # 3. runs `ptxas -v` on each PTX and writes kernels/RESOURCES.md: per kernel registers, spill
 #    stores/loads, stack frame, static and dynamic shared memory (the latter from la_smem_table),
-# 4. exits non-zero when any hot kernel spills: linear_chunk.cu (the chunk forward/backward) and
-#    attention.cu (block-sparse FlashAttention forward/backward).
+# 4. exits non-zero when any hot kernel spills: linear_chunk.cu (the chunk forward/backward),
+#    attention.cu (block-sparse FlashAttention forward/backward) and optim.cu (the fused optimizer
+#    step and WSM merging).
 # With LINATTN_PTX_DIR set to a folder of PTX from an earlier compile-test run, step 2 is skipped.
 set -euo pipefail
 
@@ -64,7 +65,7 @@ CHUNK_SLOTS = {"la_states": 1, "la_dstates": 2, "la_intra_A": 3, "la_fwd_o": 4, 
                "la_bwd_dA": 6, "la_bwd_dqk_intra": 7, "la_bwd_dqkg": 8}
 # ... and of attention.cu (KERNELS in src/attention/cuda/kernels.rs).
 ATTN_SLOTS = {"attn_fwd": 0, "attn_bwd_dq": 1, "attn_bwd_dkdv": 2}
-HOT = ("linear_chunk", "attention")
+HOT = ("linear_chunk", "attention", "optim")
 
 def smem_table(ptx):
     m = re.search(r"la_smem_table\[(\d+)\]\s*=\s*\{([^}]*)\}", ptx)
@@ -112,7 +113,8 @@ lines = [
     f"`ptxas -v` ({ptxas_version}). Registers per thread, spill stores/loads and stack frame",
     "in bytes per thread, static and dynamic shared memory in bytes per block (dynamic: the kernel's",
     "entry of `la_smem_table`; above 48 KiB the host opts in per function). CI fails on any spill in",
-    "the hot kernels: the chunk kernels (`linear_chunk.cu`) and the attention kernels (`attention.cu`).",
+    "the hot kernels: the chunk kernels (`linear_chunk.cu`), the attention kernels (`attention.cu`)",
+    "and the fused optimizer kernels (`optim.cu`).",
     "",
     f"Kernels: {len(rows)} (arch, variant, kernel) triples; spills in hot kernels: {len(spills)}.",
     "",

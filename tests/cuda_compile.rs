@@ -1,4 +1,5 @@
-//! CI gate without a GPU: every kernel variant the library can launch compiles with NVRTC for
+//! CI gate without a GPU: every kernel variant the library can launch (the linear-attention
+//! kernels and the fused optimizer of kernels/optim.cu) compiles with NVRTC for
 //! sm_80 and sm_90, and the PTX holds every kernel the engine launches. Needs libnvrtc (the
 //! `nvidia-cuda-nvrtc-cu12` wheel: scripts/install-cuda-wheels.sh, lib folder on LD_LIBRARY_PATH);
 //! prints `skipped: libnvrtc not found` only when the library cannot be loaded.
@@ -13,6 +14,7 @@ use linattn::cuda::compile::{Variant, compile_ptx};
 use linattn::linear::cuda::kernels::{
     CHUNK_KERNELS, RECURRENT_KERNELS, UTIL_KERNELS, all_variants,
 };
+use linattn::optim::cuda as optim_cuda;
 
 const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 
@@ -21,6 +23,7 @@ fn kernels_of(variant: &Variant) -> Vec<&'static str> {
         "linear_chunk.cu" => CHUNK_KERNELS.iter().map(|(n, _)| *n).collect(),
         "linear_recurrent.cu" => RECURRENT_KERNELS.to_vec(),
         "linear_util.cu" => UTIL_KERNELS.to_vec(),
+        "optim.cu" => optim_cuda::KERNELS.to_vec(),
         other => panic!("unknown kernel file {other}"),
     }
 }
@@ -43,7 +46,12 @@ fn every_variant_compiles_for_sm80_and_sm90() {
     }
     let jobs: Vec<(&str, Variant)> = ARCHS
         .iter()
-        .flat_map(|a| all_variants().into_iter().map(move |v| (*a, v)))
+        .flat_map(|a| {
+            all_variants()
+                .into_iter()
+                .chain(optim_cuda::all_variants())
+                .map(move |v| (*a, v))
+        })
         .collect();
     let total = jobs.len();
     let queue = Mutex::new(jobs);

@@ -49,6 +49,10 @@ pub static KERNEL_FILES: &[KernelFile] = &[
         name: "attention.cu",
         text: include_str!("../../kernels/attention.cu"),
     },
+    KernelFile {
+        name: "optim.cu",
+        text: include_str!("../../kernels/optim.cu"),
+    },
 ];
 
 /// Looks up an embedded kernel file.

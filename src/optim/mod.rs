@@ -4,20 +4,24 @@
 //!
 //! Inner shape, as in every op module: this file (configuration, validation, the host-tensor API),
 //! `reference` (the f64 CPU path through `linattn-reference`), `cube` (the CubeCL kernels and the
-//! device-resident [`cube::FusedOptimizer`]). The CUDA backend reports `Unsupported` for now; its
-//! kernels take the same configuration and arena layout.
+//! device-resident [`cube::FusedOptimizer`]), `cuda` (the hand-written kernels of kernels/optim.cu
+//! and the device-resident `cuda::CudaOptimizer`, on a GPU or the host emulation), with the same
+//! configuration and arena layout.
 //!
 //! Conventions:
 //! - schedule step `k` is 0-based and counts every call, skipped or not (like a torch LR scheduler
 //!   stepped every iteration); the learning rate of call `k` is `lr * schedule.multiplier(k)`;
 //! - the optimizer step `t` (AdamW's bias corrections) counts only the calls that were applied;
 //! - a call whose gradients hold a NaN or an infinity (or whose squared norm overflows f32 on the
-//!   GPU) leaves every parameter, moment, EMA, copy and `t` untouched and is reported as skipped.
+//!   cube backend; the cuda backend accumulates it in f64) leaves every parameter, moment, EMA,
+//!   copy and `t` untouched and is reported as skipped.
 
 mod reference;
 
 #[cfg(feature = "cube")]
 pub mod cube;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 pub use linattn_reference::optim::schedule::{Anneal, RefineFor, Schedule, Shape};
 pub use linattn_reference::optim::step::{DecayMode, Method};
@@ -365,9 +369,7 @@ pub fn optimize(
         #[cfg(feature = "cube")]
         Backend::Cube(ctx) => cube::optimize(ctx, config, schedule, params, grads),
         #[cfg(feature = "cuda")]
-        Backend::Cuda(_) => Err(Error::Unsupported(
-            "the fused optimizer step on the cuda backend is not implemented yet".into(),
-        )),
+        Backend::Cuda(ctx) => cuda::optimize(ctx, config, schedule, params, grads),
     }
 }
 
@@ -424,9 +426,7 @@ pub fn merge(
         #[cfg(feature = "cube")]
         Backend::Cube(ctx) => cube::merge(ctx, checkpoints, coefficients, dtype),
         #[cfg(feature = "cuda")]
-        Backend::Cuda(_) => Err(Error::Unsupported(
-            "WSM merging on the cuda backend is not implemented yet".into(),
-        )),
+        Backend::Cuda(ctx) => cuda::merge(ctx, checkpoints, coefficients, dtype),
     }
 }
 
