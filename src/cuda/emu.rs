@@ -103,12 +103,20 @@ fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| std::env::temp_dir().join("linattn-emu"))
 }
 
+/// Writes `text` to `path` unless it already holds it, through a temporary file and a rename, so
+/// that a compiler another thread or process runs at the same time reads the old or the new
+/// file, never a partial one.
 fn write_if_changed(path: &Path, text: &str) -> Result<()> {
     if std::fs::read_to_string(path).ok().as_deref() != Some(text) {
-        std::fs::write(path, text).map_err(|source| Error::Io {
+        static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{}-{n}.tmp", std::process::id()));
+        let io = |source| Error::Io {
             path: path.display().to_string(),
             source,
-        })?;
+        };
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
     }
     Ok(())
 }
@@ -144,10 +152,22 @@ fn build(variant: &Variant) -> Result<EmuLib> {
         .collect();
     let lib_path = dir.join(format!("{stem}-{hash:016x}.so"));
     if !lib_path.exists() {
-        let cpp = dir.join(format!("{stem}-{hash:016x}.cpp"));
-        write_if_changed(&cpp, &source)?;
-        // Build under a unique name and rename: concurrent test processes may race here.
-        let tmp = dir.join(format!("{stem}-{hash:016x}.{}.tmp.so", std::process::id()));
+        // Every build writes its own source and library under a name unique to this process and
+        // build, then renames the library into place (atomic on one file system): test processes
+        // and threads that build the same variant at once never read each other's half-written
+        // files, and the last rename wins with identical contents.
+        static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let unique = format!(
+            "{}-{}",
+            std::process::id(),
+            BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let cpp = dir.join(format!("{stem}-{hash:016x}.{unique}.cpp"));
+        std::fs::write(&cpp, &source).map_err(|source| Error::Io {
+            path: cpp.display().to_string(),
+            source,
+        })?;
+        let tmp = dir.join(format!("{stem}-{hash:016x}.{unique}.tmp.so"));
         let output = Command::new(&cxx)
             .args(CXX_FLAGS)
             .arg("-include")
@@ -167,6 +187,7 @@ fn build(variant: &Variant) -> Result<EmuLib> {
                 log: String::from_utf8_lossy(&output.stderr).into_owned(),
             });
         }
+        let _ = std::fs::remove_file(&cpp);
         std::fs::rename(&tmp, &lib_path).map_err(|source| Error::Io {
             path: lib_path.display().to_string(),
             source,
