@@ -45,15 +45,15 @@ fi
 
 LOG_DIR="$PTX_DIR/logs"
 mkdir -p "$LOG_DIR"
-for f in "${ptx_files[@]}"; do
-    base="$(basename "$f" .ptx)"
-    arch="${base%%__*}"
+# One ptxas per PTX file, as many at once as there are cores (ptxas itself is single-threaded).
+export PTXAS LOG_DIR
+printf '%s\0' "${ptx_files[@]}" | xargs -0 -n 1 -P "$(nproc)" bash -c '
+    f="$1"; base="$(basename "$f" .ptx)"; arch="${base%%__*}"
     "$PTXAS" -v -arch="$arch" "$f" -o /dev/null 2>"$LOG_DIR/$base.log" || {
         cat "$LOG_DIR/$base.log" >&2
         echo "error: ptxas failed on $base" >&2
-        exit 1
-    }
-done
+        exit 255
+    }' _ || { echo "error: ptxas failed" >&2; exit 1; }
 
 python3 - "$PTX_DIR" "$LOG_DIR" "$ROOT/kernels/RESOURCES.md" "$("$PTXAS" --version | tail -1)" <<'PY'
 import os, re, sys
