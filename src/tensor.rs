@@ -126,7 +126,7 @@ impl Tensor {
     }
 
     /// An f32 tensor from values the caller guarantees fit `shape` (internal results).
-    #[allow(dead_code)] // used by the GPU backends
+    #[cfg_attr(not(any(feature = "cube", feature = "cuda")), allow(dead_code))] // GPU backends only
     pub(crate) fn f32_unchecked(shape: Vec<usize>, data: Vec<f32>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         Tensor {
