@@ -170,6 +170,103 @@ pub fn additive_gate(
     AdditiveGate { khat, g, z_final }
 }
 
+/// Adjoint of [`additive_gate`]: the gradient w.r.t. the key logits `k` given the gradients
+/// `dkhat` and `dg` of its outputs (`z_final` is taken as not differentiated). A reverse scan per
+/// sequence, head and channel of
+/// ```text
+/// dz_t = -khat_t dkhat_t - dg_t + dg_{t+1} + exp(g_{t+1}) dz_{t+1}
+/// dk_t = khat_t (dkhat_t + dz_t)
+/// ```
+/// from `z_t = logaddexp(z_{t-1}, k_t)` (`dz_t/dk_t = khat_t`, `dz_{t+1}/dz_t = exp(g_{t+1}) <= 1`),
+/// `khat_t = exp(k_t - z_t)` and `g_t = z_{t-1} - z_t`. At the first token of a sequence with an
+/// empty prefix (no `z0`, or `z0 = -inf`) `z_0 = k_0` and `g_0 = 0` is a constant, so its `-dg_0`
+/// term drops out.
+pub fn additive_gate_backward(
+    dims: &Dims,
+    gate: &AdditiveGate,
+    dkhat: &[f64],
+    dg: &[f64],
+    cu_seqlens: Option<&[usize]>,
+    z0: Option<&[f64]>,
+) -> Vec<f64> {
+    let n = dims.qk_len();
+    assert!(
+        gate.khat.len() == n && gate.g.len() == n && dkhat.len() == n && dg.len() == n,
+        "khat, g, dkhat and dg must be [B, T, H, K]"
+    );
+    let seqs = sequences(dims, cu_seqlens);
+    let kd = dims.k;
+    let mut dk = vec![0.0; n];
+    for (s, &(b, start, end)) in seqs.iter().enumerate() {
+        for h in 0..dims.h {
+            for c in 0..kd {
+                let empty_prefix =
+                    z0.is_none_or(|z0| z0[(s * dims.h + h) * kd + c] == f64::NEG_INFINITY);
+                let mut carry = 0.0; // dg_{t+1} + exp(g_{t+1}) dz_{t+1}
+                for t in (start..end).rev() {
+                    let i = at(dims, b, t, h, kd) + c;
+                    let own_gate = if t == start && empty_prefix {
+                        0.0
+                    } else {
+                        dg[i]
+                    };
+                    let dz = -gate.khat[i] * dkhat[i] - own_gate + carry;
+                    dk[i] = gate.khat[i] * (dkhat[i] + dz);
+                    carry = dg[i] + gate.g[i].exp() * dz;
+                }
+            }
+        }
+    }
+    dk
+}
+
+/// The non-causal key weights: `khat = softmax_t(k)` over each sequence, per head and channel
+/// (the maximum subtracted first, so every exponent is `<= 0`).
+pub fn softmax_keys(dims: &Dims, k: &[f64], cu_seqlens: Option<&[usize]>) -> Vec<f64> {
+    assert_eq!(k.len(), dims.qk_len(), "k must be [B, T, H, K]");
+    let mut khat = vec![0.0; k.len()];
+    for (b, start, end) in sequences(dims, cu_seqlens) {
+        for h in 0..dims.h {
+            for c in 0..dims.k {
+                let idx = |t| at(dims, b, t, h, dims.k) + c;
+                let m = (start..end)
+                    .map(|t| k[idx(t)])
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = (start..end).map(|t| (k[idx(t)] - m).exp()).sum();
+                for t in start..end {
+                    khat[idx(t)] = (k[idx(t)] - m).exp() / sum;
+                }
+            }
+        }
+    }
+    khat
+}
+
+/// Adjoint of [`softmax_keys`]: `dk_u = khat_u (dkhat_u - sum_t khat_t dkhat_t)` per sequence,
+/// head and channel.
+pub fn softmax_keys_backward(
+    dims: &Dims,
+    khat: &[f64],
+    dkhat: &[f64],
+    cu_seqlens: Option<&[usize]>,
+) -> Vec<f64> {
+    assert_eq!(khat.len(), dims.qk_len(), "khat must be [B, T, H, K]");
+    assert_eq!(dkhat.len(), dims.qk_len(), "dkhat must be [B, T, H, K]");
+    let mut dk = vec![0.0; khat.len()];
+    for (b, start, end) in sequences(dims, cu_seqlens) {
+        for h in 0..dims.h {
+            for c in 0..dims.k {
+                let idx = |t| at(dims, b, t, h, dims.k) + c;
+                let mean: f64 = (start..end).map(|t| khat[idx(t)] * dkhat[idx(t)]).sum();
+                for t in start..end {
+                    dk[idx(t)] = khat[idx(t)] * (dkhat[idx(t)] - mean);
+                }
+            }
+        }
+    }
+    dk
+}
+
 impl LightNetProblem<'_> {
     fn check(&self) -> Vec<(usize, usize, usize)> {
         let d = &self.dims;

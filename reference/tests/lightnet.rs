@@ -571,3 +571,69 @@ fn empty_prefix_state_matches_no_state() {
         assert_close("o", &with.o, &without.o, 1e-12);
     }
 }
+
+/// The adjoints of the two key transforms against central finite differences of
+/// `L(k) = sum(khat * a) + sum(g * b)` (causal) and `sum(khat * a)` (non-causal), with varlen
+/// (an empty sequence), an initial `z0` with a `-inf` entry, and without `z0`.
+#[test]
+fn key_transform_adjoints_match_finite_differences() {
+    use linattn_reference::lightnet::{
+        additive_gate_backward, softmax_keys, softmax_keys_backward,
+    };
+    let dims = Dims {
+        b: 1,
+        t: 9,
+        h: 2,
+        k: 3,
+        v: 1,
+    };
+    let cu = vec![0, 4, 4, 9];
+    let mut rng = Rng::new(31);
+    let k: Vec<f64> = rng.randn(dims.qk_len()).iter().map(|x| 2.0 * x).collect();
+    let a = rng.randn(dims.qk_len());
+    let b = rng.randn(dims.qk_len());
+    let mut z0 = rng.randn(3 * dims.h * dims.k);
+    z0[1] = f64::NEG_INFINITY;
+    let eps = 1e-6;
+    for z0 in [None, Some(&z0[..])] {
+        let loss = |k: &[f64]| {
+            let gate = additive_gate(&dims, k, Some(&cu), z0);
+            let dot = |x: &[f64], y: &[f64]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f64>();
+            dot(&gate.khat, &a) + dot(&gate.g, &b)
+        };
+        let gate = additive_gate(&dims, &k, Some(&cu), z0);
+        let dk = additive_gate_backward(&dims, &gate, &a, &b, Some(&cu), z0);
+        for i in 0..k.len() {
+            let (mut kp, mut km) = (k.clone(), k.clone());
+            kp[i] += eps;
+            km[i] -= eps;
+            let fd = (loss(&kp) - loss(&km)) / (2.0 * eps);
+            assert!(
+                (fd - dk[i]).abs() <= 1e-7 * (1.0 + fd.abs()),
+                "causal z0={} i={i}: {fd} vs {}",
+                z0.is_some(),
+                dk[i]
+            );
+        }
+    }
+    let loss = |k: &[f64]| {
+        softmax_keys(&dims, k, Some(&cu))
+            .iter()
+            .zip(&a)
+            .map(|(p, q)| p * q)
+            .sum::<f64>()
+    };
+    let khat = softmax_keys(&dims, &k, Some(&cu));
+    let dk = softmax_keys_backward(&dims, &khat, &a, Some(&cu));
+    for i in 0..k.len() {
+        let (mut kp, mut km) = (k.clone(), k.clone());
+        kp[i] += eps;
+        km[i] -= eps;
+        let fd = (loss(&kp) - loss(&km)) / (2.0 * eps);
+        assert!(
+            (fd - dk[i]).abs() <= 1e-7 * (1.0 + fd.abs()),
+            "softmax i={i}: {fd} vs {}",
+            dk[i]
+        );
+    }
+}

@@ -10,63 +10,15 @@
 //! Non-causal: `khat = softmax_t(k)` per sequence, head and channel, then the bidirectional engine
 //! without a gate (every pair `(t, u)` of a sequence once, the diagonal included).
 
-use linattn_reference::lightnet::additive_gate;
+use linattn_reference::lightnet::{
+    AdditiveGate, additive_gate, additive_gate_backward, softmax_keys, softmax_keys_backward,
+};
 
 use super::{LightNet, LightNetFinalState, LightNetGrads, LightNetOutput, LightNetSpec};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::linear::{self, Form, Gate, LinearAttention};
 use crate::tensor::{DType, Tensor};
-
-/// `(batch row, first token, end token)` of every independent sequence.
-fn sequences(spec: &LightNetSpec) -> Vec<(usize, usize, usize)> {
-    match &spec.cu_seqlens {
-        Some(cu) => cu.windows(2).map(|w| (0, w[0], w[1])).collect(),
-        None => (0..spec.dims.b).map(|b| (b, 0, spec.dims.t)).collect(),
-    }
-}
-
-/// Index of channel `c` of `(b, t, h)` in a `[B, T, H, K]` tensor.
-fn at(spec: &LightNetSpec, b: usize, t: usize, h: usize, c: usize) -> usize {
-    let d = spec.dims;
-    ((b * d.t + t) * d.h + h) * d.k + c
-}
-
-/// What the engine runs on, built from the key logits.
-struct Transformed {
-    /// `[B, T, H, K]`: normalised key weights.
-    khat: Vec<f64>,
-    /// Causal: `[B, T, H, K]` log decays (`<= 0`) and `z_T` `[N, H, K]`.
-    gate: Option<(Vec<f64>, Vec<f64>)>,
-}
-
-fn transform(spec: &LightNetSpec, k: &[f64], z0: Option<&[f64]>) -> Transformed {
-    if !spec.bidirectional {
-        let gate = additive_gate(&spec.dims, k, spec.cu_seqlens.as_deref(), z0);
-        return Transformed {
-            khat: gate.khat,
-            gate: Some((gate.g, gate.z_final)),
-        };
-    }
-    // Softmax over each sequence, per head and channel, with the maximum subtracted (exponents
-    // <= 0). An empty sequence has nothing to normalise.
-    let mut khat = vec![0.0; k.len()];
-    for (b, start, end) in sequences(spec) {
-        for h in 0..spec.dims.h {
-            for c in 0..spec.dims.k {
-                let idx = |t| at(spec, b, t, h, c);
-                let m = (start..end)
-                    .map(|t| k[idx(t)])
-                    .fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = (start..end).map(|t| (k[idx(t)] - m).exp()).sum();
-                for t in start..end {
-                    khat[idx(t)] = (k[idx(t)] - m).exp() / sum;
-                }
-            }
-        }
-    }
-    Transformed { khat, gate: None }
-}
 
 /// The engine's input dtype: the inputs' own when every engine accepts it, else f32 (the
 /// transform's results are f64 on the host and enter the engine in that dtype).
@@ -83,28 +35,38 @@ struct EngineInputs {
     v: Tensor,
     g: Option<Tensor>,
     s0: Option<Tensor>,
-    z_final: Option<Vec<f64>>,
+    /// The transform in f64, kept for `z_T` and the adjoint.
+    transform: Transform,
+}
+
+enum Transform {
+    /// Causal: `khat`, `g` and `z_T`.
+    Additive(AdditiveGate),
+    /// Non-causal: the softmax weights.
+    Softmax(Vec<f64>),
 }
 
 fn engine_inputs(spec: &LightNetSpec, args: &LightNet) -> Result<EngineInputs> {
     let dtype = engine_dtype(spec);
     let shape_qk = args.k.shape().to_vec();
-    let z0 = args.initial_state.map(|st| st.z.to_f64_vec());
-    let tr = transform(spec, &args.k.to_f64_vec(), z0.as_deref());
-    let (g, z_final) = match tr.gate {
-        Some((g, z)) => (
-            Some(Tensor::from_f64(shape_qk.clone(), g)?.to_dtype(dtype)),
-            Some(z),
-        ),
-        None => (None, None),
+    let k = args.k.to_f64_vec();
+    let cu = spec.cu_seqlens.as_deref();
+    let (khat, g, transform) = if spec.bidirectional {
+        let khat = softmax_keys(&spec.dims, &k, cu);
+        (khat.clone(), None, Transform::Softmax(khat))
+    } else {
+        let z0 = args.initial_state.map(|st| st.z.to_f64_vec());
+        let gate = additive_gate(&spec.dims, &k, cu, z0.as_deref());
+        let g = Tensor::from_f64(shape_qk.clone(), gate.g.clone())?.to_dtype(dtype);
+        (gate.khat.clone(), Some(g), Transform::Additive(gate))
     };
     Ok(EngineInputs {
         q: args.q.to_dtype(dtype),
-        khat: Tensor::from_f64(shape_qk, tr.khat)?.to_dtype(dtype),
+        khat: Tensor::from_f64(shape_qk, khat)?.to_dtype(dtype),
         v: args.v.to_dtype(dtype),
         g,
         s0: args.initial_state.map(|st| st.s.to_dtype(dtype)),
-        z_final,
+        transform,
     })
 }
 
@@ -139,10 +101,10 @@ pub(super) fn forward(
 ) -> Result<LightNetOutput> {
     let e = engine_inputs(spec, args)?;
     let out = linear::forward(backend, &problem(spec, args, &e), form)?;
-    let state = match (e.z_final, out.ht) {
-        (Some(z), Some(s)) => Some(LightNetFinalState {
+    let state = match (e.transform, out.ht) {
+        (Transform::Additive(gate), Some(s)) => Some(LightNetFinalState {
             s,
-            z: Tensor::from_f64(spec.z_shape(), z)?.to_dtype(out.o.dtype()),
+            z: Tensor::from_f64(spec.z_shape(), gate.z_final)?.to_dtype(out.o.dtype()),
         }),
         _ => None,
     };
@@ -158,62 +120,20 @@ pub(super) fn backward(
 ) -> Result<LightNetGrads> {
     let e = engine_inputs(spec, args)?;
     let grads = linear::backward(backend, &problem(spec, args, &e), form, d_o, None)?;
-    let khat = e.khat.to_f64_vec();
     let dkhat = grads.dk.to_f64_vec();
-    let mut dk = vec![0.0; khat.len()];
-    match &e.g {
-        None => {
-            // Softmax adjoint: dk_u = khat_u (dkhat_u - sum_t khat_t dkhat_t).
-            for (b, start, end) in sequences(spec) {
-                for h in 0..spec.dims.h {
-                    for c in 0..spec.dims.k {
-                        let idx = |t| at(spec, b, t, h, c);
-                        let mean: f64 = (start..end).map(|t| khat[idx(t)] * dkhat[idx(t)]).sum();
-                        for t in start..end {
-                            dk[idx(t)] = khat[idx(t)] * (dkhat[idx(t)] - mean);
-                        }
-                    }
-                }
-            }
-        }
-        Some(g) => {
-            let g = g.to_f64_vec();
+    let cu = spec.cu_seqlens.as_deref();
+    let dk = match &e.transform {
+        Transform::Additive(gate) => {
             let dg = grads
                 .dg
                 .as_ref()
                 .expect("a vector gate has a gradient")
                 .to_f64_vec();
-            let has_z0: Vec<bool> = match args.initial_state {
-                Some(st) => st.z.to_f64_vec().iter().map(|z| z.is_finite()).collect(),
-                None => vec![false; spec.num_sequences * spec.dims.h * spec.dims.k],
-            };
-            // Reverse scan of the adjoint of z_t = logaddexp(z_{t-1}, k_t) with
-            // khat_t = exp(k_t - z_t) and g_t = z_{t-1} - z_t:
-            //   dz_t = -khat_t dkhat_t - dg_t + dg_{t+1} + exp(g_{t+1}) dz_{t+1}
-            //   dk_t = khat_t (dkhat_t + dz_t)
-            // where `dg_{t+1} + exp(g_{t+1}) dz_{t+1}` is what flows back from token t + 1
-            // (dz_{t+1} / dz_t = exp(z_t - z_{t+1}) = exp(g_{t+1}) <= 1: the scan only shrinks).
-            // At the first token of a sequence with an empty prefix z_0 = k_0 and g_0 = 0 is a
-            // constant, so its `-dg_0` term drops out (khat_0 = 1 and dk_0 = dz_0 + dkhat_0).
-            for (n, (b, start, end)) in sequences(spec).into_iter().enumerate() {
-                for h in 0..spec.dims.h {
-                    for c in 0..spec.dims.k {
-                        let idx = |t| at(spec, b, t, h, c);
-                        let mut carry = 0.0; // dg_{t+1} + exp(g_{t+1}) dz_{t+1}
-                        for t in (start..end).rev() {
-                            let i = idx(t);
-                            let first_without_prefix =
-                                t == start && !has_z0[(n * spec.dims.h + h) * spec.dims.k + c];
-                            let own_gate = if first_without_prefix { 0.0 } else { dg[i] };
-                            let dz = -khat[i] * dkhat[i] - own_gate + carry;
-                            dk[i] = khat[i] * (dkhat[i] + dz);
-                            carry = dg[i] + g[i].exp() * dz;
-                        }
-                    }
-                }
-            }
+            let z0 = args.initial_state.map(|st| st.z.to_f64_vec());
+            additive_gate_backward(&spec.dims, gate, &dkhat, &dg, cu, z0.as_deref())
         }
-    }
+        Transform::Softmax(khat) => softmax_keys_backward(&spec.dims, khat, &dkhat, cu),
+    };
     let dtype = grads.dq.dtype();
     Ok(LightNetGrads {
         dq: grads.dq,
