@@ -17,7 +17,7 @@
 //!
 //! # Released-code rule ([`RadialModel::Wan`], [`RadialModel::Hunyuan`])
 //! Matched against `radial_attn/attn_mask.py` of the public repository `mit-han-lab/radial-attention`
-//! (stored version at commit `a5c638bbfff1517a667af2e20041e8e85b149486`), functions
+//! (latest commit of the stored history, `72788d4`, "minor: unified arg name"), functions
 //! `get_window_width`, `get_diagonal_split_mask`, `shrinkMaskStrict`, `gen_log_mask_shrinked` and
 //! `MaskMap.queryLogMask` (which the models call through `RadialAttention` in
 //! `radial_attn/models/{wan,hunyuan}/attention.py`, with `block_size=128`, `model_type="wan"` or
@@ -29,7 +29,7 @@
 //!      older version of the file gave the sink to every model; the stored latest restricts it to
 //!      `wan`).
 //!    - otherwise `|col - row| <= w && split`, with the window `w` of `get_window_width`:
-//!      `wan`: `s` for `d == 0`, `s // 2` for `d == 1`; `hunyuan`: `s` for `d <= 1`; else
+//!      `s` for `d <= 1` (both models; ops.md: "d <= 1 full"); else
 //!      `dl = 2^bitlen(s) / 2^bitlen(d) * decay_factor` (f64) and `w = dl if dl >= block_size else
 //!      block_size`; and `split` of `get_diagonal_split_mask`, all-or-nothing per frame pair with a
 //!      hard-coded 128 (not the block size): with `e = 2^bitlen(s) / 2^bitlen(d)`, kept iff
@@ -74,7 +74,7 @@ use crate::block_mask::BlockMask;
 pub enum RadialModel {
     /// Eq. 4 of the paper plus the frame-0 sink, block allowed iff any token pair is allowed.
     Paper,
-    /// The released code with `model_type="wan"` (attention sink on frame 0, half window at `d = 1`).
+    /// The released code with `model_type="wan"` (attention sink on frame 0, full window at `d <= 1`).
     Wan,
     /// The released code with `model_type="hunyuan"` (no sink, full window at `d <= 1`).
     Hunyuan,
@@ -200,9 +200,9 @@ pub enum ReleasedLocal {
 fn released_window(cfg: &RadialConfig, d: usize) -> usize {
     let s = cfg.tokens_per_frame;
     match cfg.model {
-        RadialModel::Wan if d < 1 => return s,
-        RadialModel::Wan if d == 1 => return s / 2,
-        RadialModel::Hunyuan if d <= 1 => return s,
+        // Both models: the whole frame pair at d <= 1. Revisions of the released code up to
+        // a5c638b gave `wan` `s // 2` at d == 1; the latest one (and ops.md) give `s`.
+        RadialModel::Wan | RadialModel::Hunyuan if d <= 1 => return s,
         RadialModel::Paper => unreachable!("paper rule has no released window"),
         _ => {}
     }

@@ -91,28 +91,30 @@ const HUNYUAN_F5_S128_B32: [&str; 20] = [
     "..11.....11111111111",
 ];
 
-/// Same for wan: frame column 0 is all ones (sink), d = 1 gets the window s // 2 = 64.
+/// Same for wan: every frame pair is hunyuan's except key frame 0, the attention sink (all ones):
+/// the first 4 block columns. At d = 1 both models use the whole frame pair (the released code at
+/// its latest commit, ops.md "d <= 1 full"; an older revision gave wan a window of s // 2 there).
 const WAN_F5_S128_B32: [&str; 20] = [
-    "1111111.111.....11..",
+    "11111111111.....11..",
     "111111111111....111.",
     "111111111111.....111",
-    "1111.111.111......11",
-    "11111111111.111.....",
+    "11111111.111......11",
+    "111111111111111.....",
     "1111111111111111....",
     "1111111111111111....",
-    "11111111.111.111....",
-    "1111111.1111111.111.",
+    "111111111111.111....",
+    "1111111111111111111.",
     "11111111111111111111",
     "11111111111111111111",
-    "1111.1111111.111.111",
-    "1111111.111.1111111.",
+    "1111111111111111.111",
+    "1111111.111111111111",
     "11111111111111111111",
     "11111111111111111111",
-    "1111.111.1111111.111",
-    "1111....111.111.1111",
+    "1111.111111111111111",
+    "1111....111.11111111",
     "1111....111111111111",
     "1111....111111111111",
-    "1111.....111.1111111",
+    "1111.....11111111111",
 ];
 
 /// Hunyuan with decay 0.5: d = 2 -> 2^8/2^2 * 0.5 = 32.0 (>= B: the float width 32), d = 4 ->
@@ -147,7 +149,7 @@ fn released_hand_traced_aligned() {
     assert_eq!(radial_mask(&h).unwrap().nnz(), 312);
     let w = cfg(RadialModel::Wan, 5, 128, 32, 0);
     assert_mask(&w, &WAN_F5_S128_B32);
-    assert_eq!(radial_mask(&w).unwrap().nnz(), 322);
+    assert_eq!(radial_mask(&w).unwrap().nnz(), 336);
     let hh = RadialConfig {
         decay_factor: 0.5,
         ..h
@@ -172,7 +174,9 @@ fn released_frame_rules() {
         assert_eq!(released_local(&w, d, 0), ReleasedLocal::Full);
     }
     assert_eq!(released_local(&h, 3, 2), ReleasedLocal::Band(128));
-    assert_eq!(released_local(&w, 3, 2), ReleasedLocal::Band(64));
+    // d = 1: the whole frame pair for wan too (the released code's latest rule, ops.md)
+    assert_eq!(released_local(&w, 3, 2), ReleasedLocal::Band(128));
+    assert_eq!(released_local(&w, 2, 3), ReleasedLocal::Band(128));
     assert_eq!(released_local(&w, 2, 2), ReleasedLocal::Band(128));
     assert_eq!(released_local(&h, 5, 3), ReleasedLocal::Band(64)); // 256 / 4 * 1
     assert_eq!(released_local(&h, 9, 1), ReleasedLocal::Band(32)); // 256 / 16 = 16 < 32 -> 32
@@ -510,4 +514,54 @@ fn paper_nnz_bound() {
         worst > 0.5,
         "the bound is far from tight ({worst}): is the count right?"
     );
+}
+
+/// wan and hunyuan run the same per-frame-pair rule except for key frame 0 (wan's attention sink):
+/// in particular the same whole-frame window at d = 1, as the released code's latest commit.
+#[test]
+fn released_wan_equals_hunyuan_off_the_sink() {
+    for (s, decay) in [
+        (128usize, 1.0),
+        (256, 0.2),
+        (1560, 0.2),
+        (1000, 0.7),
+        (100, 1.0),
+    ] {
+        let h = RadialConfig {
+            decay_factor: decay,
+            ..cfg(RadialModel::Hunyuan, 34, s, 128, 0)
+        };
+        let w = RadialConfig {
+            model: RadialModel::Wan,
+            ..h
+        };
+        for i in 0..34 {
+            for j in 1..34 {
+                assert_eq!(
+                    released_local(&w, i, j),
+                    released_local(&h, i, j),
+                    "s {s} decay {decay} frames ({i}, {j})"
+                );
+            }
+            assert_eq!(released_local(&w, i, 0), ReleasedLocal::Full);
+        }
+    }
+}
+
+/// The two configurations of the contract report, whose masks under the old `s // 2` window at
+/// d = 1 differed from the released code's in 26 of 1024 and 1907 of 152100 blocks. The fix adds
+/// exactly those blocks (measured against the old rule when it changed: 722 -> 748 and
+/// 39127 -> 41034 allowed blocks); the counts are pinned here.
+#[test]
+fn released_wan_report_configurations() {
+    for (frames, s, block, nnz, total) in [(8, 256, 64, 748, 1024), (32, 1560, 128, 41034, 152100)]
+    {
+        let c = RadialConfig {
+            decay_factor: 0.2,
+            ..cfg(RadialModel::Wan, frames, s, block, 0)
+        };
+        let m = radial_mask(&c).unwrap();
+        assert_eq!(m.nq() * m.nk(), total);
+        assert_eq!(m.nnz(), nnz, "{c:?}");
+    }
 }
