@@ -146,15 +146,18 @@ impl Case {
                 keep,
                 diagonal,
                 empty_block,
-            } => Some(BlockMask::from_fn_for_tokens(t, s, bq, bk, |qb, kb| {
-                if empty_block == Some(qb) {
-                    return false;
-                }
-                // Block (qb, kb) holds a diagonal pair iff the token ranges intersect below S.
-                let on_diagonal =
-                    qb * bq < ((kb + 1) * bk).min(s) && kb * bk < ((qb + 1) * bq).min(t);
-                rng.uniform() < keep || (diagonal && on_diagonal)
-            })),
+            } => Some(
+                BlockMask::from_fn_for_tokens(t, s, bq, bk, |qb, kb| {
+                    if empty_block == Some(qb) {
+                        return false;
+                    }
+                    // Block (qb, kb) holds a diagonal pair iff the token ranges intersect below S.
+                    let on_diagonal =
+                        qb * bq < ((kb + 1) * bk).min(s) && kb * bk < ((qb + 1) * bq).min(t);
+                    rng.uniform() < keep || (diagonal && on_diagonal)
+                })
+                .unwrap(),
+            ),
             MaskKind::Radial(model, decay_factor) => {
                 assert_eq!(t, s);
                 assert_eq!(bq, bk);
@@ -365,7 +368,7 @@ fn rows_emptied_by_causal_rule_inside_a_visited_block() {
     case.mask = MaskKind::Dense;
     let inp = inputs(&case);
     // Query block 0: key block 1 only; query block 1: key blocks 1 and 3.
-    let mask = BlockMask::from_dense(2, 4, 128, 64, &[0, 1, 0, 0, 0, 1, 0, 1]);
+    let mask = BlockMask::from_dense(2, 4, 128, 64, &[0, 1, 0, 0, 0, 1, 0, 1]).unwrap();
     let problem = Attention::dense(&inp.q, &inp.k, &inp.v)
         .with_causal(true)
         .with_mask(&mask);
@@ -531,7 +534,7 @@ fn device_plan_is_reused_across_problems() {
     let Some(ctx) = context() else { return };
     let (t, s) = (200, 256);
     let mut rng = Rng::new(11);
-    let mask = BlockMask::from_fn_for_tokens(t, s, 64, 64, |_, _| rng.uniform() < 0.6);
+    let mask = BlockMask::from_fn_for_tokens(t, s, 64, 64, |_, _| rng.uniform() < 0.6).unwrap();
     let plan = CubeAttentionPlan::from_mask(&ctx, Some(&mask), t, s, true).unwrap();
     println!("{plan:?}");
     for kernel in [

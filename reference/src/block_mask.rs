@@ -32,10 +32,16 @@ pub struct BlockLists {
 }
 
 impl BlockLists {
-    /// The valid (allowed, ascending) entries of row `r`.
+    /// The valid (allowed, ascending) entries of row `r`; empty for a row outside the lists (or a
+    /// count past the stored indices).
     pub fn row(&self, r: usize) -> &[u32] {
-        let start = r * self.width;
-        &self.indices[start..start + self.counts[r] as usize]
+        let Some(&count) = self.counts.get(r) else {
+            return &[];
+        };
+        let start = r.saturating_mul(self.width);
+        self.indices
+            .get(start..start.saturating_add(count as usize))
+            .unwrap_or(&[])
     }
 
     /// Total number of valid entries.
@@ -51,38 +57,71 @@ fn ceil_div(a: usize, b: usize) -> usize {
 impl BlockMask {
     /// `(NQ, NK) = (ceil(t / block_q), ceil(s / block_k))`: the block grid over `t` query and `s` key
     /// tokens, the last block of each axis possibly partial.
-    pub fn grid(t: usize, s: usize, block_q: usize, block_k: usize) -> (usize, usize) {
-        assert!(block_q > 0 && block_k > 0, "block sizes must be positive");
-        (ceil_div(t, block_q), ceil_div(s, block_k))
+    /// Errors for a zero block size.
+    pub fn grid(
+        t: usize,
+        s: usize,
+        block_q: usize,
+        block_k: usize,
+    ) -> Result<(usize, usize), String> {
+        if block_q == 0 || block_k == 0 {
+            return Err(format!(
+                "block sizes must be positive, got {block_q} x {block_k}"
+            ));
+        }
+        Ok((ceil_div(t, block_q), ceil_div(s, block_k)))
+    }
+
+    /// `nq * nk`, refused when it overflows (the dense matrix could not exist).
+    fn cells(nq: usize, nk: usize) -> Result<usize, String> {
+        nq.checked_mul(nk)
+            .ok_or_else(|| format!("a {nq} x {nk} block grid has more cells than memory can hold"))
     }
 
     /// Builds a mask from a row-major dense `[nq, nk]` matrix; any nonzero entry means allowed
-    /// (stored as 1).
-    pub fn from_dense(nq: usize, nk: usize, block_q: usize, block_k: usize, dense: &[u8]) -> Self {
-        assert!(block_q > 0 && block_k > 0, "block sizes must be positive");
-        assert_eq!(dense.len(), nq * nk, "dense mask must have nq * nk entries");
-        BlockMask {
+    /// (stored as 1). Errors for a zero block size or a matrix that is not `nq * nk` long.
+    pub fn from_dense(
+        nq: usize,
+        nk: usize,
+        block_q: usize,
+        block_k: usize,
+        dense: &[u8],
+    ) -> Result<Self, String> {
+        Self::grid(0, 0, block_q, block_k)?;
+        let cells = Self::cells(nq, nk)?;
+        if dense.len() != cells {
+            return Err(format!(
+                "a dense {nq} x {nk} block mask needs {cells} entries, got {}",
+                dense.len()
+            ));
+        }
+        Ok(BlockMask {
             nq,
             nk,
             block_q,
             block_k,
             dense: dense.iter().map(|&x| u8::from(x != 0)).collect(),
-        }
+        })
     }
 
     /// Every block allowed.
-    pub fn full(nq: usize, nk: usize, block_q: usize, block_k: usize) -> Self {
-        Self::from_dense(nq, nk, block_q, block_k, &vec![1; nq * nk])
+    pub fn full(nq: usize, nk: usize, block_q: usize, block_k: usize) -> Result<Self, String> {
+        Self::from_dense(nq, nk, block_q, block_k, &vec![1; Self::cells(nq, nk)?])
     }
 
     /// No block allowed.
-    pub fn empty(nq: usize, nk: usize, block_q: usize, block_k: usize) -> Self {
-        Self::from_dense(nq, nk, block_q, block_k, &vec![0; nq * nk])
+    pub fn empty(nq: usize, nk: usize, block_q: usize, block_k: usize) -> Result<Self, String> {
+        Self::from_dense(nq, nk, block_q, block_k, &vec![0; Self::cells(nq, nk)?])
     }
 
     /// Every block allowed, on the grid over `t x s` tokens ([`BlockMask::grid`]).
-    pub fn full_for_tokens(t: usize, s: usize, block_q: usize, block_k: usize) -> Self {
-        let (nq, nk) = Self::grid(t, s, block_q, block_k);
+    pub fn full_for_tokens(
+        t: usize,
+        s: usize,
+        block_q: usize,
+        block_k: usize,
+    ) -> Result<Self, String> {
+        let (nq, nk) = Self::grid(t, s, block_q, block_k)?;
         Self::full(nq, nk, block_q, block_k)
     }
 
@@ -94,9 +133,9 @@ impl BlockMask {
         block_q: usize,
         block_k: usize,
         mut allowed: impl FnMut(usize, usize) -> bool,
-    ) -> Self {
-        let (nq, nk) = Self::grid(t, s, block_q, block_k);
-        let mut dense = vec![0u8; nq * nk];
+    ) -> Result<Self, String> {
+        let (nq, nk) = Self::grid(t, s, block_q, block_k)?;
+        let mut dense = vec![0u8; Self::cells(nq, nk)?];
         for qb in 0..nq {
             for kb in 0..nk {
                 dense[qb * nk + kb] = u8::from(allowed(qb, kb));
@@ -125,6 +164,7 @@ impl BlockMask {
             return Err(format!("indptr[0] must be 0, got {}", indptr[0]));
         }
         let nq = indptr.len() - 1;
+        let cells = Self::cells(nq, nk)?;
         for r in 0..nq {
             if indptr[r + 1] < indptr[r] {
                 return Err(format!(
@@ -143,7 +183,7 @@ impl BlockMask {
                 indices.len()
             ));
         }
-        let mut dense = vec![0u8; nq * nk];
+        let mut dense = vec![0u8; cells];
         for r in 0..nq {
             let row = &indices[indptr[r] as usize..indptr[r + 1] as usize];
             for (pos, &kb) in row.iter().enumerate() {
@@ -185,11 +225,12 @@ impl BlockMask {
                 lists.rows
             ));
         }
-        if lists.indices.len() != lists.rows * lists.width {
+        if Some(lists.indices.len()) != lists.rows.checked_mul(lists.width) {
             return Err(format!(
-                "indices has {} entries, expected rows * width = {}",
+                "indices has {} entries, expected rows * width = {} * {}",
                 lists.indices.len(),
-                lists.rows * lists.width
+                lists.rows,
+                lists.width
             ));
         }
         let mut indptr = Vec::with_capacity(lists.rows + 1);
@@ -219,13 +260,10 @@ impl BlockMask {
         self.block_k
     }
 
-    /// Whether key block `kb` is allowed for query block `qb`.
+    /// Whether key block `kb` is allowed for query block `qb`; a block outside the grid holds no
+    /// token and is never allowed.
     pub fn allowed(&self, qb: usize, kb: usize) -> bool {
-        assert!(
-            qb < self.nq && kb < self.nk,
-            "block ({qb}, {kb}) outside the mask"
-        );
-        self.dense[qb * self.nk + kb] != 0
+        qb < self.nq && kb < self.nk && self.dense[qb * self.nk + kb] != 0
     }
 
     /// Whether key token `j` may be seen by query token `i` as far as the block mask is concerned
@@ -236,7 +274,7 @@ impl BlockMask {
 
     /// Whether this mask has exactly the block grid of `t` query and `s` key tokens.
     pub fn covers(&self, t: usize, s: usize) -> bool {
-        Self::grid(t, s, self.block_q, self.block_k) == (self.nq, self.nk)
+        Self::grid(t, s, self.block_q, self.block_k) == Ok((self.nq, self.nk))
     }
 
     /// Number of allowed blocks.

@@ -100,12 +100,13 @@ pub struct RadialConfig {
 impl RadialConfig {
     /// `frames * tokens_per_frame`.
     pub fn video_tokens(&self) -> usize {
-        self.frames * self.tokens_per_frame
+        // Saturating: a product past usize is refused by the size check before any use.
+        self.frames.saturating_mul(self.tokens_per_frame)
     }
 
     /// Video plus text tokens: the `T = S` of the attention this mask is for.
     pub fn total_tokens(&self) -> usize {
-        self.video_tokens() + self.text_tokens
+        self.video_tokens().saturating_add(self.text_tokens)
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -118,6 +119,7 @@ impl RadialConfig {
         if self.block_size == 0 {
             return Err("radial mask: block_size must be >= 1".into());
         }
+        self.check_size()?;
         if self.model != RadialModel::Paper {
             if !self.decay_factor.is_finite() || self.decay_factor < 0.0 {
                 return Err(format!(
@@ -132,6 +134,63 @@ impl RadialConfig {
             if self.block_size >= 1 << 20 {
                 return Err("radial mask: block_size must be < 2^20".into());
             }
+        }
+        Ok(())
+    }
+}
+
+/// The largest mask [`radial_mask`] builds: `NB x NB` blocks (256 MiB as a dense u8 matrix).
+pub const RADIAL_MAX_MASK_BLOCKS: u128 = 1 << 28;
+
+/// The most work [`radial_mask`] does, in block-column visits (a few seconds on one core). The
+/// planners loop over frame pairs, so their work is not the mask's size: with
+/// `C = ceil(s / block)` blocks per frame, the released rule visits `f^2 C^2 block` columns and the
+/// paper rule `f^2 s (1 + C)` blocks. Both are at most `block` visits per mask block once
+/// `s >= block`; with few tokens per frame the frame count dominates.
+pub const RADIAL_MAX_WORK: u128 = 1 << 31;
+
+impl RadialConfig {
+    /// Refuses, before allocating, a configuration whose mask or planning work exceeds
+    /// [`RADIAL_MAX_MASK_BLOCKS`] / [`RADIAL_MAX_WORK`], stating the size and the limit (all
+    /// arithmetic in u128: no flag product can overflow).
+    fn check_size(&self) -> Result<(), String> {
+        let (f, s, bs) = (
+            self.frames as u128,
+            self.tokens_per_frame as u128,
+            self.block_size as u128,
+        );
+        // Every factor is below 2^64, so f * s fits; the squares saturate past u128 (far above
+        // either limit).
+        let n = (f * s).saturating_add(self.text_tokens as u128);
+        let nb = n.div_ceil(bs);
+        let blocks = nb.saturating_mul(nb);
+        if blocks > RADIAL_MAX_MASK_BLOCKS {
+            return Err(format!(
+                "radial mask: {} frames x {} tokens per frame + {} text tokens = {n} tokens give a \
+                 {nb} x {nb} block mask at block size {} ({blocks} blocks); the limit is {} \
+                 blocks (2^28)",
+                self.frames,
+                self.tokens_per_frame,
+                self.text_tokens,
+                self.block_size,
+                RADIAL_MAX_MASK_BLOCKS
+            ));
+        }
+        let c = s.div_ceil(bs);
+        let pairs = f.saturating_mul(f);
+        let work = match self.model {
+            RadialModel::Paper => pairs.saturating_mul(s).saturating_mul(1 + c),
+            RadialModel::Wan | RadialModel::Hunyuan => {
+                pairs.saturating_mul(c * c).saturating_mul(bs)
+            }
+        }
+        .saturating_add(blocks);
+        if work > RADIAL_MAX_WORK {
+            return Err(format!(
+                "radial mask: {} frames x {} tokens per frame at block size {} need about {work} \
+                 block visits to plan ({pairs} frame pairs); the limit is {} (2^31)",
+                self.frames, self.tokens_per_frame, self.block_size, RADIAL_MAX_WORK
+            ));
         }
         Ok(())
     }
@@ -273,7 +332,7 @@ pub fn released_token_allowed(cfg: &RadialConfig, q: usize, k: usize) -> bool {
 pub fn radial_mask(cfg: &RadialConfig) -> Result<BlockMask, String> {
     cfg.validate()?;
     match cfg.model {
-        RadialModel::Paper => Ok(paper_block_mask(cfg)),
+        RadialModel::Paper => paper_block_mask(cfg),
         RadialModel::Wan | RadialModel::Hunyuan => released_block_mask(cfg, false),
     }
 }
@@ -292,12 +351,12 @@ pub fn radial_mask_released_literal(cfg: &RadialConfig) -> Result<BlockMask, Str
 /// Paper rule: block `(qb, kb)` allowed iff some token pair in it is allowed. Per query token and
 /// key frame the allowed keys form one interval (a band row), so the blocks it touches are marked
 /// directly; text rows and columns are dense.
-fn paper_block_mask(cfg: &RadialConfig) -> BlockMask {
+fn paper_block_mask(cfg: &RadialConfig) -> Result<BlockMask, String> {
     let s = cfg.tokens_per_frame;
     let bs = cfg.block_size;
     let n = cfg.total_tokens();
     let n_video = cfg.video_tokens();
-    let (nb, _) = BlockMask::grid(n, n, bs, bs);
+    let (nb, _) = BlockMask::grid(n, n, bs, bs)?;
     let mut dense = vec![0u8; nb * nb];
     let mut mark = |q: usize, lo: usize, hi: usize| {
         // keys lo..=hi allowed for query q
@@ -381,14 +440,14 @@ fn released_block_mask(cfg: &RadialConfig, literal: bool) -> Result<BlockMask, S
         }
     }
     // Extend to the ceil grid: a partial last block lies past the border, so it is dense.
-    let (nb, _) = BlockMask::grid(n, n, bs, bs);
+    let (nb, _) = BlockMask::grid(n, n, bs, bs)?;
     let mut dense = vec![1u8; nb * nb];
     for a in 0..nb_released {
         for b in 0..nb_released {
             dense[a * nb + b] = released[a * nb_released + b];
         }
     }
-    Ok(BlockMask::from_dense(nb, nb, bs, bs, &dense))
+    BlockMask::from_dense(nb, nb, bs, bs, &dense)
 }
 
 /// `shrinkMaskStrict`'s keep rule from a block's per-column counts of allowed rows (`bs` rows).

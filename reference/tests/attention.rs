@@ -280,7 +280,7 @@ fn causal_t_ne_s() {
 fn block_mask_with_partial_blocks() {
     // T = 7, S = 5, blocks 3 x 2: grid 3 x 3, last blocks partial (1 query, 1 key token)
     let x = data(dims(2, 7, 5, 1, 2), 21);
-    let m = BlockMask::from_dense(3, 3, 3, 2, &[1, 0, 1, 0, 1, 1, 1, 0, 0]);
+    let m = BlockMask::from_dense(3, 3, 3, 2, &[1, 0, 1, 0, 1, 1, 1, 0, 0]).unwrap();
     check_all(&x, false, Some(&m));
     check_all(&x, true, Some(&m));
 }
@@ -288,7 +288,7 @@ fn block_mask_with_partial_blocks() {
 #[test]
 fn full_mask_equals_no_mask() {
     let x = data(dims(1, 6, 9, 2, 4), 5);
-    let full = BlockMask::full_for_tokens(6, 9, 4, 4);
+    let full = BlockMask::full_for_tokens(6, 9, 4, 4).unwrap();
     for causal in [false, true] {
         let a = forward(&problem(&x, causal, None));
         let b = forward(&problem(&x, causal, Some(&full)));
@@ -305,7 +305,7 @@ fn empty_rows_give_zero_output_and_gradients() {
     // T = S = 8, blocks of 2; strictly-lower block mask (no diagonal) + causal: the first query
     // block has no key; a fully masked second block row as well.
     let x = data(dims(1, 8, 8, 2, 3), 8);
-    let m = BlockMask::from_fn_for_tokens(8, 8, 2, 2, |a, b| b < a && a != 2);
+    let m = BlockMask::from_fn_for_tokens(8, 8, 2, 2, |a, b| b < a && a != 2).unwrap();
     let p = problem(&x, true, Some(&m));
     let out = forward(&p);
     let g = backward(&p, &x.d_o);
@@ -334,7 +334,7 @@ fn empty_rows_give_zero_output_and_gradients() {
     }
     check_all(&x, true, Some(&m));
     // an all-empty mask
-    let none = BlockMask::empty(4, 4, 2, 2);
+    let none = BlockMask::empty(4, 4, 2, 2).unwrap();
     let out = forward(&problem(&x, false, Some(&none)));
     assert!(out.o.iter().all(|&v| v == 0.0));
     assert!(out.lse.iter().all(|&l| l == f64::NEG_INFINITY));
@@ -346,8 +346,8 @@ fn empty_rows_give_zero_output_and_gradients() {
 fn masks_with_and_without_diagonal() {
     let x = data(dims(1, 9, 9, 1, 2), 13);
     // with the diagonal: block-banded; without: off-diagonal blocks only (non-causal)
-    let with_diag = BlockMask::from_fn_for_tokens(9, 9, 3, 3, |a, b| a.abs_diff(b) <= 1);
-    let without = BlockMask::from_fn_for_tokens(9, 9, 3, 3, |a, b| a != b);
+    let with_diag = BlockMask::from_fn_for_tokens(9, 9, 3, 3, |a, b| a.abs_diff(b) <= 1).unwrap();
+    let without = BlockMask::from_fn_for_tokens(9, 9, 3, 3, |a, b| a != b).unwrap();
     for causal in [false, true] {
         check_all(&x, causal, Some(&with_diag));
         check_all(&x, causal, Some(&without));
@@ -395,6 +395,6 @@ fn large_scores_are_stable_and_sum_rules_hold() {
 #[should_panic(expected = "block mask")]
 fn mask_on_the_wrong_grid_is_rejected() {
     let x = data(dims(1, 8, 8, 1, 2), 1);
-    let m = BlockMask::full(3, 4, 2, 2); // the 8 x 8 grid of 2 x 2 blocks is 4 x 4
+    let m = BlockMask::full(3, 4, 2, 2).unwrap(); // the 8 x 8 grid of 2 x 2 blocks is 4 x 4
     forward(&problem(&x, false, Some(&m)));
 }

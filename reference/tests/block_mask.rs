@@ -10,7 +10,7 @@ use proptest::prelude::*;
 /// 0 1 0 1
 /// ```
 fn sample() -> BlockMask {
-    BlockMask::from_dense(3, 4, 16, 8, &[1, 0, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1])
+    BlockMask::from_dense(3, 4, 16, 8, &[1, 0, 1, 1, 0, 0, 0, 0, 0, 1, 0, 1]).unwrap()
 }
 
 #[test]
@@ -55,24 +55,24 @@ fn accessors_and_hand_checked_conversions() {
 
 #[test]
 fn dense_nonzero_means_allowed() {
-    let m = BlockMask::from_dense(1, 3, 1, 1, &[0, 7, 255]);
+    let m = BlockMask::from_dense(1, 3, 1, 1, &[0, 7, 255]).unwrap();
     assert_eq!(m.to_dense(), vec![0, 1, 1]);
 }
 
 #[test]
 fn full_empty_and_token_grid() {
-    assert_eq!(BlockMask::grid(10, 7, 4, 3), (3, 3));
-    assert_eq!(BlockMask::grid(8, 9, 4, 3), (2, 3));
-    assert_eq!(BlockMask::grid(0, 1, 4, 3), (0, 1));
-    let f = BlockMask::full_for_tokens(10, 7, 4, 3);
+    assert_eq!(BlockMask::grid(10, 7, 4, 3).unwrap(), (3, 3));
+    assert_eq!(BlockMask::grid(8, 9, 4, 3).unwrap(), (2, 3));
+    assert_eq!(BlockMask::grid(0, 1, 4, 3).unwrap(), (0, 1));
+    let f = BlockMask::full_for_tokens(10, 7, 4, 3).unwrap();
     assert_eq!((f.nq(), f.nk(), f.nnz()), (3, 3, 9));
     assert!(f.covers(10, 7) && f.covers(9, 9) && !f.covers(13, 7) && !f.covers(10, 6));
     assert_eq!(f.density(), 1.0);
-    let e = BlockMask::empty(2, 5, 2, 2);
+    let e = BlockMask::empty(2, 5, 2, 2).unwrap();
     assert_eq!((e.nnz(), e.density()), (0, 0.0));
     assert_eq!(e.to_csr(), (vec![0, 0, 0], vec![]));
-    assert_eq!(BlockMask::full(0, 0, 1, 1).density(), 0.0);
-    let g = BlockMask::from_fn_for_tokens(9, 9, 3, 3, |a, b| a >= b);
+    assert_eq!(BlockMask::full(0, 0, 1, 1).unwrap().density(), 0.0);
+    let g = BlockMask::from_fn_for_tokens(9, 9, 3, 3, |a, b| a >= b).unwrap();
     assert_eq!(g.to_dense(), vec![1, 0, 0, 1, 1, 0, 1, 1, 1]);
 }
 
@@ -132,7 +132,7 @@ fn arb_mask() -> impl Strategy<Value = BlockMask> {
         // bias towards empty rows: each entry allowed with probability ~1/3
         proptest::collection::vec(0u8..3, nq * nk).prop_map(move |v| {
             let d: Vec<u8> = v.iter().map(|&x| u8::from(x == 0)).collect();
-            BlockMask::from_dense(nq, nk, bq, bk, &d)
+            BlockMask::from_dense(nq, nk, bq, bk, &d).unwrap()
         })
     })
 }
@@ -168,6 +168,34 @@ proptest! {
             prop_assert_eq!(cols.row(kb), expect.as_slice());
         }
         prop_assert_eq!(&m.transpose().transpose(), &m);
-        prop_assert_eq!(&BlockMask::from_dense(m.nq(), m.nk(), m.block_q(), m.block_k(), &m.to_dense()), &m);
+        prop_assert_eq!(&BlockMask::from_dense(m.nq(), m.nk(), m.block_q(), m.block_k(), &m.to_dense()).unwrap(), &m);
     }
+}
+
+/// Constructors return errors for what a user can get wrong, and accessors do not panic outside
+/// the grid (the type is re-exported as `linattn::attention::BlockMask`).
+#[test]
+fn constructors_refuse_bad_input_without_panicking() {
+    let e = BlockMask::from_dense(2, 2, 8, 8, &[1, 1, 1]).unwrap_err();
+    assert!(e.contains("needs 4 entries, got 3"), "{e}");
+    assert!(BlockMask::from_dense(1, 1, 0, 8, &[1]).is_err());
+    assert!(BlockMask::grid(10, 10, 0, 4).is_err());
+    assert!(BlockMask::full(usize::MAX, 2, 4, 4).is_err());
+    assert!(BlockMask::empty(3, 3, 4, 0).is_err());
+    assert!(BlockMask::full_for_tokens(10, 10, 4, 0).is_err());
+    assert!(BlockMask::from_fn_for_tokens(10, 10, 0, 4, |_, _| true).is_err());
+    assert!(BlockMask::from_csr(usize::MAX, 4, 4, &[0, 0, 0], &[]).is_err());
+    let bad_lists = BlockLists {
+        rows: usize::MAX,
+        width: 2,
+        counts: vec![],
+        indices: vec![],
+    };
+    assert!(BlockMask::from_row_lists(2, 4, 4, &bad_lists).is_err());
+    let m = BlockMask::full(2, 3, 4, 4).unwrap();
+    assert!(m.allowed(1, 2));
+    assert!(!m.allowed(2, 0) && !m.allowed(0, 3) && !m.allows_tokens(100, 0));
+    let lists = m.row_lists();
+    assert_eq!(lists.row(1), &[0, 1, 2]);
+    assert!(lists.row(2).is_empty());
 }

@@ -169,7 +169,7 @@ fn inverse_sqrt_matches_transformers_lambda() {
 #[test]
 fn wsd_matches_transformers_lambda() {
     // W = 10, D = 20, T = 100 -> stable 70; r = 0.1. Warmup is scaled into [r, 1] as in the source.
-    let linear = Schedule::wsd(10, 20, 100, 0.1, Shape::Linear);
+    let linear = Schedule::wsd(10, 20, 100, 0.1, Shape::Linear).unwrap();
     check(
         &linear,
         &[
@@ -184,7 +184,7 @@ fn wsd_matches_transformers_lambda() {
             (500, 0.1),
         ],
     );
-    let cosine = Schedule::wsd(10, 20, 100, 0.1, Shape::Cosine);
+    let cosine = Schedule::wsd(10, 20, 100, 0.1, Shape::Cosine).unwrap();
     // k = 99: p = 0.95, 0.5 (1 + cos(0.95 pi)) = 0.5 (1 - cos(0.05 pi)) = 0.0061558297024311...
     check(
         &cosine,
@@ -198,7 +198,7 @@ fn wsd_matches_transformers_lambda() {
         ],
     );
     close(cosine.multiplier(99), 0.105_540_246_732_188);
-    let sqrt = Schedule::wsd(10, 20, 100, 0.1, Shape::OneMinusSqrt);
+    let sqrt = Schedule::wsd(10, 20, 100, 0.1, Shape::OneMinusSqrt).unwrap();
     // k = 90: 1 - sqrt(0.5); k = 99: 1 - sqrt(0.95).
     check(
         &sqrt,
@@ -215,7 +215,7 @@ fn wsd_matches_transformers_lambda() {
         assert_non_increasing(s, 10, 120);
     }
     // r = 0 reaches 0 only after the decay: the last decay step is still positive.
-    let zero = Schedule::wsd(0, 4, 4, 0.0, Shape::Linear);
+    let zero = Schedule::wsd(0, 4, 4, 0.0, Shape::Linear).unwrap();
     check(&zero, &[(0, 1.0), (1, 0.75), (3, 0.25), (4, 0.0)]);
 }
 
@@ -299,13 +299,13 @@ fn one_cycle_matches_torch() {
 #[test]
 fn refined_from_constant_norms_is_linear_decay() {
     // Equal norms: w_k = const, f_k proportional to the number of later steps, (n - 1 - k).
-    let s = Schedule::refined(&[2.0; 11], 1, RefineFor::Sgd);
+    let s = Schedule::refined(&[2.0; 11], 1, RefineFor::Sgd).unwrap();
     check(&s, &[(0, 1.0), (5, 0.5), (9, 0.1), (10, 0.0), (11, 0.0)]);
     assert_non_increasing(&s, 0, 12);
     // A single outlier is removed by a median filter of width 3.
     let mut spiky = vec![2.0; 11];
     spiky[4] = 100.0;
-    let smoothed = Schedule::refined(&spiky, 3, RefineFor::Adam);
+    let smoothed = Schedule::refined(&spiky, 3, RefineFor::Adam).unwrap();
     check(&smoothed, &[(0, 1.0), (4, 0.6), (5, 0.5), (10, 0.0)]);
 }
 
@@ -315,12 +315,12 @@ fn refined_weights_for_sgd_and_adam() {
     // SGD: w = [1, 1, 1/4, 1/4]; f = [1 * 1.5, 1 * 0.5, 1/4 * 1/4, 0] / 1.5 = [1, 1/3, 1/24, 0].
     let g = [1.0, 1.0, 2.0, 2.0];
     check(
-        &Schedule::refined(&g, 1, RefineFor::Sgd),
+        &Schedule::refined(&g, 1, RefineFor::Sgd).unwrap(),
         &[(0, 1.0), (1, 1.0 / 3.0), (2, 1.0 / 24.0), (3, 0.0)],
     );
     // Adam: w = [1, 1, 1/2, 1/2]; f = [2, 1, 1/4, 0] / 2.
     check(
-        &Schedule::refined(&g, 1, RefineFor::Adam),
+        &Schedule::refined(&g, 1, RefineFor::Adam).unwrap(),
         &[(0, 1.0), (1, 0.5), (2, 0.125), (3, 0.0)],
     );
 }
@@ -389,4 +389,20 @@ fn lr_table_is_lr_times_multiplier() {
         total: 4,
     };
     assert_eq!(s.lr_table(0.5, 5), vec![0.0, 0.25, 0.5, 0.25, 0.0]);
+}
+
+/// The public schedule constructors return errors instead of asserting, and a schedule built by
+/// hand without phases does not panic.
+#[test]
+fn schedule_constructors_refuse_bad_input_without_panicking() {
+    let e = Schedule::wsd(60, 50, 100, 0.0, Shape::Linear).unwrap_err();
+    assert!(e.contains("exceed the total 100"), "{e}");
+    assert!(Schedule::wsd(usize::MAX, 1, 100, 0.0, Shape::Linear).is_err());
+    assert!(Schedule::refined(&[1.0], 1, RefineFor::Sgd).is_err());
+    assert!(Schedule::refined(&[1.0, 2.0], 0, RefineFor::Sgd).is_err());
+    let e = Schedule::refined(&[1.0, f64::NAN], 1, RefineFor::Adam).unwrap_err();
+    assert!(e.contains("gradient norm 1 is NaN"), "{e}");
+    let empty = Schedule::Sequential { phases: vec![] };
+    assert_eq!(empty.multiplier(3), 1.0);
+    assert_eq!(empty.total_steps(), None);
 }

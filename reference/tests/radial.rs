@@ -439,6 +439,7 @@ fn paper_brute(c: &RadialConfig) -> BlockMask {
         (qa * b..((qa + 1) * b).min(n))
             .any(|q| (kb * b..((kb + 1) * b).min(n)).any(|k| paper_token_allowed(c, q, k)))
     })
+    .unwrap()
 }
 
 #[test]
@@ -563,5 +564,27 @@ fn released_wan_report_configurations() {
         let m = radial_mask(&c).unwrap();
         assert_eq!(m.nq() * m.nk(), total);
         assert_eq!(m.nnz(), nnz, "{c:?}");
+    }
+}
+
+/// Sizes are checked before any allocation: an enormous grid, or many frames with few tokens each
+/// (a small mask but `frames^2` frame pairs to plan), give an error that states size and limit;
+/// the largest released configurations are well inside both limits.
+#[test]
+fn sizes_are_bounded_before_planning() {
+    for model in [RadialModel::Wan, RadialModel::Hunyuan, RadialModel::Paper] {
+        let e = radial_mask(&cfg(model, 50_000_000, 50_000_000, 128, 0)).unwrap_err();
+        assert!(e.contains("the limit is 268435456 blocks"), "{e}");
+        let e = radial_mask(&cfg(model, usize::MAX, usize::MAX, 1, usize::MAX)).unwrap_err();
+        assert!(e.contains("limit"), "{e}");
+        let e = radial_mask(&cfg(model, 100_000, 1, 128, 0)).unwrap_err();
+        assert!(e.contains("frame pairs); the limit is 2147483648"), "{e}");
+        // 115,200 tokens (30 frames x 3840) and the report's Wan configuration (32 x 1560)
+        let t = std::time::Instant::now();
+        for (frames, tokens) in [(30, 3840), (32, 1560)] {
+            let m = radial_mask(&cfg(model, frames, tokens, 128, 0));
+            assert!(m.is_ok(), "{frames} x {tokens}: {m:?}");
+        }
+        assert!(t.elapsed().as_secs() < 30);
     }
 }

@@ -85,7 +85,8 @@ impl<'a> Attention<'a> {
         if let Some(mask) = self.mask
             && !mask.covers(t, s)
         {
-            let (nq, nk) = BlockMask::grid(t, s, mask.block_q(), mask.block_k());
+            let (nq, nk) = BlockMask::grid(t, s, mask.block_q(), mask.block_k())
+                .map_err(Error::InvalidArgument)?;
             return Err(Error::shape(
                 "block_mask",
                 format!(
@@ -189,9 +190,8 @@ pub fn block_mask_from_dense(
         )));
     }
     let dense: Vec<u8> = values.iter().map(|&v| v as u8).collect();
-    Ok(BlockMask::from_dense(
-        shape[0], shape[1], block_q, block_k, &dense,
-    ))
+    BlockMask::from_dense(shape[0], shape[1], block_q, block_k, &dense)
+        .map_err(|e| Error::InvalidArgument(format!("block_mask: {e}")))
 }
 
 /// The Radial mask of `cfg` (paper rule or the released code's rule for `wan` / `hunyuan`).

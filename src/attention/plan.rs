@@ -94,7 +94,7 @@ impl AttentionPlan {
         if block_q == 0 || block_k == 0 {
             return Err(Error::InvalidArgument("block size must be >= 1".into()));
         }
-        let (nq, nk) = BlockMask::grid(t, s, block_q, block_k);
+        let (nq, nk) = BlockMask::grid(t, s, block_q, block_k).map_err(Error::InvalidArgument)?;
         if let Some(m) = mask
             && (m.nq(), m.nk(), m.block_q(), m.block_k()) != (nq, nk, block_q, block_k)
         {
@@ -229,11 +229,11 @@ mod tests {
         ] {
             for causal in [false, true] {
                 check(None, t, s, bq, bk, causal);
-                let (nq, nk) = BlockMask::grid(t, s, bq, bk);
+                let (nq, nk) = BlockMask::grid(t, s, bq, bk).unwrap();
                 let dense: Vec<u8> = (0..nq * nk)
                     .map(|_| u8::from(rng.uniform() < 0.5))
                     .collect();
-                let mask = BlockMask::from_dense(nq, nk, bq, bk, &dense);
+                let mask = BlockMask::from_dense(nq, nk, bq, bk, &dense).unwrap();
                 check(Some(&mask), t, s, bq, bk, causal);
             }
         }
@@ -241,7 +241,7 @@ mod tests {
 
     #[test]
     fn rejects_a_mask_of_another_grid() {
-        let mask = BlockMask::full(2, 2, 64, 64);
+        let mask = BlockMask::full(2, 2, 64, 64).unwrap();
         assert!(matches!(
             AttentionPlan::new(Some(&mask), 200, 200, 64, 64, false),
             Err(Error::ShapeMismatch { .. })

@@ -238,26 +238,7 @@ pub fn validate_schedule(schedule: &Schedule) -> Result<()> {
 
 /// The refined schedule of Defazio et al. (see [`Schedule::refined`]) with typed errors.
 pub fn refined_schedule(norms: &[f64], window: usize, kind: RefineFor) -> Result<Schedule> {
-    if norms.len() < 2 {
-        return Err(Error::InvalidArgument(
-            "refined schedule: needs at least two gradient norms".into(),
-        ));
-    }
-    if window == 0 {
-        return Err(Error::InvalidArgument(
-            "refined schedule: window must be >= 1".into(),
-        ));
-    }
-    if let Some((index, &value)) = norms
-        .iter()
-        .enumerate()
-        .find(|(_, g)| !(g.is_finite() && **g > 0.0))
-    {
-        return Err(Error::InvalidArgument(format!(
-            "refined schedule: gradient norm {index} is {value}; norms must be finite and > 0"
-        )));
-    }
-    Ok(Schedule::refined(norms, window, kind))
+    Schedule::refined(norms, window, kind).map_err(Error::InvalidArgument)
 }
 
 /// Per-call record of a run.

@@ -137,7 +137,7 @@ impl AttnCase {
 
     /// The block mask of the case (None for the dense modes).
     pub fn block_mask(&self, rng: &mut Rng) -> Option<BlockMask> {
-        let (nq, nk) = BlockMask::grid(self.t, self.s, self.block_q, self.block_k);
+        let (nq, nk) = BlockMask::grid(self.t, self.s, self.block_q, self.block_k).unwrap();
         match &self.mask {
             MaskKind::HostDense | MaskKind::Dense | MaskKind::FullPlan => None,
             MaskKind::Random {
@@ -183,13 +183,7 @@ impl AttnCase {
                     let qb = nq / 2;
                     dense[qb * nk..(qb + 1) * nk].fill(0);
                 }
-                Some(BlockMask::from_dense(
-                    nq,
-                    nk,
-                    self.block_q,
-                    self.block_k,
-                    &dense,
-                ))
+                Some(BlockMask::from_dense(nq, nk, self.block_q, self.block_k, &dense).unwrap())
             }
             MaskKind::Radial(cfg) => Some(radial_mask(cfg).expect("radial mask")),
         }

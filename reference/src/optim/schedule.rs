@@ -258,7 +258,9 @@ impl Schedule {
                 }
             }
             Schedule::Sequential { phases } => {
-                assert!(!phases.is_empty(), "a sequential schedule needs a phase");
+                if phases.is_empty() {
+                    return 1.0; // no phase: nothing scales the lr
+                }
                 let mut start = 0;
                 for (i, (schedule, steps)) in phases.iter().enumerate() {
                     if k < start + steps || i == phases.len() - 1 {
@@ -288,26 +290,27 @@ impl Schedule {
     }
 
     /// `get_wsd_schedule(num_warmup_steps=W, num_decay_steps=D, num_training_steps=T)` with a
-    /// linear warmup: the stable phase is `T - W - D` steps.
+    /// linear warmup: the stable phase is `T - W - D` steps. Errors when `W + D > T`.
     pub fn wsd(
         warmup: usize,
         decay: usize,
         total: usize,
         min_ratio: f64,
         decay_shape: Shape,
-    ) -> Schedule {
-        assert!(
-            warmup + decay <= total,
-            "wsd: warmup + decay must fit in total"
-        );
-        Schedule::Wsd {
+    ) -> Result<Schedule, String> {
+        if warmup.checked_add(decay).is_none_or(|wd| wd > total) {
+            return Err(format!(
+                "wsd: warmup {warmup} + decay {decay} exceed the total {total}"
+            ));
+        }
+        Ok(Schedule::Wsd {
             warmup,
             stable: total - warmup - decay,
             decay,
             min_ratio,
             warmup_shape: Shape::Linear,
             decay_shape,
-        }
+        })
     }
 
     /// torch `OneCycleLR` defaults: pct_start 0.3, div_factor 25, final_div_factor 1e4, cosine.
@@ -329,16 +332,24 @@ impl Schedule {
     /// 2. `w_k = G~_k^-2` for SGD (l2 norms), `G~_k^-1` for Adam (l1 norms);
     /// 3. `f_k = w_k * sum_{p > k} w_p` (so the last step gets 0);
     /// 4. normalised to a maximum of 1.
-    pub fn refined(norms: &[f64], window: usize, kind: RefineFor) -> Schedule {
-        assert!(
-            norms.len() >= 2,
-            "refined: needs at least two gradient norms"
-        );
-        assert!(window >= 1, "refined: window must be >= 1");
-        assert!(
-            norms.iter().all(|g| g.is_finite() && *g > 0.0),
-            "refined: gradient norms must be finite and > 0"
-        );
+    ///
+    /// Errors for fewer than two norms, a zero window, or a norm that is not finite and > 0.
+    pub fn refined(norms: &[f64], window: usize, kind: RefineFor) -> Result<Schedule, String> {
+        if norms.len() < 2 {
+            return Err("refined schedule: needs at least two gradient norms".into());
+        }
+        if window == 0 {
+            return Err("refined schedule: window must be >= 1".into());
+        }
+        if let Some((index, value)) = norms
+            .iter()
+            .enumerate()
+            .find(|(_, g)| !(g.is_finite() && **g > 0.0))
+        {
+            return Err(format!(
+                "refined schedule: gradient norm {index} is {value}; norms must be finite and > 0"
+            ));
+        }
         let n = norms.len();
         let half = window / 2;
         let smoothed: Vec<f64> = (0..n)
@@ -365,7 +376,7 @@ impl Schedule {
         for f in &mut multipliers {
             *f /= max;
         }
-        Schedule::Refined { multipliers }
+        Ok(Schedule::Refined { multipliers })
     }
 
     /// The total number of steps the schedule is written for, when it has one.
@@ -381,15 +392,15 @@ impl Schedule {
                 stable,
                 decay,
                 ..
-            } => Some(warmup + stable + decay),
+            } => Some(warmup.saturating_add(*stable).saturating_add(*decay)),
             Schedule::Refined { multipliers } => Some(multipliers.len()),
-            Schedule::Rewarm { inner, offset } => inner.total_steps().map(|t| offset + t),
+            Schedule::Rewarm { inner, offset } => {
+                inner.total_steps().map(|t| offset.saturating_add(t))
+            }
             Schedule::Sequential { phases } => {
-                let before: usize = phases[..phases.len() - 1].iter().map(|p| p.1).sum();
-                phases
-                    .last()
-                    .and_then(|(s, _)| s.total_steps())
-                    .map(|t| before + t)
+                let ((last, _), before) = phases.split_last()?;
+                let before = before.iter().fold(0usize, |a, p| a.saturating_add(p.1));
+                last.total_steps().map(|t| before.saturating_add(t))
             }
         }
     }

@@ -93,13 +93,15 @@ fn build_mask(case: &Case, rng: &mut Rng) -> Result<Option<BlockMask>> {
     Ok(match case.mask {
         MaskKind::Dense => None,
         MaskKind::Random(keep) => {
-            let (nq, nk) = BlockMask::grid(t, s, case.block, case.block);
+            let (nq, nk) =
+                BlockMask::grid(t, s, case.block, case.block).map_err(Error::InvalidArgument)?;
             let dense: Vec<u8> = (0..nq * nk)
                 .map(|i| u8::from(i / nk != 1 && rng.uniform() < keep))
                 .collect();
-            Some(BlockMask::from_dense(
-                nq, nk, case.block, case.block, &dense,
-            ))
+            Some(
+                BlockMask::from_dense(nq, nk, case.block, case.block, &dense)
+                    .map_err(Error::InvalidArgument)?,
+            )
         }
         MaskKind::Radial(model, frames, tokens_per_frame) => {
             Some(attention::radial_mask(&RadialConfig {
