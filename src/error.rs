@@ -93,6 +93,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An output holds NaN or an infinity (an overflow, or a NaN the inputs did not show).
+    #[error(
+        "output `{tensor}` has {count} non-finite values of {total} ({detail}); the inputs overflow f32 on this backend (scale them down, or use the cpu backend)"
+    )]
+    NonFiniteOutput {
+        tensor: String,
+        count: usize,
+        total: usize,
+        detail: String,
+    },
+
     /// A malformed safetensors file.
     #[error("safetensors: {0}")]
     Safetensors(String),

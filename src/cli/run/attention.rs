@@ -24,12 +24,9 @@ pub struct AttentionArgs {
 
 #[derive(Args, Debug)]
 pub struct RadialMaskArgs {
-    /// Unused (the mask needs no input tensors); accepted for symmetry with the other ops.
-    #[arg(long)]
-    pub input: Option<std::path::PathBuf>,
-    /// Output safetensors file (one u8 tensor `block_mask`).
-    #[arg(long)]
-    pub output: std::path::PathBuf,
+    /// --output gets one u8 tensor `block_mask`; --input is ignored (the mask reads no tensors).
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// Number of (latent) frames.
     #[arg(long)]
     pub frames: usize,
@@ -51,7 +48,9 @@ pub struct RadialMaskArgs {
 }
 
 pub fn attention(args: &AttentionArgs) -> RunResult {
-    let inputs = args.common.read_inputs()?;
+    let inputs = args
+        .common
+        .read_inputs("attention", &["q", "k", "v", "block_mask", "do"])?;
     let backend = args.common.backend()?;
     let mask = match inputs.opt_int("block_mask")? {
         None => None,
@@ -73,7 +72,8 @@ pub fn attention(args: &AttentionArgs) -> RunResult {
     let out = attention::forward(&backend, &problem)?;
     let mut outputs = Outputs::default();
     outputs.float("o", out.o);
-    outputs.float("lse", out.lse);
+    // -inf is the lse of a query row with no allowed key.
+    outputs.log_float("lse", out.lse);
     if let Some(d_o) = inputs.opt_float("do")? {
         let grads = attention::backward(&backend, &problem, d_o)?;
         outputs.float("dq", grads.dq);

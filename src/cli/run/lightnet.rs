@@ -22,7 +22,9 @@ pub struct LightNetArgs {
 }
 
 pub fn lightnet(args: &LightNetArgs) -> RunResult {
-    let inputs = args.common.read_inputs()?;
+    let inputs = args
+        .common
+        .read_inputs("lightnet", &["q", "k", "v", "cu_seqlens", "s0", "z0", "do"])?;
     let cu = cu_seqlens(&inputs)?;
     let mut problem = if args.bidirectional {
         LightNet::non_causal(inputs.float("q")?, inputs.float("k")?, inputs.float("v")?)
@@ -60,7 +62,8 @@ fn run(
     outputs.float("o", out.o);
     if let Some(state) = out.state {
         outputs.float("s", state.s);
-        outputs.float("z", state.z);
+        // -inf is z of a sequence with an empty prefix (log of an empty sum).
+        outputs.log_float("z", state.z);
     }
     if let Some(d_o) = inputs.opt_float("do")? {
         let grads = lightnet::backward(&backend, problem, form, d_o)?;

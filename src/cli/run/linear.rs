@@ -94,7 +94,10 @@ fn run_engine(
 }
 
 pub fn gla(args: &GlaArgs) -> RunResult {
-    let inputs = args.common.read_inputs()?;
+    let inputs = args.common.read_inputs(
+        "gla",
+        &["q", "k", "v", "g", "h0", "cu_seqlens", "do", "dht"],
+    )?;
     let cu = cu_seqlens(&inputs)?;
     let mut problem =
         LinearAttention::causal(inputs.float("q")?, inputs.float("k")?, inputs.float("v")?)
@@ -112,7 +115,9 @@ pub fn gla(args: &GlaArgs) -> RunResult {
 }
 
 pub fn lion(args: &LionArgs) -> RunResult {
-    let inputs = args.common.read_inputs()?;
+    let inputs = args
+        .common
+        .read_inputs("lion", &["q", "k", "v", "g", "g_bwd", "cu_seqlens", "do"])?;
     let cu = cu_seqlens(&inputs)?;
     let g = inputs.opt_float("g")?;
     let g_bwd = inputs.opt_float("g_bwd")?;

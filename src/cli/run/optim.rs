@@ -1,8 +1,6 @@
 //! `run optimize` (S fused optimizer steps on one parameter tensor) and `run schedule` (the
 //! multipliers of a learning-rate schedule).
 
-use std::path::PathBuf;
-
 use clap::Args;
 
 use super::{CommonArgs, RunResult};
@@ -59,17 +57,29 @@ fn parse_shape(name: &str) -> Result<Shape> {
     }
 }
 
-/// The schedule named `kind` from the flags; `default_total` stands in for a missing `--total`.
-pub fn build_schedule(
-    kind: &str,
-    flags: &ScheduleFlags,
-    default_total: Option<usize>,
-) -> Result<Schedule> {
+/// The longest lr table `run schedule` writes: 2^26 steps (256 MiB as f32).
+pub const MAX_SCHEDULE_STEPS: usize = 1 << 26;
+
+/// The schedule named `kind` from the flags. `steps` is the number of optimizer steps that will
+/// read it (`run optimize`), which also stands in for a missing `--total`: a finite schedule's
+/// total must be >= 1 and cover every step run (past its total a schedule is outside its
+/// definition: the cosine turns back up, linear stays at 0).
+pub fn build_schedule(kind: &str, flags: &ScheduleFlags, steps: Option<usize>) -> Result<Schedule> {
     let total = || {
-        flags
-            .total
-            .or(default_total)
-            .ok_or_else(|| Error::InvalidArgument(format!("the `{kind}` schedule needs --total T")))
+        let total = flags.total.or(steps).ok_or_else(|| {
+            Error::InvalidArgument(format!("the `{kind}` schedule needs --total T"))
+        })?;
+        if total == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "the `{kind}` schedule needs --total >= 1, got 0"
+            )));
+        }
+        match steps {
+            Some(steps) if total < steps => Err(Error::InvalidArgument(format!(
+                "the `{kind}` schedule's --total {total} is smaller than the {steps} steps run (the gradients' first dimension); pass --total >= {steps}"
+            ))),
+            _ => Ok(total),
+        }
     };
     let no_floor = |kind: &str| match flags.min_ratio {
         Some(r) if r != 0.0 => Err(Error::InvalidArgument(format!(
@@ -171,9 +181,9 @@ pub fn build_schedule(
 
 #[derive(Args, Debug)]
 pub struct ScheduleArgs {
-    /// Output safetensors file (one tensor `lr` [T]: the multipliers of steps 0 .. T-1).
-    #[arg(long)]
-    pub output: PathBuf,
+    /// --output gets one tensor `lr` [T] (the multipliers of steps 0 .. T-1); --input is ignored.
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// constant, linear, cosine, inverse-sqrt, wsd, rex or one-cycle.
     #[arg(long)]
     pub kind: String,
@@ -187,6 +197,17 @@ pub fn schedule(args: &ScheduleArgs) -> RunResult {
         .flags
         .total
         .ok_or_else(|| Error::InvalidArgument("run schedule needs --total T".into()))?;
+    if total == 0 {
+        return Err(Error::InvalidArgument(
+            "run schedule needs --total >= 1, got 0".into(),
+        ));
+    }
+    if total > MAX_SCHEDULE_STEPS {
+        return Err(Error::InvalidArgument(format!(
+            "run schedule --total {total} asks for an lr table of {total} steps ({} bytes as f64); the limit is {MAX_SCHEDULE_STEPS} steps (2^26)",
+            total as u128 * 8
+        )));
+    }
     let schedule = build_schedule(&args.kind, &args.flags, None)?;
     let mut outputs = Outputs::default();
     outputs.float(
@@ -241,7 +262,7 @@ pub struct OptimizeArgs {
 /// (adamw), `ema` (with --ema-beta), `lr` [S] (the lr of each call) and `skipped` [S] (u8: the
 /// call had a non-finite gradient and changed nothing).
 pub fn optimize(args: &OptimizeArgs) -> RunResult {
-    let inputs = args.common.read_inputs()?;
+    let inputs = args.common.read_inputs("optimize", &["param", "grads"])?;
     let param = inputs.float("param")?;
     let grads = inputs.float("grads")?;
     let steps = grads.shape().first().copied().unwrap_or(0);
