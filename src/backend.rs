@@ -73,17 +73,66 @@ impl std::fmt::Debug for Backend {
     }
 }
 
+/// What [`Backend::probe`] found for one backend kind.
+#[derive(Clone, Debug)]
+pub struct BackendProbe {
+    pub kind: BackendKind,
+    /// The started backend's description ([`Backend::description`]), or why it cannot start.
+    pub status: std::result::Result<String, String>,
+}
+
+impl std::fmt::Display for BackendProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.status {
+            Ok(description) => write!(f, "{}: available, {description}", self.kind),
+            Err(reason) => write!(f, "{}: skipped: {reason}", self.kind),
+        }
+    }
+}
+
 impl Backend {
-    /// Starts the requested backend.
+    /// Starts the requested backend. `Auto` takes the first of cuda, cube, cpu that starts; what it
+    /// passed over and why is what [`Backend::probe`] (or [`Backend::auto_with_report`]) says.
     pub fn new(request: DeviceRequest) -> Result<Backend> {
         match request {
             DeviceRequest::Cpu => Ok(Backend::Cpu),
             DeviceRequest::Cube => Self::cube(),
             DeviceRequest::Cuda => Self::cuda(),
-            DeviceRequest::Auto => Ok(Self::cuda()
-                .or_else(|_| Self::cube())
-                .unwrap_or(Backend::Cpu)),
+            DeviceRequest::Auto => Ok(Self::auto_with_report().0),
         }
+    }
+
+    /// `Auto`'s choice, with the backends it passed over (faster than the one chosen) and why
+    /// each could not start.
+    pub fn auto_with_report() -> (Backend, Vec<BackendProbe>) {
+        let mut skipped = Vec::new();
+        for (kind, start) in [
+            (BackendKind::Cuda, Self::cuda as fn() -> Result<Backend>),
+            (BackendKind::Cube, Self::cube),
+        ] {
+            match start() {
+                Ok(backend) => return (backend, skipped),
+                Err(e) => skipped.push(BackendProbe {
+                    kind,
+                    status: Err(unavailable_reason(e)),
+                }),
+            }
+        }
+        (Backend::Cpu, skipped)
+    }
+
+    /// Tries every backend kind (cuda, cube, cpu; the shared contexts are started once per
+    /// process) and says which can run here and, for the others, why not.
+    pub fn probe() -> Vec<BackendProbe> {
+        [BackendKind::Cuda, BackendKind::Cube, BackendKind::Cpu]
+            .into_iter()
+            .map(|kind| BackendProbe {
+                kind,
+                status: Self::of_kind(kind)
+                    .map(|b| b.description())
+                    .map_err(unavailable_reason),
+            })
+            .collect()
     }
 
     /// Starts a backend of this kind.
@@ -142,5 +191,13 @@ impl Backend {
             #[cfg(feature = "cuda")]
             Backend::Cuda(c) => format!("cuda ({})", c.device_name()),
         }
+    }
+}
+
+/// The reason of a backend that could not start, without the error's prefix.
+fn unavailable_reason(e: Error) -> String {
+    match e {
+        Error::DeviceUnavailable { reason, .. } => reason,
+        other => other.to_string(),
     }
 }

@@ -534,3 +534,406 @@ fn radial_mask_needs_no_input_and_matches_the_library() {
     ]);
     assert_one_line_error(&run, "frames must be >= 1");
 }
+
+// ------------------------------------------------------- contract fixes (issues 13 and 14)
+
+fn run_op(op: &str, input: &Path, output: &Path, extra: &[&str]) -> Run {
+    let mut args = vec![
+        "run",
+        op,
+        "--device",
+        "cpu",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    linattn(&args)
+}
+
+/// A safetensors file written byte by byte: `header` is the JSON header as given (so that it can
+/// hold what the serializer would never write), `data` the data section.
+fn raw_safetensors(path: &Path, header: &str, data: &[u8]) {
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn radial_wan_mask_follows_the_released_rule_at_frame_distance_one() {
+    // The report's configuration: the old s // 2 window at d = 1 gave 722 blocks, 26 fewer than
+    // the released code's latest rule (d <= 1 full).
+    let dir = tempfile::tempdir().unwrap();
+    let output = tmp(&dir, "mask.safetensors");
+    let run = linattn(&[
+        "run",
+        "radial-mask",
+        "--frames",
+        "8",
+        "--tokens-per-frame",
+        "256",
+        "--block-size",
+        "64",
+        "--decay-factor",
+        "0.2",
+        "--model",
+        "wan",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(run.ok, "{}", run.stderr);
+    let out = Inputs::read(Some(&output)).unwrap();
+    let mask = out.opt_int("block_mask").unwrap().unwrap();
+    assert_eq!(mask.data.iter().filter(|&&x| x != 0).count(), 748);
+}
+
+#[test]
+fn ops_without_inputs_accept_and_ignore_input_and_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (unused, output) = (
+        tmp(&dir, "unused.safetensors"),
+        tmp(&dir, "out.safetensors"),
+    );
+    std::fs::write(&unused, b"not read").unwrap();
+    let run = run_op(
+        "schedule",
+        &unused,
+        &output,
+        &["--kind", "cosine", "--total", "10", "--warmup", "2"],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    let lr = Inputs::read(Some(&output)).unwrap();
+    assert_eq!(lr.float("lr").unwrap().shape(), &[10]);
+    let run = run_op(
+        "radial-mask",
+        &unused,
+        &output,
+        &["--frames", "2", "--tokens-per-frame", "128"],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    // --device is still checked for its spelling
+    let run = linattn(&[
+        "run",
+        "schedule",
+        "--device",
+        "tpu",
+        "--kind",
+        "constant",
+        "--total",
+        "3",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&run, "unknown device `tpu`");
+}
+
+#[test]
+fn output_equal_to_input_is_refused_and_the_input_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = tmp(&dir, "in.safetensors");
+    let mut rng = Rng::new(21);
+    write_inputs(&input, &gla_inputs(&mut rng, Dtype::F32, (1, 4, 1, 2, 2)));
+    let before = std::fs::read(&input).unwrap();
+    // the same file, and the same file through another spelling of its path
+    let other_spelling = dir.path().join(".").join("in.safetensors");
+    for output in [input.clone(), other_spelling] {
+        let run = run_op("gla", &input, &output, &[]);
+        assert_one_line_error(&run, "is the input file");
+        assert_eq!(std::fs::read(&input).unwrap(), before);
+    }
+}
+
+#[test]
+fn outputs_are_written_through_a_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp(&dir, "in.safetensors"), tmp(&dir, "out.safetensors"));
+    let mut rng = Rng::new(22);
+    write_inputs(&input, &gla_inputs(&mut rng, Dtype::F32, (1, 4, 1, 2, 2)));
+    std::fs::write(&output, b"an older result").unwrap();
+    let run = run_op("gla", &input, &output, &[]);
+    assert!(run.ok, "{}", run.stderr);
+    assert!(Inputs::read(Some(&output)).unwrap().float("o").is_ok());
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "no temporary file left behind: {names:?}");
+    // A failing run leaves the previous output as it was.
+    let good = std::fs::read(&output).unwrap();
+    let mut t = gla_inputs(&mut rng, Dtype::F32, (1, 4, 1, 2, 2));
+    t[3].3[0] = 1.0; // a positive gate
+    write_inputs(&input, &t);
+    assert_one_line_error(&run_op("gla", &input, &output, &[]), "invalid gate");
+    assert_eq!(std::fs::read(&output).unwrap(), good);
+}
+
+#[test]
+fn sizes_from_flags_are_bounded_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = tmp(&dir, "out.safetensors");
+    let started = std::time::Instant::now();
+    for (frames, tokens, needle) in [
+        ("50000000", "50000000", "the limit is 268435456 blocks"),
+        ("100000", "1", "the limit is 2147483648"),
+        ("18446744073709551615", "18446744073709551615", "limit"),
+    ] {
+        for model in ["wan", "paper"] {
+            let run = linattn(&[
+                "run",
+                "radial-mask",
+                "--frames",
+                frames,
+                "--tokens-per-frame",
+                tokens,
+                "--model",
+                model,
+                "--output",
+                output.to_str().unwrap(),
+            ]);
+            assert_one_line_error(&run, needle);
+        }
+    }
+    let run = linattn(&[
+        "run",
+        "schedule",
+        "--kind",
+        "cosine",
+        "--total",
+        "100000000000",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&run, "the limit is 67108864 steps");
+    assert!(
+        started.elapsed().as_secs() < 20,
+        "refusals must not do the work first"
+    );
+    assert!(!output.exists());
+}
+
+#[test]
+fn tensors_an_op_does_not_read_are_refused_with_the_nearest_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp(&dir, "in.safetensors"), tmp(&dir, "out.safetensors"));
+    let mut rng = Rng::new(23);
+    let shape = (1, 4, 1, 2, 2);
+    let with = |rng: &mut Rng, extra: Spec<'static>| {
+        let mut t = gla_inputs(rng, Dtype::F32, shape);
+        t.push(extra);
+        t
+    };
+    write_inputs(
+        &input,
+        &with(
+            &mut rng,
+            Spec("cu_seqlen", Dtype::I64, vec![2], vec![0.0, 4.0]),
+        ),
+    );
+    let run = run_op("gla", &input, &output, &[]);
+    assert_one_line_error(&run, "`gla` does not read the input tensor `cu_seqlen`");
+    assert_one_line_error(&run, "did you mean `cu_seqlens`?");
+    write_inputs(
+        &input,
+        &with(
+            &mut rng,
+            Spec("h00", Dtype::F32, vec![1, 1, 2, 2], vec![0.5; 4]),
+        ),
+    );
+    assert_one_line_error(&run_op("gla", &input, &output, &[]), "did you mean `h0`?");
+    // lion and lightnet have no h0; attention no cu_seqlens
+    let h0 = Spec("h0", Dtype::F32, vec![1, 1, 2, 2], vec![0.0; 4]);
+    let mut t = with(&mut rng, h0);
+    t.remove(3); // g [B,T,H,K] is no lion gate
+    write_inputs(&input, &t);
+    assert_one_line_error(
+        &run_op("lion", &input, &output, &[]),
+        "`lion` does not read the input tensor `h0`",
+    );
+    assert_one_line_error(
+        &run_op("lightnet", &input, &output, &[]),
+        "`lightnet` does not read the input tensor `h0`",
+    );
+    let mut t = with(
+        &mut rng,
+        Spec("cu_seqlens", Dtype::I64, vec![2], vec![0.0, 4.0]),
+    );
+    t.remove(3);
+    write_inputs(&input, &t);
+    assert_one_line_error(
+        &run_op("attention", &input, &output, &[]),
+        "`attention` does not read the input tensor `cu_seqlens`",
+    );
+    assert!(!output.exists());
+}
+
+#[test]
+fn schedule_totals_of_zero_or_below_the_steps_run_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp(&dir, "in.safetensors"), tmp(&dir, "out.safetensors"));
+    let mut rng = Rng::new(24);
+    write_inputs(
+        &input,
+        &[
+            Spec("param", Dtype::F32, vec![3], rng.randn(3)),
+            Spec("grads", Dtype::F32, vec![5, 3], rng.randn(15)),
+        ],
+    );
+    for kind in ["cosine", "linear"] {
+        let run = run_op(
+            "optimize",
+            &input,
+            &output,
+            &["--lr", "1e-3", "--total", "0", "--schedule", kind],
+        );
+        assert_one_line_error(&run, "needs --total >= 1, got 0");
+        let run = run_op(
+            "optimize",
+            &input,
+            &output,
+            &["--lr", "1e-3", "--total", "3", "--schedule", kind],
+        );
+        assert_one_line_error(&run, "--total 3 is smaller than the 5 steps run");
+    }
+    let run = run_op(
+        "optimize",
+        &input,
+        &output,
+        &["--lr", "1e-3", "--total", "5", "--schedule", "cosine"],
+    );
+    assert!(run.ok, "{}", run.stderr);
+    let run = linattn(&[
+        "run",
+        "schedule",
+        "--kind",
+        "linear",
+        "--total",
+        "0",
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&run, "--total >= 1, got 0");
+}
+
+#[test]
+fn malformed_headers_name_the_tensor_and_the_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp(&dir, "in.safetensors"), tmp(&dir, "out.safetensors"));
+    let gla = |header: &str, data: &[u8]| {
+        raw_safetensors(&input, header, data);
+        run_op("gla", &input, &output, &[])
+    };
+    // a duplicated name, different shapes, same offsets: refused, not last-one-wins
+    let run = gla(
+        r#"{"g":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"g":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]}}"#,
+        &[0; 16],
+    );
+    assert_one_line_error(&run, "tensor `g` appears twice in the header");
+    // the same, every time (no hash-map order): the duplicated tensor is named, not a neighbour
+    for _ in 0..3 {
+        let run = gla(
+            r#"{"k":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"q":{"dtype":"F32","shape":[1],"data_offsets":[4,8]},"q":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#,
+            &[0; 12],
+        );
+        assert_one_line_error(&run, "tensor `q` appears twice");
+    }
+    // a shape that needs more bytes than the offsets give
+    let run = gla(
+        r#"{"q":{"dtype":"F32","shape":[1,1000000000,64,64],"data_offsets":[0,16]}}"#,
+        &[0; 16],
+    );
+    assert_one_line_error(
+        &run,
+        "tensor `q` (F32, shape [1, 1000000000, 64, 64]) needs 16384000000000 bytes, but its data_offsets [0, 16] give 16",
+    );
+    // an offset past the end of the data
+    let run = gla(
+        r#"{"v":{"dtype":"F16","shape":[4],"data_offsets":[0,8]},"k":{"dtype":"F16","shape":[4],"data_offsets":[8,16]}}"#,
+        &[0; 12],
+    );
+    assert_one_line_error(
+        &run,
+        "tensor `k` (F16, shape [4]): data_offsets [8, 16] run past the data section (12 bytes)",
+    );
+    // overlapping tensors
+    let run = gla(
+        r#"{"q":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"k":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+        &[0; 12],
+    );
+    assert_one_line_error(
+        &run,
+        "tensor `k` (data_offsets [4, 12]) overlaps tensor `q`",
+    );
+    // an unsupported dtype names the tensor
+    let run = gla(
+        r#"{"q":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}"#,
+        &[0; 8],
+    );
+    assert_one_line_error(&run, "tensor `q` has dtype C64");
+}
+
+#[test]
+fn outputs_that_overflow_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp(&dir, "in.safetensors"), tmp(&dir, "out.safetensors"));
+    let mut rng = Rng::new(25);
+    let mut t = gla_inputs(&mut rng, Dtype::F32, (1, 6, 2, 4, 4));
+    for x in t[0].3.iter_mut() {
+        *x = 1e38; // finite in f32; q k v and the sums overflow it
+    }
+    for x in t[1].3.iter_mut() {
+        *x = 1e38;
+    }
+    write_inputs(&input, &t);
+    let run = run_op("gla", &input, &output, &[]);
+    assert_one_line_error(&run, "output `o` has 48 non-finite values of 48");
+    assert!(!output.exists());
+}
+
+#[test]
+fn chunk_size_must_be_positive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp(&dir, "in.safetensors"), tmp(&dir, "out.safetensors"));
+    let mut rng = Rng::new(26);
+    write_inputs(&input, &gla_inputs(&mut rng, Dtype::F32, (1, 4, 1, 2, 2)));
+    for bad in ["-1", "0", "x"] {
+        let run = run_op("gla", &input, &output, &["--chunk-size", bad]);
+        assert!(!run.ok);
+        assert!(
+            run.stderr.contains("the chunk size must be"),
+            "{bad}: {}",
+            run.stderr
+        );
+        assert!(
+            !run.stderr.contains("unexpected argument"),
+            "{}",
+            run.stderr
+        );
+    }
+}
+
+/// `linattn devices` says which backends run here and why the others do not, and a cube start
+/// on a headless machine (no XDG_RUNTIME_DIR) prints no driver noise.
+#[test]
+fn devices_lists_every_backend_without_driver_noise() {
+    let out = Command::new(env!("CARGO_BIN_EXE_linattn"))
+        .arg("devices")
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("NODEVICE_SELECT")
+        .output()
+        .expect("binary runs");
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    for (line, kind) in lines.iter().zip(["cuda: ", "cube: ", "cpu: available"]) {
+        assert!(line.starts_with(kind), "{line}");
+        assert!(
+            line.contains("available") || line.contains("skipped: "),
+            "{line}"
+        );
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.trim().is_empty(), "driver noise on stderr: {stderr}");
+}

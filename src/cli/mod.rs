@@ -34,11 +34,31 @@ pub enum Command {
     /// Times the CUDA chunkwise engine on flash-linear-attention's benchmark shapes (JSON output
     /// for benches/peers.py, which adds flash-linear-attention and FlashAttention).
     Bench(bench::BenchArgs),
+    /// Which backends can run here (cuda, cube, cpu) and, for each that cannot, why.
+    Devices,
+}
+
+/// Mesa's Vulkan device-select layer (an implicit layer of `mesa-vulkan-drivers`) connects to
+/// Wayland each time devices are listed, to put the session's display GPU first; without a session
+/// (`XDG_RUNTIME_DIR` unset, as on a headless server or in CI) libwayland prints
+/// "XDG_RUNTIME_DIR is invalid or not set in the environment" on stderr each time, four times per
+/// cube start. With no session there is no display GPU to prefer, so the layer is switched off
+/// (`NODEVICE_SELECT=1`, Mesa's own switch) unless the caller set that variable. Library users on
+/// a headless machine can set it themselves.
+fn quiet_headless_vulkan() {
+    let session =
+        std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir());
+    if !session && std::env::var_os("NODEVICE_SELECT").is_none() {
+        // SAFETY: called first in `main`, before this process starts any thread, so nothing can
+        // read the environment concurrently.
+        unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
+    }
 }
 
 /// Entry point of the binary: parses the arguments, runs, and turns any error into one line on
 /// stderr and a non-zero exit status.
 pub fn main() -> ExitCode {
+    quiet_headless_vulkan();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -62,5 +82,11 @@ pub fn execute(cli: Cli) -> crate::Result<ExitCode> {
         Command::Validate(args) => validate::execute(&args),
         Command::Run { op } => run::execute(op).map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::execute(&args).map(|()| ExitCode::SUCCESS),
+        Command::Devices => {
+            for probe in crate::Backend::probe() {
+                println!("{probe}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

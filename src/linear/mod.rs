@@ -392,12 +392,17 @@ fn validate_decode(
     v: &Tensor,
     gate: &Gate,
 ) -> Result<Dims> {
-    let ss = expect_rank("state", state, &["B", "H", "K", "V"])?;
-    expect_nonzero("state", state)?;
-    let (b, h, kd, vd) = (ss[0], ss[1], ss[2], ss[3]);
+    // The sizes come from the token (q gives B, H, K; v gives V), so that a state of the wrong
+    // shape is reported as the state's error, not as a mismatch of q.
+    let qs = expect_rank("q", q, &["B", "1", "H", "K"])?;
+    expect_nonzero("q", q)?;
+    let (b, h, kd) = (qs[0], qs[2], qs[3]);
+    let vd = expect_rank("v", v, &["B", "1", "H", "V"])?[3];
+    expect_nonzero("v", v)?;
     expect_shape("q", q, &["B", "1", "H", "K"], &[b, 1, h, kd])?;
     expect_shape("k", k, &["B", "1", "H", "K"], &[b, 1, h, kd])?;
     expect_shape("v", v, &["B", "1", "H", "V"], &[b, 1, h, vd])?;
+    expect_shape("state", state, &["B", "H", "K", "V"], &[b, h, kd, vd])?;
     expect_same_dtype(&[("q", q), ("k", k), ("v", v)])?;
     for (name, tensor) in [("state", state), ("q", q), ("k", k), ("v", v)] {
         expect_finite(name, tensor)?;
