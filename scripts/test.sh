@@ -35,5 +35,8 @@ trap 'rm -rf "$LINATTN_PTX_DIR"' EXIT
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 
+echo "== cargo doc (zero warnings)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+
 echo "== ptxas: registers, spills, shared memory per kernel (kernels/RESOURCES.md); fails on a spill in a hot kernel"
 scripts/ptxas-report.sh .tools/cuda

@@ -26,3 +26,8 @@ pub use backend::{Backend, BackendKind, BackendProbe, DeviceRequest};
 pub use error::{Error, Result};
 pub use linattn_reference as reference;
 pub use tensor::{DType, Tensor, TensorData};
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(all(doctest, feature = "cube"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;

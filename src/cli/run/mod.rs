@@ -132,28 +132,28 @@ pub fn parse_form(name: &str, chunk: usize) -> Result<Form> {
 #[derive(Subcommand, Debug)]
 pub enum RunOp {
     /// Causal gated linear attention (flash-linear-attention's naive_recurrent_gla, explicit scale).
-    /// Inputs q, k [B,T,H,K], v [B,T,H,V], g [B,T,H,K] (or [B,T,H], [H]), optional h0 [N,H,K,V],
-    /// cu_seqlens [N+1], do, dht. Outputs o, ht; with do: dq, dk, dv, dg, dh0.
+    /// Inputs q, k `[B,T,H,K]`, v `[B,T,H,V]`, g `[B,T,H,K]` (or `[B,T,H]`, `[H]`), optional h0 `[N,H,K,V]`,
+    /// cu_seqlens `[N+1]`, do, dht. Outputs o, ht; with do: dq, dk, dv, dg, dh0.
     Gla(linear::GlaArgs),
-    /// Bidirectional LION attention. Inputs q, k [B,T,H,K], v [B,T,H,V], optional g and g_bwd
-    /// ([B,T,H] or [H]), cu_seqlens, do. Outputs o; with do: dq, dk, dv, dg, dg_bwd.
+    /// Bidirectional LION attention. Inputs q, k `[B,T,H,K]`, v `[B,T,H,V]`, optional g and g_bwd
+    /// (`[B,T,H]` or `[H]`), cu_seqlens, do. Outputs o; with do: dq, dk, dv, dg, dg_bwd.
     Lion(linear::LionArgs),
-    /// Block-sparse (or dense) softmax attention. Inputs q [B,T,H,D], k, v [B,S,H,D], optional
-    /// block_mask u8 [ceil(T/bs), ceil(S/bs)], do. Outputs o, lse [B,H,T]; with do: dq, dk, dv.
+    /// Block-sparse (or dense) softmax attention. Inputs q `[B,T,H,D]`, k, v `[B,S,H,D]`, optional
+    /// block_mask u8 `[ceil(T/bs), ceil(S/bs)]`, do. Outputs o, lse `[B,H,T]`; with do: dq, dk, dv.
     Attention(attention::AttentionArgs),
     /// A Radial attention block mask (no input tensors; --input is ignored). Output block_mask u8
-    /// [NB, NB].
+    /// `[NB, NB]`.
     RadialMask(attention::RadialMaskArgs),
     /// S fused optimizer steps (AdamW or Lion, scheduled lr, weight decay, clipping, non-finite
-    /// skip). Inputs param [*P], grads [S, *P]. Outputs param, exp_avg, exp_avg_sq (adamw), ema
-    /// (with --ema-beta), lr [S], skipped [S].
+    /// skip). Inputs param `[*P]`, grads `[S, *P]`. Outputs param, exp_avg, exp_avg_sq (adamw), ema
+    /// (with --ema-beta), lr `[S]`, skipped `[S]`.
     Optimize(Box<optim::OptimizeArgs>),
     /// The multipliers of a learning-rate schedule for steps 0 .. T-1 (transformers' lambdas; no
-    /// input tensors, --input is ignored). Output lr [T].
+    /// input tensors, --input is ignored). Output lr `[T]`.
     Schedule(optim::ScheduleArgs),
     /// LightNet (additive recurrence on key logits; --bidirectional for the non-causal form).
-    /// Inputs q, k (key logits) [B,T,H,K], v [B,T,H,V], optional cu_seqlens [N+1], initial state
-    /// s0 [N,H,K,V] with z0 [N,H,K], do. Outputs o (and s, z when causal); with do: dq, dk, dv.
+    /// Inputs q, k (key logits) `[B,T,H,K]`, v `[B,T,H,V]`, optional cu_seqlens `[N+1]`, initial state
+    /// s0 `[N,H,K,V]` with z0 `[N,H,K]`, do. Outputs o (and s, z when causal); with do: dq, dk, dv.
     Lightnet(lightnet::LightNetArgs),
 }
 

@@ -15,7 +15,7 @@
 //! ([`normalize`]). Each pass's gate gradient comes from the closed form of kernels.md (a reverse
 //! cumulative sum, [`gates::gate_grad_scan`](fn@gates::gate_grad_scan), without the terms that
 //! cancel analytically) and is summed to the gate's shape at the end; a per-head gate takes the
-//! pair-weighted form instead ([`Run::add_head_sums`]), which the closed form conditions badly.
+//! pair-weighted form instead (`Run::add_head_sums`), which the closed form conditions badly.
 //!
 //! **Numerics.** Every `exp` has a non-positive argument that is a running sum of gates, never a
 //! difference of two large cumulative sums; results are f32 throughout, inputs f32 or f16/bf16

@@ -3,7 +3,7 @@
 //! bidirectional, the recurrent scan, and the decoding step.
 //!
 //! Entry points:
-//! - host tensors: [`forward`]/[`backward`] behind `linear::forward(&Backend::Cuda(..), ..)`, and
+//! - host tensors: `forward`/`backward` behind `linear::forward(&Backend::Cuda(..), ..)`, and
 //!   [`forward_on`]/[`backward_on`] for any [`Executor`] (the CUDA one, or the host emulation used
 //!   by the tests without a GPU);
 //! - device slices: [`device`] (inputs and outputs stay on the GPU, launches on a caller's stream);
