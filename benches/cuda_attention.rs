@@ -210,6 +210,7 @@ fn main() {
                     v: DeviceTensor::BF16(&buf.v),
                     scale: None,
                     causal: false,
+                    value_check: linattn::ValueCheck::Off,
                 };
                 device::forward(
                     &ctx,
@@ -229,6 +230,7 @@ fn main() {
                     v: DeviceTensor::BF16(&buf.v),
                     scale: None,
                     causal: false,
+                    value_check: linattn::ValueCheck::Off,
                 };
                 device::backward(
                     &ctx,

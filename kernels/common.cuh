@@ -176,6 +176,7 @@ LA_DEVICE void block_sync() { __syncthreads(); }
 LA_DEVICE int lane_id() { return threadIdx.x & 31; }
 LA_DEVICE int warp_id() { return threadIdx.x >> 5; }
 LA_DEVICE void atomic_add(float* p, float x) { atomicAdd(p, x); }
+LA_DEVICE void atomic_or(unsigned* p, unsigned x) { atomicOr(p, x); }
 
 #else
 #include "emu/primitives.h"

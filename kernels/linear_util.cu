@@ -118,3 +118,26 @@ LA_KERNEL(256) la_drop_ones(LA_PARAMS p) {
     float* dv = reinterpret_cast<float*>(p.dv) + row * p.V;
     for (int c = 0; c < p.V; ++c) dv[c] = src[c];
 }
+
+// grid (blocks), 256 threads, grid-stride. The device-side value check of the device-resident API
+// (src/linear/cuda/values.rs): ORs into the u32 at p.dgl the flag 1 for a NaN or an infinity
+// (exponent bits all set) and, with p.reverse set (a gate), the flag 2 for a value > 0 (sign bit
+// clear, magnitude nonzero), over the p.total_tokens elements at p.aux of format p.gate_kind
+// (0 f32, 1 bf16, 2 f16). The values are read as bits: no float compare, so no fast-math
+// assumption about NaN can hide one.
+LA_KERNEL(256) la_value_flags(LA_PARAMS p) {
+    const i64 n = p.total_tokens;
+    const int format = p.gate_kind;
+    const bool gate = p.reverse != 0;
+    const unsigned exponent = format == 0 ? 0x7f800000u : (format == 1 ? 0x7f80u : 0x7c00u);
+    const unsigned sign = format == 0 ? 0x80000000u : 0x8000u;
+    const unsigned magnitude = sign - 1u;
+    unsigned flags = 0u;
+    for (i64 i = (i64)blockIdx.x * 256 + threadIdx.x; i < n; i += (i64)gridDim.x * 256) {
+        const unsigned b = format == 0 ? reinterpret_cast<const unsigned*>(p.aux)[i]
+                                       : (unsigned)reinterpret_cast<const unsigned short*>(p.aux)[i];
+        if ((b & exponent) == exponent) flags |= 1u;
+        if (gate && (b & sign) == 0u && (b & magnitude) != 0u) flags |= 2u;
+    }
+    if (flags != 0u) atomic_or(reinterpret_cast<unsigned*>(p.dgl), flags);
+}

@@ -4,6 +4,22 @@
 
 use crate::error::{Error, Result};
 
+/// Whether a device-resident call (inputs already on the device: `linear::cube::forward_device`,
+/// `CubeAttentionPlan::forward`, `linear::cuda::device::forward`, ...) checks its input values on
+/// the device before the launches. The host API always validates values on the host and never
+/// checks twice.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ValueCheck {
+    /// The default: one reduction per input (finite values, gates `<= 0`) and one small read back
+    /// (on CUDA the call then synchronises its stream once); a bad value is the host API's
+    /// [`Error::NonFinite`] or [`Error::InvalidGate`], naming the tensor and the first bad element.
+    #[default]
+    On,
+    /// No check: the caller vouches for finite inputs and gates `<= 0` (a positive gate overflows
+    /// and the outputs hold inf / NaN), and a CUDA call stays fully asynchronous.
+    Off,
+}
+
 /// What the caller asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceRequest {

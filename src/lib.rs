@@ -22,7 +22,7 @@ pub mod optim;
 pub mod tensor;
 pub(crate) mod validation;
 
-pub use backend::{Backend, BackendKind, BackendProbe, DeviceRequest};
+pub use backend::{Backend, BackendKind, BackendProbe, DeviceRequest, ValueCheck};
 pub use error::{Error, Result};
 pub use linattn_reference as reference;
 pub use tensor::{DType, Tensor, TensorData};

@@ -280,3 +280,60 @@ fn unsupported_configurations_are_refused() {
         assert!(matches!(err, Error::Unsupported(_)), "{err}");
     }
 }
+
+/// The device-resident API checks values on the device by default: a positive gate (30.0) or a
+/// NaN input is the host API's typed error, naming the tensor and the first bad element, not an
+/// `Ok` full of NaN; with the check off the caller gets what the kernels compute.
+#[test]
+fn device_resident_api_checks_values_by_default() {
+    use linattn::cube::ValueCheck;
+    let Some((_, ctx)) = cube() else { return };
+    let (b, t, h, k, v) = (1, 300, 2, 8, 4);
+    let mut rng = Rng::new(31);
+    let up = |name: &str, shape: Vec<usize>, data: Vec<f64>| {
+        ctx.upload(name, &f32t(shape, data)).unwrap()
+    };
+    let q = up("q", vec![b, t, h, k], rng.randn(b * t * h * k));
+    let kk = up("k", vec![b, t, h, k], rng.randn(b * t * h * k));
+    let vv = up("v", vec![b, t, h, v], rng.randn(b * t * h * v));
+    let mut gates = logsigmoid_gates(&mut rng, b * t * h, 1.0);
+    let good_g = up("g", vec![b, t, h], gates.clone());
+    for x in &mut gates[417..] {
+        *x = 30.0; // growth, not decay, from token 417 / 2 on
+    }
+    let bad_g = up("g", vec![b, t, h], gates);
+    let form = Form::Chunkwise { chunk: 16 };
+
+    let good = DeviceLinearAttention::causal(&q, &kk, &vv).with_gate(DeviceGate::Scalar(&good_g));
+    assert!(forward_device(&ctx, &good, form).is_ok());
+    let bad = DeviceLinearAttention::causal(&q, &kk, &vv).with_gate(DeviceGate::Scalar(&bad_g));
+    match forward_device(&ctx, &bad, form) {
+        Err(Error::InvalidGate {
+            tensor,
+            index,
+            value,
+        }) => {
+            assert_eq!((tensor.as_str(), index, value), ("g", 417, 30.0));
+        }
+        other => panic!("expected InvalidGate, got {other:?}"),
+    }
+    let unchecked = bad.with_value_check(ValueCheck::Off);
+    let out = forward_device(&ctx, &unchecked, form).expect("no check: the kernels run");
+    let o = ctx.download(&out.o).unwrap().to_f64_vec();
+    assert!(o.iter().any(|x| !x.is_finite()), "a gate of 30 overflows");
+
+    let mut values = rng.randn(b * t * h * k);
+    values[5] = f64::NAN;
+    let nan_q = up("q", vec![b, t, h, k], values);
+    let p = DeviceLinearAttention::causal(&nan_q, &kk, &vv).with_gate(DeviceGate::Scalar(&good_g));
+    assert!(
+        matches!(forward_device(&ctx, &p, form), Err(Error::NonFinite { ref tensor, index: 5, .. }) if tensor == "q")
+    );
+    // the backward pass checks its cotangent too
+    let mut d = rng.randn(b * t * h * v);
+    d[2] = f64::INFINITY;
+    let d_o = up("do", vec![b, t, h, v], d);
+    assert!(
+        matches!(backward_device(&ctx, &good, form, &d_o, None), Err(Error::NonFinite { ref tensor, index: 2, .. }) if tensor == "do")
+    );
+}

@@ -619,3 +619,43 @@ fn device_plan_is_reused_across_problems() {
         );
     }
 }
+
+/// The device API checks q, k, v (and do) on the device by default: a NaN is the host API's
+/// `NonFinite` error naming the tensor and element; with the check off the kernels run.
+#[test]
+fn device_api_checks_values_by_default() {
+    use linattn::cube::ValueCheck;
+    let Some(ctx) = context() else { return };
+    let (t, d) = (96, 64);
+    let mut rng = Rng::new(12);
+    let good: Vec<f32> = rng.randn(t * d).iter().map(|&x| x as f32).collect();
+    let mut bad = good.clone();
+    bad[1000] = f32::NAN;
+    let (good, bad) = (upload_f32(&ctx, &good), upload_f32(&ctx, &bad));
+    let args = |q, k, v| DeviceAttention {
+        q,
+        k,
+        v,
+        dtype: DType::F32,
+        batch: 1,
+        heads: 1,
+        head_dim: d,
+        scale: None,
+    };
+    let plan = CubeAttentionPlan::from_mask(&ctx, None, t, t, false).unwrap();
+    let out = plan.forward(&args(&good, &good, &good)).unwrap();
+    let err = plan.forward(&args(&good, &good, &bad)).unwrap_err();
+    assert!(
+        matches!(&err, Error::NonFinite { tensor, index: 1000, .. } if tensor == "v"),
+        "{err}"
+    );
+    let err = plan
+        .backward(&args(&good, &good, &good), &out.o, &out.lse, &bad)
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::NonFinite { tensor, index: 1000, .. } if tensor == "do"),
+        "{err}"
+    );
+    let unchecked = plan.with_value_check(ValueCheck::Off);
+    assert!(unchecked.forward(&args(&bad, &good, &good)).is_ok());
+}

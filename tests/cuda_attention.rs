@@ -260,6 +260,7 @@ fn device_slice_api() {
             v: DeviceTensor::BF16(&v_dev),
             scale: None,
             causal: false,
+            value_check: linattn::ValueCheck::On,
         };
         let mut o = stream.alloc_zeros::<bf16>(dims.q_len()).unwrap();
         let mut lse = stream.alloc_zeros::<f32>(dims.lse_len()).unwrap();
@@ -348,6 +349,7 @@ fn device_slice_api() {
         v: DeviceTensor::BF16(&v_dev),
         scale: None,
         causal: false,
+        value_check: linattn::ValueCheck::On,
     };
     let mut o = stream.alloc_zeros::<f32>(dims.q_len()).unwrap();
     let mut lse = stream.alloc_zeros::<f32>(dims.lse_len()).unwrap();
@@ -362,4 +364,31 @@ fn device_slice_api() {
         ),
         Err(Error::InvalidArgument(_))
     ));
+    // A NaN in v is the host API's error (the value check is on by default).
+    let mut v_bad: Vec<bf16> = stream.clone_dtoh(&v_dev).unwrap();
+    v_bad[7] = bf16::NAN;
+    let v_bad = stream.clone_htod(&v_bad).unwrap();
+    let plan = device::upload_plan(
+        &ctx,
+        &stream,
+        &AttentionPlan::new(None, dims.t, dims.s, 64, 64, false).unwrap(),
+    )
+    .unwrap();
+    let bad = DeviceAttention {
+        v: DeviceTensor::BF16(&v_bad),
+        ..problem
+    };
+    let err = device::forward(
+        &ctx,
+        &stream,
+        &plan,
+        &bad,
+        DeviceTensorMut::F32(&mut o),
+        &mut lse,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::NonFinite { tensor, index: 7, .. } if tensor == "v"),
+        "{err}"
+    );
 }

@@ -345,3 +345,69 @@ fn unsupported_inputs_are_typed_errors() {
         Err(Error::ShapeMismatch { .. })
     ));
 }
+
+/// The device-side value check kernel (`la_value_flags`) on the emulation: NaN and infinities
+/// flagged in f32, bf16 and f16 buffers, positive values flagged in gates only, `-0.0` and 0 not,
+/// across several grid-stride blocks.
+#[test]
+fn value_flags_kernel() {
+    use half::{bf16, f16};
+    use linattn::cuda::exec::Executor;
+    use linattn::linear::cuda::values::{CheckedBuffer, NON_FINITE, POSITIVE, value_flags_on};
+    let Some(exec) = exec() else { return };
+    let n = 5000; // three blocks of the grid-stride pass (2048 elements per block at least)
+    let base: Vec<f64> = (0..n).map(|i| -((i % 13) as f64) * 0.25).collect(); // <= 0, finite
+    let encode = |dtype: DType, values: &[f64]| -> Vec<u8> {
+        match dtype {
+            DType::F32 => values
+                .iter()
+                .flat_map(|&x| (x as f32).to_le_bytes())
+                .collect(),
+            DType::BF16 => values
+                .iter()
+                .flat_map(|&x| bf16::from_f64(x).to_le_bytes())
+                .collect(),
+            DType::F16 => values
+                .iter()
+                .flat_map(|&x| f16::from_f64(x).to_le_bytes())
+                .collect(),
+            DType::F64 => unreachable!(),
+        }
+    };
+    let with = |at: usize, x: f64| {
+        let mut v = base.clone();
+        v[at] = x;
+        v
+    };
+    let cases: Vec<(Vec<f64>, bool, u32)> = vec![
+        (base.clone(), false, 0),
+        (base.clone(), true, 0),
+        (with(4999, -0.0), true, 0),
+        (with(0, f64::NAN), false, NON_FINITE),
+        (with(2100, f64::INFINITY), false, NON_FINITE),
+        (with(4095, f64::NEG_INFINITY), true, NON_FINITE),
+        (with(3000, 0.5), false, 0),
+        (with(3000, 0.5), true, POSITIVE),
+        (with(17, f64::INFINITY), true, NON_FINITE | POSITIVE),
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let bufs: Vec<_> = cases
+            .iter()
+            .map(|(v, _, _)| exec.upload(&encode(dtype, v)).unwrap())
+            .collect();
+        let checked: Vec<CheckedBuffer> = cases
+            .iter()
+            .zip(&bufs)
+            .map(|((_, gate, _), b)| CheckedBuffer {
+                name: "x",
+                address: exec.address(b),
+                len: n,
+                dtype,
+                gate: *gate,
+            })
+            .collect();
+        let flags = value_flags_on(&exec, &checked).unwrap();
+        let want: Vec<u32> = cases.iter().map(|c| c.2).collect();
+        assert_eq!(flags, want, "{dtype}");
+    }
+}

@@ -177,6 +177,7 @@ impl DeviceInputs {
             normalize: spec.normalize,
             h0: self.h0.as_ref(),
             cu_seqlens: p.cu_seqlens,
+            value_check: linattn::ValueCheck::On,
         }
     }
 }
@@ -486,4 +487,52 @@ fn public_decode_step_matches_the_cpu() {
     }
     println!("public decode step, 8 steps: worst rel err {worst:.2e}");
     assert!(worst <= 1e-5, "{worst:e}");
+}
+
+/// The device-resident API checks values on the device by default: a positive gate (30.0) is
+/// `InvalidGate` naming the element, not an `Ok` full of NaN; with the check off the kernels run.
+#[test]
+fn device_api_checks_values_by_default() {
+    let Some(ctx) = context() else { return };
+    let case = Case::causal("gla", (1, 40, 2, 16, 16), GateKind::Scalar);
+    let inputs = Inputs::draw(&case, DType::F32, 3);
+    let p = inputs.problem();
+    let spec = p.validate().unwrap();
+    let dev = DeviceInputs::new(&ctx, &p);
+    let mut gates = p.gate.tensor().unwrap().to_f64_vec();
+    for g in &mut gates[33..] {
+        *g = 30.0;
+    }
+    let g32: Vec<f32> = gates.iter().map(|&x| x as f32).collect();
+    let bad_gate = ctx.stream().clone_htod(&g32).unwrap();
+    let mut problem = dev.problem(&spec, &p);
+    problem.gate = linattn::linear::cuda::device::DeviceGate::Scalar(&bad_gate);
+    let mut o = poisoned(&ctx, spec.dims.v_len());
+    let mut ht = poisoned(&ctx, spec.dims.state_len());
+    fn run<'a>(
+        ctx: &'a CudaContext,
+        problem: &linattn::linear::cuda::device::DeviceProblem<'a>,
+        o: &'a mut CudaSlice<f32>,
+        ht: &'a mut CudaSlice<f32>,
+    ) -> Result<()> {
+        linattn::linear::cuda::device::forward(
+            ctx,
+            ctx.stream(),
+            problem,
+            Form::Chunkwise { chunk: 64 },
+            DeviceForward { o, ht: Some(ht) },
+        )
+    }
+    match run(&ctx, &problem, &mut o, &mut ht) {
+        Err(linattn::Error::InvalidGate {
+            tensor,
+            index,
+            value,
+        }) => {
+            assert_eq!((tensor.as_str(), index, value), ("g", 33, 30.0));
+        }
+        other => panic!("expected InvalidGate, got {:?}", other.err()),
+    }
+    problem.value_check = linattn::ValueCheck::Off;
+    run(&ctx, &problem, &mut o, &mut ht).expect("no check: the kernels run");
 }

@@ -71,6 +71,7 @@ LA_DEVICE void block_sync() { la_emu_block_barrier(); }
 LA_DEVICE int lane_id() { return (int)(threadIdx.x & 31u); }
 LA_DEVICE int warp_id() { return (int)(threadIdx.x >> 5); }
 LA_DEVICE void atomic_add(float* p, float x) { *p += x; }  // one OS thread: no race
+LA_DEVICE void atomic_or(unsigned* p, unsigned x) { *p |= x; }
 
 LA_DEVICE float shfl(float x, int src_lane) {
     const unsigned char* all = la_emu_warp_exchange(&x, 4);

@@ -383,6 +383,8 @@ mod gpu {
             normalize: None,
             h0: None,
             cu_seqlens: None,
+            // The kernels alone: the inputs are made here, finite and with gates <= 0.
+            value_check: crate::ValueCheck::Off,
         };
         let form = Form::Chunkwise { chunk: args.chunk };
         let fwd_ms = time(ctx, args.warmup, args.iters, || {

@@ -9,6 +9,7 @@
 pub mod buffer;
 pub mod kernels;
 pub mod launch;
+pub mod values;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -18,6 +19,7 @@ use cubecl::features::TypeUsage;
 use cubecl::prelude::CubeElement;
 
 pub use buffer::DeviceTensor;
+pub use values::ValueCheck;
 
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};

@@ -42,6 +42,7 @@ use half::{bf16, f16};
 
 use super::{Attention, AttentionPlan, AttnGrads, AttnOutput, AttnSpec, BlockMask};
 use crate::cube::CubeContext;
+use crate::cube::values::{self, ValueCheck};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor, TensorData};
 
@@ -235,6 +236,9 @@ pub struct CubeAttentionPlan {
     plan: AttentionPlan,
     rows: DeviceLists,
     cols: DeviceLists,
+    /// Whether [`forward`](Self::forward) / [`backward`](Self::backward) check their inputs'
+    /// values on the device first (on by default).
+    value_check: ValueCheck,
 }
 
 impl std::fmt::Debug for CubeAttentionPlan {
@@ -302,6 +306,7 @@ impl CubeAttentionPlan {
                 plan: plan.clone(),
                 rows: DeviceLists::upload(ctx, &plan.rows),
                 cols: DeviceLists::upload(ctx, &plan.cols),
+                value_check: ValueCheck::On,
             })
         })
     }
@@ -322,6 +327,62 @@ impl CubeAttentionPlan {
     /// The host plan this was uploaded from.
     pub fn plan(&self) -> &AttentionPlan {
         &self.plan
+    }
+
+    /// [`ValueCheck::On`] (the default): `q`, `k`, `v` (and `do` in the backward pass) are
+    /// checked for NaN and infinities on the device before the launches, the host API's
+    /// [`Error::NonFinite`] on a bad value. [`ValueCheck::Off`] skips that pass.
+    pub fn with_value_check(mut self, check: ValueCheck) -> Self {
+        self.value_check = check;
+        self
+    }
+
+    /// The value check of `args` (16-bit inputs are widened to f32 for it) and of `extra` f32
+    /// buffers.
+    fn check_values(
+        &self,
+        args: &DeviceAttention,
+        l: &Launch,
+        extra: &[(&str, &Handle, usize)],
+    ) -> Result<()> {
+        if self.value_check == ValueCheck::Off {
+            return Ok(());
+        }
+        let (t, s) = (self.plan.t, self.plan.s);
+        let lens = [
+            l.b * t * l.h * l.d,
+            l.b * s * l.h * l.d,
+            l.b * s * l.h * l.d,
+        ];
+        let widened: Vec<Handle> = [args.q, args.k, args.v]
+            .iter()
+            .zip(lens)
+            .map(|(h, n)| match l.dtype {
+                DType::F16 => crate::cube::kernels::cast_f32::<f16>(&self.ctx, h, n),
+                DType::BF16 => crate::cube::kernels::cast_f32::<bf16>(&self.ctx, h, n),
+                _ => (*h).clone(),
+            })
+            .collect();
+        let mut checked: Vec<values::Checked> = ["q", "k", "v"]
+            .iter()
+            .zip(&widened)
+            .zip(lens)
+            .map(|((&name, buffer), len)| values::Checked {
+                name,
+                buffer,
+                len,
+                gate: false,
+            })
+            .collect();
+        for &(name, buffer, len) in extra {
+            checked.push(values::Checked {
+                name,
+                buffer,
+                len,
+                gate: false,
+            });
+        }
+        values::check(&self.ctx, &checked)
     }
 
     pub fn context(&self) -> &CubeContext {
@@ -417,6 +478,7 @@ impl CubeAttentionPlan {
     /// Forward pass on device buffers.
     pub fn forward(&self, args: &DeviceAttention) -> Result<DeviceAttnOutput> {
         let l = self.validate(args)?;
+        self.check_values(args, &l, &[])?;
         let (tiles, per_block, grid_x) = self.tiles(AttnKernel::Forward, l.d)?;
         guarded("attention forward", || {
             let t = self.plan.t;
@@ -500,6 +562,8 @@ impl CubeAttentionPlan {
         expect_buffer("o", o, q_len * 4)?;
         expect_buffer("do", d_o, q_len * 4)?;
         expect_buffer("lse", lse, l.b * l.h * t * 4)?;
+        // o and lse are this plan's forward outputs (lse is -inf on an empty row): not checked.
+        self.check_values(args, &l, &[("do", d_o, q_len)])?;
         let dq_tiles = self.tiles(AttnKernel::BackwardDq, l.d)?;
         let dkdv_tiles = self.tiles(AttnKernel::BackwardDkDv, l.d)?;
         guarded("attention backward", || {
@@ -739,8 +803,10 @@ impl HostProblem {
     fn new(ctx: &CubeContext, spec: &AttnSpec, args: &Attention) -> Result<Self> {
         // Refuse an unsupported dtype before planning or uploading anything.
         check_dtype(ctx, "q", spec.dtype)?;
+        // The host API validated every value before the upload: no second check on the device.
         let plan =
-            CubeAttentionPlan::from_mask(ctx, args.mask, spec.dims.t, spec.dims.s, spec.causal)?;
+            CubeAttentionPlan::from_mask(ctx, args.mask, spec.dims.t, spec.dims.s, spec.causal)?
+                .with_value_check(ValueCheck::Off);
         let q = upload_input(ctx, "q", args.q)?;
         let k = upload_input(ctx, "k", args.k)?;
         let v = upload_input(ctx, "v", args.v)?;

@@ -1,7 +1,9 @@
 //! Device-resident API: q, k, v, o, lse, do and the gradients are cudarc device slices, the plan
 //! is a [`CudaAttentionPlan`] uploaded once, launches go to the caller's stream and nothing is
 //! copied to the host. Sizes, dtypes, head dim and the plan's geometry are checked and typed
-//! errors returned; values are not inspected (that would need a device-to-host copy).
+//! errors returned. Values (q, k, v, and do in the backward pass) are checked on the device by
+//! default ([`DeviceAttention::value_check`]): one flag pass per input and one small read back,
+//! which synchronises the stream once; [`ValueCheck::Off`] keeps the call asynchronous.
 //!
 //! Outputs may be f32 or the inputs' dtype (o; the three gradients share one choice).
 
@@ -17,9 +19,12 @@ use super::plan::{CudaAttentionPlan, DeviceAttentionPlan};
 use super::{DENSE_BLOCK_K, DENSE_BLOCK_Q};
 use crate::attention::AttnDims;
 use crate::attention::plan::AttentionPlan;
+use crate::backend::ValueCheck;
 use crate::cuda::CudaContext;
 use crate::cuda::exec::CudaExec;
 use crate::error::{Error, Result};
+use crate::linear::cuda::device::{Source, check_values};
+use crate::linear::cuda::values::CheckedBuffer;
 use crate::tensor::DType;
 
 /// A device output of one of the supported element types.
@@ -66,6 +71,41 @@ pub struct DeviceAttention<'a> {
     pub scale: Option<f64>,
     /// Top-left aligned causal rule (must match the plan's).
     pub causal: bool,
+    /// [`ValueCheck::On`] by default: NaN / infinities in the inputs are a typed error.
+    pub value_check: ValueCheck,
+}
+
+/// The value check of q, k, v and `extra` (addresses already taken), when on.
+fn check_inputs<'a>(
+    exec: &CudaExec,
+    stream: &Arc<CudaStream>,
+    problem: &DeviceAttention<'a>,
+    addrs: [u64; 3],
+    extra: Option<(u64, DeviceTensor<'a>)>,
+) -> Result<()> {
+    if problem.value_check == ValueCheck::Off {
+        return Ok(());
+    }
+    let mut named = vec![
+        ("q", addrs[0], problem.q),
+        ("k", addrs[1], problem.k),
+        ("v", addrs[2], problem.v),
+    ];
+    if let Some((address, d_o)) = extra {
+        named.push(("do", address, d_o));
+    }
+    let checked: Vec<CheckedBuffer> = named
+        .iter()
+        .map(|&(name, address, t)| CheckedBuffer {
+            name,
+            address,
+            len: t.len(),
+            dtype: t.dtype(),
+            gate: false,
+        })
+        .collect();
+    let sources: Vec<Source> = named.iter().map(|&(_, _, t)| Source::Tensor(t)).collect();
+    check_values(exec, stream, &checked, &sources)
 }
 
 fn expect_len(name: &str, len: usize, want: usize, what: &str) -> Result<()> {
@@ -203,6 +243,7 @@ pub fn forward<'a>(
         o_f32,
         lse: ptrs.write(lse),
     };
+    check_inputs(&exec, stream, problem, [addrs.q, addrs.k, addrs.v], None)?;
     engine::forward(&exec, plan, &prob, &addrs)
 }
 
@@ -287,7 +328,14 @@ pub fn backward<'a>(
         dv: ptrs.tensor_mut(grads.dv),
         grad_f32,
     };
-    let result = engine::backward(&exec, plan, &prob, &addrs);
+    let result = check_inputs(
+        &exec,
+        stream,
+        problem,
+        [addrs.q, addrs.k, addrs.v],
+        Some((addrs.d_o, state.d_o)),
+    )
+    .and_then(|()| engine::backward(&exec, plan, &prob, &addrs));
     drop(ptrs);
     drop(delta);
     result

@@ -32,8 +32,11 @@
 //! [`chunk_backward`] (reverse state pass `dh`, `dA`, `dq`, `dk`, `dv`), [`recurrent`] (scans,
 //! also the decoding step), [`parallel`] (the `T x T` form).
 //!
-//! **Device-resident inputs are not value-checked**: the host path validates every value
-//! (finite inputs, gates `<= 0`) before upload; a caller of [`forward_device`] promises the same.
+//! **Device-resident inputs are value-checked on the device** by default: one reduction per input
+//! (finite values, gates `<= 0`, [`crate::cube::values`]) before the launches, giving the host
+//! API's typed errors; [`DeviceLinearAttention::with_value_check`] with [`ValueCheck::Off`] skips
+//! it, and the caller then vouches for the values. The host path validates on the host and does
+//! not check twice.
 
 pub mod chunk_backward;
 pub mod chunk_forward;
@@ -51,6 +54,7 @@ use self::layout::{Chunks, GATE_NONE, GATE_PER_HEAD, GATE_SCALAR, GATE_VECTOR, S
 use super::{Dims, Direction, Form, Gate, GateKind, Grads, LinearAttention, Output, Spec};
 use crate::cube::kernels::{alloc_f32, columns, output, zeros};
 use crate::cube::launch::{grid, per_item};
+use crate::cube::values::{self, ValueCheck};
 use crate::cube::{CubeContext, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
@@ -103,6 +107,9 @@ pub struct DeviceLinearAttention<'a> {
     pub normalize: Option<f64>,
     pub h0: Option<&'a DeviceTensor>,
     pub cu_seqlens: Option<&'a [i64]>,
+    /// On by default: the inputs' values (and the cotangents' in the backward pass) are checked
+    /// on the device before any launch.
+    pub value_check: ValueCheck,
 }
 
 impl<'a> DeviceLinearAttention<'a> {
@@ -118,6 +125,7 @@ impl<'a> DeviceLinearAttention<'a> {
             normalize: None,
             h0: None,
             cu_seqlens: None,
+            value_check: ValueCheck::On,
         }
     }
 
@@ -156,6 +164,80 @@ impl<'a> DeviceLinearAttention<'a> {
     pub fn with_cu_seqlens(mut self, cu_seqlens: &'a [i64]) -> Self {
         self.cu_seqlens = Some(cu_seqlens);
         self
+    }
+
+    /// [`ValueCheck::On`] (the default) or [`ValueCheck::Off`] (no device-side value check).
+    pub fn with_value_check(mut self, check: ValueCheck) -> Self {
+        self.value_check = check;
+        self
+    }
+
+    /// The device-side value check of the inputs (and of the cotangents `extra`), when on.
+    fn check_values(
+        &self,
+        ctx: &CubeContext,
+        problem: &Problem,
+        extra: &[(&str, &Handle, usize)],
+    ) -> Result<()> {
+        if self.value_check == ValueCheck::Off {
+            return Ok(());
+        }
+        let mut checked = vec![
+            values::Checked {
+                name: "q",
+                buffer: &problem.q,
+                len: self.q.numel(),
+                gate: false,
+            },
+            values::Checked {
+                name: "k",
+                buffer: &problem.k,
+                len: self.k.numel(),
+                gate: false,
+            },
+            values::Checked {
+                name: "v",
+                buffer: &problem.v,
+                len: self.v.numel(),
+                gate: false,
+            },
+        ];
+        if let (Some(t), Some(buffer)) = (self.gate.tensor(), problem.gate.as_ref()) {
+            checked.push(values::Checked {
+                name: "g",
+                buffer,
+                len: t.numel(),
+                gate: true,
+            });
+        }
+        if let (Some(t), Some(buffer)) = (
+            self.gate_bwd.as_ref().and_then(|g| g.tensor()),
+            problem.gate_bwd.as_ref(),
+        ) {
+            checked.push(values::Checked {
+                name: "g_bwd",
+                buffer,
+                len: t.numel(),
+                gate: true,
+            });
+        }
+        if let (Some(t), Some(buffer)) = (self.h0, problem.h0.as_ref()) {
+            checked.push(values::Checked {
+                name: "h0",
+                buffer,
+                len: t.numel(),
+                gate: false,
+            });
+        }
+        for &(name, buffer, len) in extra {
+            checked.push(values::Checked {
+                name,
+                buffer,
+                len,
+                gate: false,
+            });
+        }
+        values::check(ctx, &checked)
     }
 
     /// Checks shapes and options (not values: they stay on the device).
@@ -296,6 +378,7 @@ pub fn forward_device(
 ) -> Result<DeviceOutput> {
     let spec = args.validate()?;
     let problem = Problem::new(ctx, &spec, args)?;
+    args.check_values(ctx, &problem, &[])?;
     let run = Run::new(ctx, &problem, form)?;
     let (o, ht) = run.forward()?;
     let d = spec.dims;
@@ -337,9 +420,16 @@ pub fn backward_device(
         }
     }
     let problem = Problem::new(ctx, &spec, args)?;
-    let run = Run::new(ctx, &problem, form)?;
+    let d_o_len = d_o.numel();
+    let d_ht_len = d_ht.map_or(0, |t| t.numel());
     let d_o = d_o.to_f32(ctx, "do")?;
     let d_ht = d_ht.map(|t| t.to_f32(ctx, "dht")).transpose()?;
+    let mut cotangents = vec![("do", &d_o, d_o_len)];
+    if let Some(d_ht) = d_ht.as_ref() {
+        cotangents.push(("dht", d_ht, d_ht_len));
+    }
+    args.check_values(ctx, &problem, &cotangents)?;
+    let run = Run::new(ctx, &problem, form)?;
     let grads = run.backward(&d_o, d_ht.as_ref())?;
     let d = spec.dims;
     let gate_shape = |kind: GateKind| match kind {
@@ -405,6 +495,8 @@ impl Uploaded {
             normalize: args.normalize,
             h0: self.h0.as_ref(),
             cu_seqlens: args.cu_seqlens,
+            // The host API validated every value before the upload.
+            value_check: ValueCheck::Off,
         }
     }
 }

@@ -2,9 +2,11 @@
 //! stream, nothing is copied to the host (except the tiny chunk tables built from `cu_seqlens`,
 //! which is a host slice because the launch grids depend on it).
 //!
-//! Sizes are checked against `dims` and typed errors returned. Gate values are not inspected here
-//! (that would need a device-to-host copy): they must be natural-log decays `<= 0`, as the host
-//! API validates; a positive gate overflows.
+//! Sizes are checked against `dims` and typed errors returned. Values are checked on the device by
+//! default ([`DeviceProblem::value_check`], [`ValueCheck::On`]): one `la_value_flags` pass per input
+//! (finite values, gates `<= 0`) and one 4-byte-per-tensor read back, which synchronises the
+//! stream once; a bad value is the host API's typed error. With [`ValueCheck::Off`] the call is
+//! fully asynchronous and the caller vouches for the values (a positive gate overflows).
 
 use std::sync::Arc;
 
@@ -13,7 +15,9 @@ use half::{bf16, f16};
 use linattn_reference::linear::{Dims, Direction, Form, GateKind};
 
 use super::engine::{self, BackwardTargets, Cotangents, ForwardTargets, Inputs};
+use super::values::{self, CheckedBuffer};
 use super::{Spec, engine_config};
+use crate::backend::ValueCheck;
 use crate::cuda::CudaContext;
 use crate::cuda::exec::CudaExec;
 use crate::error::{Error, Result};
@@ -98,6 +102,9 @@ pub struct DeviceProblem<'a> {
     pub h0: Option<&'a CudaSlice<f32>>,
     /// Packed offsets `[N + 1]` (host).
     pub cu_seqlens: Option<&'a [i64]>,
+    /// [`ValueCheck::On`] (the default of [`ValueCheck`]): the input values (and the cotangents
+    /// in the backward pass) are checked on the device before the launches.
+    pub value_check: ValueCheck,
 }
 
 /// Forward results, written in place (f32): `o: [B, T, H, V]`, `ht: [N, H, K, V]`.
@@ -211,6 +218,90 @@ impl DeviceProblem<'_> {
     }
 }
 
+/// A device buffer the value check may have to read back (its error path only).
+#[derive(Clone, Copy)]
+pub(crate) enum Source<'a> {
+    Tensor(DeviceTensor<'a>),
+    F32(&'a CudaSlice<f32>),
+}
+
+/// Runs the device-side value check over `checked` (addresses already taken) and turns a flag
+/// into the typed error of the first bad element, read back from `sources`.
+pub(crate) fn check_values<'a>(
+    exec: &CudaExec,
+    stream: &Arc<CudaStream>,
+    checked: &[CheckedBuffer],
+    sources: &[Source<'a>],
+) -> Result<()> {
+    let flags = values::value_flags_on(exec, checked)?;
+    let runtime = |e: cudarc::driver::DriverError| Error::Runtime {
+        backend: "cuda".into(),
+        message: format!("reading a flagged input back: {e}"),
+    };
+    values::first_error(checked, &flags, |i| {
+        Ok(match sources[i] {
+            Source::Tensor(DeviceTensor::BF16(s)) => stream
+                .clone_dtoh(s)
+                .map_err(runtime)?
+                .iter()
+                .map(|x| x.to_f64())
+                .collect(),
+            Source::Tensor(DeviceTensor::F16(s)) => stream
+                .clone_dtoh(s)
+                .map_err(runtime)?
+                .iter()
+                .map(|x| x.to_f64())
+                .collect(),
+            Source::Tensor(DeviceTensor::F32(s)) | Source::F32(s) => stream
+                .clone_dtoh(s)
+                .map_err(runtime)?
+                .iter()
+                .map(|&x| x as f64)
+                .collect(),
+        })
+    })
+}
+
+/// The buffers of `problem` (and the extra cotangents) to check, with their addresses in `inp`.
+fn input_checks<'a>(
+    problem: &DeviceProblem<'a>,
+    inp: &Inputs,
+    extra: &[(&'static str, u64, Source<'a>)],
+) -> (Vec<CheckedBuffer<'static>>, Vec<Source<'a>>) {
+    let mut checked = Vec::new();
+    let mut sources = Vec::new();
+    let mut push = |name: &'static str, address: u64, source: Source<'a>, gate: bool| {
+        let (len, dtype) = match source {
+            Source::Tensor(t) => (t.len(), t.dtype()),
+            Source::F32(s) => (s.len(), DType::F32),
+        };
+        checked.push(CheckedBuffer {
+            name,
+            address,
+            len,
+            dtype,
+            gate,
+        });
+        sources.push(source);
+    };
+    push("q", inp.q, Source::Tensor(problem.q), false);
+    push("k", inp.k, Source::Tensor(problem.k), false);
+    push("v", inp.v, Source::Tensor(problem.v), false);
+    if let Some(g) = problem.gate.slice() {
+        push("g", inp.g, Source::F32(g), true);
+    }
+    if let Some(g) = problem.gate_bwd.as_ref().and_then(DeviceGate::slice) {
+        push("g_bwd", inp.g_bwd, Source::F32(g), true);
+    }
+    if let Some(h0) = problem.h0 {
+        push("h0", inp.h0, Source::F32(h0), false);
+    }
+    for &(name, address, source) in extra {
+        push(name, address, source, false);
+    }
+    (checked, sources)
+}
+
 /// Raw device addresses of the slices, with cudarc's stream-ordering guards kept alive until the
 /// launches are issued.
 struct Pointers<'a> {
@@ -287,6 +378,10 @@ pub fn forward<'a>(
         guards: Vec::new(),
     };
     let inp = ptrs.inputs(problem);
+    if problem.value_check == ValueCheck::On {
+        let (checked, sources) = input_checks(problem, &inp, &[]);
+        check_values(&exec, stream, &checked, &sources)?;
+    }
     let targets = ForwardTargets {
         o: ptrs.write(out.o),
         ht: out.ht.map_or(0, |s| ptrs.write(s)),
@@ -363,6 +458,14 @@ pub fn backward<'a>(
         do_f32: d_o.dtype() != spec.dtype,
         dht: d_ht.map_or(0, |s| ptrs.read(s)),
     };
+    if problem.value_check == ValueCheck::On {
+        let mut extra = vec![("do", cot.d_o, Source::Tensor(d_o))];
+        if let Some(dht) = d_ht {
+            extra.push(("dht", cot.dht, Source::F32(dht)));
+        }
+        let (checked, sources) = input_checks(problem, &inp, &extra);
+        check_values(&exec, stream, &checked, &sources)?;
+    }
     let targets = BackwardTargets {
         dq: ptrs.write(out.dq),
         dk: ptrs.write(out.dk),

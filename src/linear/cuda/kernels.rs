@@ -94,13 +94,14 @@ pub const CHUNK_KERNELS: [(&str, Option<usize>); 10] = [
 pub const RECURRENT_KERNELS: [&str; 3] = ["la_rec_fwd", "la_rec_bwd", "la_rec_dg"];
 
 /// The kernels of linear_util.cu.
-pub const UTIL_KERNELS: [&str; 6] = [
+pub const UTIL_KERNELS: [&str; 7] = [
     "la_gate_grad",
     "la_gate_grad_head",
     "la_pack_ones",
     "la_normalize",
     "la_norm_grad",
     "la_drop_ones",
+    "la_value_flags",
 ];
 
 /// A kernel of linear_chunk.cu by name.

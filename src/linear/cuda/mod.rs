@@ -18,6 +18,7 @@ pub mod device;
 mod engine;
 pub mod kernels;
 mod params;
+pub mod values;
 
 use linattn_reference::linear::Dims;
 
