@@ -238,6 +238,31 @@ impl Tensor {
     }
 }
 
+/// The device backends compute in f32 and take f32 / f16 / bf16 inputs. The host API narrows an f64
+/// input to f32 on the host before it reaches them (one rounding per value, what a caller's
+/// `to_dtype(F32)` would do), so that f64 tensors (the reference's, the helpers') run on every
+/// backend; values that overflow f32 there are then refused as non-finite. `None`: not f64, use
+/// the tensor as it is.
+pub(crate) fn narrowed_for_device(t: &Tensor) -> Option<Tensor> {
+    (t.dtype() == DType::F64).then(|| t.to_dtype(DType::F32))
+}
+
+/// [`narrowed_for_device`] over several tensors for `backend`: `None` on the CPU or when none is
+/// f64, else one entry per tensor (`Some` for each narrowed one).
+pub(crate) fn narrowed_all(
+    backend: &crate::Backend,
+    tensors: &[Option<&Tensor>],
+) -> Option<Vec<Option<Tensor>>> {
+    if matches!(backend, crate::Backend::Cpu) {
+        return None;
+    }
+    let narrowed: Vec<Option<Tensor>> = tensors
+        .iter()
+        .map(|t| t.and_then(narrowed_for_device))
+        .collect();
+    narrowed.iter().any(Option::is_some).then_some(narrowed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,7 +19,7 @@ pub use plan::{AttentionPlan, PlanLists};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Tensor, narrowed_all};
 use crate::validation::*;
 
 /// One attention problem over host tensors.
@@ -147,6 +147,17 @@ pub struct AttnGrads {
 
 pub fn forward(backend: &Backend, args: &Attention) -> Result<AttnOutput> {
     let spec = args.validate()?;
+    // f64 inputs are narrowed to f32 on the host for the device backends.
+    if let Some(n) = narrowed_all(backend, &[Some(args.q), Some(args.k), Some(args.v)]) {
+        let pick = |i: usize, t| n[i].as_ref().unwrap_or(t);
+        let narrowed = Attention {
+            q: pick(0, args.q),
+            k: pick(1, args.k),
+            v: pick(2, args.v),
+            ..*args
+        };
+        return forward(backend, &narrowed);
+    }
     match backend {
         Backend::Cpu => Ok(reference::forward(&spec, args)),
         #[cfg(feature = "cube")]
@@ -161,6 +172,20 @@ pub fn backward(backend: &Backend, args: &Attention, d_o: &Tensor) -> Result<Att
     let spec = args.validate()?;
     expect_shape("do", d_o, &["B", "T", "H", "D"], &spec.o_shape())?;
     expect_finite("do", d_o)?;
+    // f64 inputs are narrowed to f32 on the host for the device backends.
+    if let Some(n) = narrowed_all(
+        backend,
+        &[Some(args.q), Some(args.k), Some(args.v), Some(d_o)],
+    ) {
+        let pick = |i: usize, t| n[i].as_ref().unwrap_or(t);
+        let narrowed = Attention {
+            q: pick(0, args.q),
+            k: pick(1, args.k),
+            v: pick(2, args.v),
+            ..*args
+        };
+        return backward(backend, &narrowed, pick(3, d_o));
+    }
     match backend {
         Backend::Cpu => Ok(reference::backward(&spec, args, d_o)),
         #[cfg(feature = "cube")]

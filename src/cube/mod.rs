@@ -105,8 +105,10 @@ impl CubeContext {
 
     /// Whether the kernels can read inputs of `dtype` on this runtime. f32 always; f16 and bf16
     /// when the runtime can store them in buffers and convert them to f32 (queried from the
-    /// runtime's features: llvmpipe has f16 but no bf16); f64 never (the kernels compute in f32,
-    /// and narrowing an f64 input silently is not our call to make).
+    /// runtime's features: llvmpipe has f16 but no bf16); f64 never on the device (the kernels
+    /// compute in f32). The host API (`linear::forward`, `attention::forward`, ...) narrows f64
+    /// inputs to f32 on the host before they get here; the device-resident API takes what the
+    /// device holds.
     pub fn supports_dtype(&self, dtype: DType) -> bool {
         let usable = |uses: cubecl::ir::EnumSet<TypeUsage>| {
             uses.contains(TypeUsage::Buffer) && uses.contains(TypeUsage::Conversion)

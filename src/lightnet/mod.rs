@@ -17,7 +17,7 @@ pub mod cube;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::linear::{Dims, Form};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Tensor, narrowed_all};
 use crate::validation::*;
 
 /// The recurrent state `(S, z)` of causal LightNet, as host tensors.
@@ -224,12 +224,43 @@ pub struct LightNetGrads {
 pub fn forward(backend: &Backend, args: &LightNet, form: Form) -> Result<LightNetOutput> {
     let spec = args.validate()?;
     check_form(&form)?;
+    if let Some(n) = narrowed_all(backend, &narrowed_inputs(args, None)) {
+        return forward(backend, &with_narrowed(args, &n), form);
+    }
     match backend {
         Backend::Cpu => Ok(reference::forward(&spec, args, form)),
         #[cfg(feature = "cube")]
         Backend::Cube(ctx) => cube::forward(ctx, &spec, args, form),
         #[cfg(feature = "cuda")]
         Backend::Cuda(_) => engine_path::forward(backend, &spec, args, form),
+    }
+}
+
+/// The tensors a device backend may need narrowed from f64: q, k, v, s0, z0, then `do`.
+fn narrowed_inputs<'a>(args: &LightNet<'a>, d_o: Option<&'a Tensor>) -> [Option<&'a Tensor>; 6] {
+    let state = args.initial_state;
+    [
+        Some(args.q),
+        Some(args.k),
+        Some(args.v),
+        state.map(|s| s.s),
+        state.map(|s| s.z),
+        d_o,
+    ]
+}
+
+/// `args` with the narrowed copies of [`narrowed_inputs`] in place of their f64 originals.
+fn with_narrowed<'s>(args: &LightNet<'s>, n: &'s [Option<Tensor>]) -> LightNet<'s> {
+    let pick = |i: usize, t: &'s Tensor| n[i].as_ref().unwrap_or(t);
+    LightNet {
+        q: pick(0, args.q),
+        k: pick(1, args.k),
+        v: pick(2, args.v),
+        initial_state: args.initial_state.map(|st| LightNetStateRef {
+            s: pick(3, st.s),
+            z: pick(4, st.z),
+        }),
+        ..*args
     }
 }
 
@@ -244,6 +275,10 @@ pub fn backward(
     check_form(&form)?;
     expect_shape("do", d_o, &["B", "T", "H", "V"], &spec.o_shape())?;
     expect_finite("do", d_o)?;
+    if let Some(n) = narrowed_all(backend, &narrowed_inputs(args, Some(d_o))) {
+        let d_o = n[5].as_ref().unwrap_or(d_o);
+        return backward(backend, &with_narrowed(args, &n), form, d_o);
+    }
     match backend {
         Backend::Cpu => Ok(reference::backward(&spec, args, form, d_o)),
         #[cfg(feature = "cube")]

@@ -305,6 +305,9 @@ pub struct Grads {
 pub fn forward(backend: &Backend, args: &LinearAttention, form: Form) -> Result<Output> {
     let spec = args.validate()?;
     check_form(&form)?;
+    if let Some(narrowed) = Narrowed::for_device(backend, args, &[]) {
+        return forward(backend, &narrowed.problem(args), form);
+    }
     match backend {
         Backend::Cpu => Ok(reference::forward(&spec, args, form)),
         #[cfg(feature = "cube")]
@@ -325,12 +328,77 @@ pub fn backward(
     let spec = args.validate()?;
     check_form(&form)?;
     spec.validate_cotangents(d_o, d_ht)?;
+    if let Some(n) = Narrowed::for_device(backend, args, &[Some(d_o), d_ht]) {
+        let d_o = n.extra[0].as_ref().unwrap_or(d_o);
+        let d_ht = d_ht.map(|t| n.extra[1].as_ref().unwrap_or(t));
+        return backward(backend, &n.problem(args), form, d_o, d_ht);
+    }
     match backend {
         Backend::Cpu => Ok(reference::backward(&spec, args, form, d_o, d_ht)),
         #[cfg(feature = "cube")]
         Backend::Cube(ctx) => cube::backward(ctx, &spec, args, form, d_o, d_ht),
         #[cfg(feature = "cuda")]
         Backend::Cuda(ctx) => cuda::backward(ctx, &spec, args, form, d_o, d_ht),
+    }
+}
+
+/// f32 copies of the f64 inputs of a problem for a device backend
+/// ([`crate::tensor::narrowed_for_device`]); `None` on the CPU or when no input is f64.
+struct Narrowed {
+    q: Option<Tensor>,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    gate: Option<Tensor>,
+    gate_bwd: Option<Tensor>,
+    h0: Option<Tensor>,
+    /// The cotangents (or other tensors) passed as `extra`, in order.
+    extra: Vec<Option<Tensor>>,
+}
+
+impl Narrowed {
+    fn for_device(
+        backend: &Backend,
+        args: &LinearAttention,
+        extra: &[Option<&Tensor>],
+    ) -> Option<Narrowed> {
+        if matches!(backend, Backend::Cpu) {
+            return None;
+        }
+        let narrow = |t: Option<&Tensor>| t.and_then(crate::tensor::narrowed_for_device);
+        let n = Narrowed {
+            q: narrow(Some(args.q)),
+            k: narrow(Some(args.k)),
+            v: narrow(Some(args.v)),
+            gate: narrow(args.gate.tensor()),
+            gate_bwd: narrow(args.gate_bwd.as_ref().and_then(Gate::tensor)),
+            h0: narrow(args.h0),
+            extra: extra.iter().map(|t| narrow(*t)).collect(),
+        };
+        let any = [&n.q, &n.k, &n.v, &n.gate, &n.gate_bwd, &n.h0]
+            .into_iter()
+            .chain(&n.extra)
+            .any(Option::is_some);
+        any.then_some(n)
+    }
+
+    /// `args` with every narrowed tensor in place of its f64 original.
+    fn problem<'s>(&'s self, args: &LinearAttention<'s>) -> LinearAttention<'s> {
+        let pick = |own: &'s Option<Tensor>, t: &'s Tensor| own.as_ref().unwrap_or(t);
+        let gate = |own: &'s Option<Tensor>, g: Gate<'s>| match g {
+            Gate::None => Gate::None,
+            Gate::PerHead(t) => Gate::PerHead(pick(own, t)),
+            Gate::Scalar(t) => Gate::Scalar(pick(own, t)),
+            Gate::Vector(t) => Gate::Vector(pick(own, t)),
+        };
+        LinearAttention {
+            q: pick(&self.q, args.q),
+            k: pick(&self.k, args.k),
+            v: pick(&self.v, args.v),
+            gate: gate(&self.gate, args.gate),
+            gate_bwd: args.gate_bwd.map(|g| gate(&self.gate_bwd, g)),
+            h0: args.h0.map(|t| pick(&self.h0, t)),
+            ..*args
+        }
     }
 }
 
@@ -367,6 +435,20 @@ pub fn decode_step(
 ) -> Result<DecodeOutput> {
     let dims = validate_decode(state, q, k, v, &gate)?;
     let scale = expect_scale(scale.unwrap_or((dims.k as f64).powf(-0.5)))?;
+    // f64 inputs are narrowed to f32 on the host for the device backends.
+    let tensors = [Some(state), Some(q), Some(k), Some(v), gate.tensor()];
+    if let Some(n) = crate::tensor::narrowed_all(backend, &tensors) {
+        let pick = |i: usize, t: &'_ Tensor| n[i].clone().unwrap_or_else(|| t.clone());
+        let g = gate.tensor().map(|t| pick(4, t));
+        let gate = match (gate, g.as_ref()) {
+            (Gate::PerHead(_), Some(t)) => Gate::PerHead(t),
+            (Gate::Scalar(_), Some(t)) => Gate::Scalar(t),
+            (Gate::Vector(_), Some(t)) => Gate::Vector(t),
+            _ => Gate::None,
+        };
+        let (state, q, k, v) = (pick(0, state), pick(1, q), pick(2, k), pick(3, v));
+        return decode_step(backend, &state, &q, &k, &v, gate, Some(scale));
+    }
     match backend {
         Backend::Cpu => Ok(reference::decode_step(&dims, state, q, k, v, &gate, scale)),
         #[cfg(feature = "cube")]

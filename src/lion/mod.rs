@@ -88,23 +88,27 @@ pub fn gates_from_released_code(log_lambda: &Tensor) -> Result<(Tensor, Tensor)>
             }
         }
     }
+    // Computed in f64, returned in the input's dtype (a shift: no rounding beyond the input's).
+    let dtype = log_lambda.dtype();
     Ok((
-        Tensor::f64_unchecked(shape.clone(), g),
-        Tensor::f64_unchecked(shape, gb),
+        Tensor::f64_unchecked(shape.clone(), g).to_dtype(dtype),
+        Tensor::f64_unchecked(shape, gb).to_dtype(dtype),
     ))
 }
 
-/// `elu(x) + 1`, LION-LIT's feature map (positive, so the normaliser stays positive).
+/// `elu(x) + 1`, LION-LIT's feature map (positive, so the normaliser stays positive). Computed in
+/// f64, returned in `x`'s dtype.
 pub fn elu_plus_one(x: &Tensor) -> Tensor {
     let y = x
         .to_f64_vec()
         .into_iter()
         .map(|x| if x > 0.0 { x + 1.0 } else { x.exp() })
         .collect();
-    Tensor::f64_unchecked(x.shape().to_vec(), y)
+    Tensor::f64_unchecked(x.shape().to_vec(), y).to_dtype(x.dtype())
 }
 
 /// `(silu(x) + 0.5) / ||silu(x) + 0.5||_2` over the last dimension, LION-D/S's feature map.
+/// Computed in f64, returned in `x`'s dtype.
 pub fn silu_shifted_normalized(x: &Tensor) -> Result<Tensor> {
     let d = *x
         .shape()
@@ -125,7 +129,7 @@ pub fn silu_shifted_normalized(x: &Tensor) -> Result<Tensor> {
             *v /= norm;
         }
     }
-    Ok(Tensor::f64_unchecked(x.shape().to_vec(), y))
+    Ok(Tensor::f64_unchecked(x.shape().to_vec(), y).to_dtype(x.dtype()))
 }
 
 #[cfg(test)]
@@ -144,6 +148,24 @@ mod tests {
             gates_from_released_code(&bad),
             Err(Error::InvalidGate { .. })
         ));
+    }
+
+    /// Helpers keep their input's dtype, so their outputs go to any backend as they are.
+    #[test]
+    fn helpers_keep_the_input_dtype() {
+        use crate::tensor::DType;
+        for dtype in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+            let x = Tensor::from_f64(vec![2, 3], vec![-3.0, -1.0, 0.0, 1.0, 2.0, -0.5])
+                .unwrap()
+                .to_dtype(dtype);
+            assert_eq!(elu_plus_one(&x).dtype(), dtype);
+            assert_eq!(silu_shifted_normalized(&x).unwrap().dtype(), dtype);
+            let ll = Tensor::from_f64(vec![1, 3, 2], vec![-1.0; 6])
+                .unwrap()
+                .to_dtype(dtype);
+            let (g, gb) = gates_from_released_code(&ll).unwrap();
+            assert_eq!((g.dtype(), gb.dtype()), (dtype, dtype));
+        }
     }
 
     #[test]

@@ -160,8 +160,8 @@ pub fn kernel_tiles(
 }
 
 /// Whether the runtime behind `ctx` can take inputs `q, k, v` of `dtype` (stored in buffers and
-/// converted to f32 in the kernels). f64 never: the kernels compute in f32 and narrowing an f64
-/// input silently is not this library's call.
+/// converted to f32 in the kernels). f64 never on the device (the kernels compute in f32); the
+/// host API `attention::forward` narrows f64 inputs to f32 on the host first.
 pub fn supports_dtype(ctx: &CubeContext, dtype: DType) -> bool {
     let usable = |uses: cubecl::ir::EnumSet<TypeUsage>| {
         uses.contains(TypeUsage::Buffer) && uses.contains(TypeUsage::Conversion)
