@@ -341,3 +341,87 @@ fn device_resident_api_checks_values_by_default() {
         matches!(backward_device(&ctx, &good, form, &d_o, None), Err(Error::NonFinite { ref tensor, index: 2, .. }) if tensor == "do")
     );
 }
+
+/// The device-resident decoding step: the state stays on the device across a chain of tokens
+/// and the outputs and final state match the CPU's host decoding step.
+#[test]
+fn device_decode_step_keeps_the_state_on_the_device() {
+    use linattn::cube::ValueCheck;
+    use linattn::linear::cube::decode_step_device;
+    let Some((_, ctx)) = cube() else { return };
+    let (b, h, k, v) = (2, 2, 8, 4);
+    let mut rng = Rng::new(41);
+    let mut state_cpu = f32t(vec![b, h, k, v], rng.randn(b * h * k * v));
+    let mut state_dev = ctx.upload("state", &state_cpu).unwrap();
+    for step in 0..10 {
+        let q = f32t(vec![b, 1, h, k], rng.randn(b * h * k));
+        let kk = f32t(vec![b, 1, h, k], rng.randn(b * h * k));
+        let vv = f32t(vec![b, 1, h, v], rng.randn(b * h * v));
+        let g = f32t(vec![b, 1, h], logsigmoid_gates(&mut rng, b * h, 1.0));
+        let want = linear::decode_step(
+            &Backend::Cpu,
+            &state_cpu,
+            &q,
+            &kk,
+            &vv,
+            Gate::Scalar(&g),
+            None,
+        )
+        .unwrap();
+        let up = |name: &str, t: &Tensor| ctx.upload(name, t).unwrap();
+        let (qd, kd, vd, gd) = (up("q", &q), up("k", &kk), up("v", &vv), up("g", &g));
+        let o = decode_step_device(
+            &ctx,
+            &mut state_dev,
+            &qd,
+            &kd,
+            &vd,
+            DeviceGate::Scalar(&gd),
+            None,
+            ValueCheck::On,
+        )
+        .unwrap();
+        assert_eq!(o.shape(), &[b, 1, h, v]);
+        assert_close(
+            &format!("o step {step}"),
+            &ctx.download(&o).unwrap(),
+            &want.o,
+            1e-5,
+        );
+        state_cpu = want.state;
+    }
+    assert_close(
+        "state",
+        &ctx.download(&state_dev).unwrap(),
+        &state_cpu,
+        1e-5,
+    );
+    // a state of the wrong shape is the state's error
+    let mut wrong = ctx
+        .upload(
+            "state",
+            &f32t(vec![b, h, k, v + 1], vec![0.0; b * h * k * (v + 1)]),
+        )
+        .unwrap();
+    let t = |n: usize, shape: Vec<usize>| ctx.upload("x", &f32t(shape, vec![0.1; n])).unwrap();
+    let (q, kk, vv) = (
+        t(b * h * k, vec![b, 1, h, k]),
+        t(b * h * k, vec![b, 1, h, k]),
+        t(b * h * v, vec![b, 1, h, v]),
+    );
+    let err = decode_step_device(
+        &ctx,
+        &mut wrong,
+        &q,
+        &kk,
+        &vv,
+        DeviceGate::None,
+        None,
+        ValueCheck::On,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::ShapeMismatch { tensor, .. } if tensor == "state"),
+        "{err}"
+    );
+}

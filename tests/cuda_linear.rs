@@ -536,3 +536,80 @@ fn device_api_checks_values_by_default() {
     problem.value_check = linattn::ValueCheck::Off;
     run(&ctx, &problem, &mut o, &mut ht).expect("no check: the kernels run");
 }
+
+/// The device-resident decoding step: the state stays on the GPU across a chain of tokens and
+/// the outputs and final state match the CPU's host decoding step.
+#[test]
+fn device_decode_step_keeps_the_state_on_the_gpu() {
+    use linattn::linear::cuda::device::{DeviceGate, DeviceProblem, decode_step};
+    let Some(ctx) = context() else { return };
+    let (b, h, k, v) = (2, 3, 64, 32);
+    let mut rng = Rng::new(29);
+    let s = ctx.stream();
+    let mut state_cpu = Tensor::from_f64(vec![b, h, k, v], rng.randn(b * h * k * v))
+        .unwrap()
+        .to_dtype(DType::F32);
+    let mut state = s.clone_htod(&state_cpu.to_f32_vec()).unwrap();
+    let mut worst: f64 = 0.0;
+    for _ in 0..8 {
+        let mut draw = |n: usize| -> Vec<f32> { rng.randn(n).iter().map(|&x| x as f32).collect() };
+        let (q, kk, vv) = (draw(b * h * k), draw(b * h * k), draw(b * h * v));
+        let g: Vec<f32> = logsigmoid_gates(&mut rng, b * h, 1.0)
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
+        let t = |shape: Vec<usize>, d: &[f32]| Tensor::from_f32(shape, d.to_vec()).unwrap();
+        let cpu = linear::decode_step(
+            &Backend::Cpu,
+            &state_cpu,
+            &t(vec![b, 1, h, k], &q),
+            &t(vec![b, 1, h, k], &kk),
+            &t(vec![b, 1, h, v], &vv),
+            Gate::Scalar(&t(vec![b, 1, h], &g)),
+            None,
+        )
+        .unwrap();
+        let (qd, kd, vdv, gd) = (
+            s.clone_htod(&q).unwrap(),
+            s.clone_htod(&kk).unwrap(),
+            s.clone_htod(&vv).unwrap(),
+            s.clone_htod(&g).unwrap(),
+        );
+        let token = DeviceProblem {
+            dims: linattn::linear::Dims { b, t: 1, h, k, v },
+            q: DeviceTensor::F32(&qd),
+            k: DeviceTensor::F32(&kd),
+            v: DeviceTensor::F32(&vdv),
+            gate: DeviceGate::Scalar(&gd),
+            gate_bwd: None,
+            direction: Direction::Causal,
+            scale: None,
+            normalize: None,
+            h0: None,
+            cu_seqlens: None,
+            value_check: linattn::ValueCheck::On,
+        };
+        let mut o = s.alloc_zeros::<f32>(b * h * v).unwrap();
+        decode_step(&ctx, s, &token, &mut state, &mut o).unwrap();
+        let o_host: Vec<f64> = s
+            .clone_dtoh(&o)
+            .unwrap()
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        worst = worst.max(linattn::reference::rel_rms(&o_host, &cpu.o.to_f64_vec()));
+        state_cpu = cpu.state;
+    }
+    let state_host: Vec<f64> = s
+        .clone_dtoh(&state)
+        .unwrap()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    worst = worst.max(linattn::reference::rel_rms(
+        &state_host,
+        &state_cpu.to_f64_vec(),
+    ));
+    println!("device decode step, 8 steps: worst rel err {worst:.2e}");
+    assert!(worst <= 1e-5, "{worst:e}");
+}

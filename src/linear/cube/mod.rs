@@ -563,6 +563,50 @@ pub(in crate::linear) fn decode_step(
     })
 }
 
+/// One causal decoding step on device tensors, for generation: `state <- diag(exp g) state +
+/// k^T v`, returns `o = scale q state` (`[B, 1, H, V]`, f32). `q, k: [B, 1, H, K]`,
+/// `v: [B, 1, H, V]`, `gate` for that token (`[H]`, `[B, 1, H]` or `[B, 1, H, K]`, or none),
+/// `state: [B, H, K, V]`. The state never leaves the device: on return `*state` is the new state
+/// (an f32 buffer from the context's pool; the old one is released), so a generation loop calls
+/// this once per token with no host copy. `value_check` as in [`DeviceLinearAttention`].
+#[allow(clippy::too_many_arguments)]
+pub fn decode_step_device(
+    ctx: &CubeContext,
+    state: &mut DeviceTensor,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    gate: DeviceGate,
+    scale: Option<f64>,
+    value_check: ValueCheck,
+) -> Result<DeviceTensor> {
+    if q.shape().len() != 4 || q.shape()[1] != 1 {
+        return Err(Error::shape("q", "[B, 1, H, K] (one token)", q.shape()));
+    }
+    let (b, h, kd) = (q.shape()[0], q.shape()[2], q.shape()[3]);
+    let vd = v.shape().last().copied().unwrap_or(0);
+    if state.shape() != [b, h, kd, vd] {
+        return Err(Error::shape(
+            "state",
+            describe(&["B", "H", "K", "V"], &[b, h, kd, vd]),
+            state.shape(),
+        ));
+    }
+    let mut args = DeviceLinearAttention::causal(q, k, v)
+        .with_gate(gate)
+        .with_h0(state)
+        .with_value_check(value_check);
+    if let Some(s) = scale {
+        args = args.with_scale(s);
+    }
+    let out = forward_device(ctx, &args, Form::Recurrent)?;
+    *state = out.ht.ok_or_else(|| Error::Runtime {
+        backend: "cube".into(),
+        message: "decode step produced no state".into(),
+    })?;
+    Ok(out.o)
+}
+
 /// Largest head dim (`K` and `V`) the kernels take: their per-invocation loops are sized for it
 /// ([`CubeContext::loop_budget`]); no kernel holds a whole head in registers or shared memory,
 /// so there is no separate path for 512.

@@ -476,3 +476,69 @@ pub fn backward<'a>(
     };
     engine::backward(&exec, &cfg, &inp, &cot, &targets)
 }
+
+/// One causal decoding step on device slices, for generation: `token` is the step's problem
+/// (`dims.t == 1`, causal, no normalisation, no `h0`, no `cu_seqlens`; its gate is the token's),
+/// `state` `[B, H, K, V]` f32 the running state, `o` `[B, 1, H, V]` f32 the output. The state
+/// never leaves the device: on return `*state` holds the new state (a slice allocated on
+/// `stream`, swapped in; the old one is released), so a generation loop makes no host copy.
+/// Launched on `stream`; with `token.value_check` on, the call synchronises it once.
+pub fn decode_step<'a>(
+    ctx: &CudaContext,
+    stream: &'a Arc<CudaStream>,
+    token: &DeviceProblem<'a>,
+    state: &mut CudaSlice<f32>,
+    o: &'a mut CudaSlice<f32>,
+) -> Result<()> {
+    let d = token.dims;
+    if d.t != 1 {
+        return Err(Error::InvalidArgument(format!(
+            "decode_step takes one token per sequence (dims.t = 1), got t = {}",
+            d.t
+        )));
+    }
+    if token.direction != Direction::Causal
+        || token.normalize.is_some()
+        || token.h0.is_some()
+        || token.cu_seqlens.is_some()
+    {
+        return Err(Error::InvalidArgument(
+            "decode_step takes a causal token without normalisation, h0 or cu_seqlens (the state is passed apart)".into(),
+        ));
+    }
+    expect_len("state", state.len(), d.b * d.state_len(), "B*H*K*V")?;
+    let mut next = stream
+        .alloc_zeros::<f32>(state.len())
+        .map_err(|e| Error::Runtime {
+            backend: "cuda".into(),
+            message: format!("allocating the next state: {e:?}"),
+        })?;
+    {
+        let problem = DeviceProblem {
+            h0: Some(&*state),
+            ..*token
+        };
+        // The borrows of `state` and `next` end with this block's launches (stream-ordered).
+        forward_one(ctx, stream, &problem, o, &mut next)?;
+    }
+    std::mem::swap(state, &mut next);
+    Ok(())
+}
+
+/// [`forward`] in the recurrent form with a final state, for [`decode_step`] (whose borrows of
+/// the state end before the swap).
+fn forward_one(
+    ctx: &CudaContext,
+    stream: &Arc<CudaStream>,
+    problem: &DeviceProblem,
+    o: &mut CudaSlice<f32>,
+    ht: &mut CudaSlice<f32>,
+) -> Result<()> {
+    forward(
+        ctx,
+        stream,
+        problem,
+        Form::Recurrent,
+        DeviceForward { o, ht: Some(ht) },
+    )
+}
