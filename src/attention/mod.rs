@@ -149,14 +149,7 @@ pub fn forward(backend: &Backend, args: &Attention) -> Result<AttnOutput> {
     let spec = args.validate()?;
     // f64 inputs are narrowed to f32 on the host for the device backends.
     if let Some(n) = narrowed_all(backend, &[Some(args.q), Some(args.k), Some(args.v)]) {
-        let pick = |i: usize, t| n[i].as_ref().unwrap_or(t);
-        let narrowed = Attention {
-            q: pick(0, args.q),
-            k: pick(1, args.k),
-            v: pick(2, args.v),
-            ..*args
-        };
-        return forward(backend, &narrowed);
+        return forward(backend, &with_narrowed(args, &n));
     }
     match backend {
         Backend::Cpu => Ok(reference::forward(&spec, args)),
@@ -177,14 +170,11 @@ pub fn backward(backend: &Backend, args: &Attention, d_o: &Tensor) -> Result<Att
         backend,
         &[Some(args.q), Some(args.k), Some(args.v), Some(d_o)],
     ) {
-        let pick = |i: usize, t| n[i].as_ref().unwrap_or(t);
-        let narrowed = Attention {
-            q: pick(0, args.q),
-            k: pick(1, args.k),
-            v: pick(2, args.v),
-            ..*args
-        };
-        return backward(backend, &narrowed, pick(3, d_o));
+        return backward(
+            backend,
+            &with_narrowed(args, &n),
+            n[3].as_ref().unwrap_or(d_o),
+        );
     }
     match backend {
         Backend::Cpu => Ok(reference::backward(&spec, args, d_o)),
@@ -192,6 +182,17 @@ pub fn backward(backend: &Backend, args: &Attention, d_o: &Tensor) -> Result<Att
         Backend::Cube(ctx) => cube::backward(ctx, &spec, args, d_o),
         #[cfg(feature = "cuda")]
         Backend::Cuda(ctx) => cuda::backward(ctx, &spec, args, d_o),
+    }
+}
+
+/// `args` with the narrowed copies (`n[0..3]` for q, k, v) in place of their f64 originals.
+fn with_narrowed<'s>(args: &Attention<'s>, n: &'s [Option<Tensor>]) -> Attention<'s> {
+    let pick = |i: usize, t: &'s Tensor| n[i].as_ref().unwrap_or(t);
+    Attention {
+        q: pick(0, args.q),
+        k: pick(1, args.k),
+        v: pick(2, args.v),
+        ..*args
     }
 }
 

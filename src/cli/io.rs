@@ -489,10 +489,10 @@ impl Outputs {
         safetensors::serialize(views, None).map_err(|e| Error::Safetensors(e.to_string()))
     }
 
-    /// Checks the outputs ([`Outputs::check_finite`]) and writes them atomically
-    /// ([`write_atomic`]).
+    /// Writes the tensors atomically ([`write_atomic`]). `linattn run` calls
+    /// [`Outputs::check_finite`] first; this writer itself stores any value (test inputs with a
+    /// NaN gradient, say).
     pub fn write(&self, path: &Path) -> Result<()> {
-        self.check_finite()?;
         let bytes = self.to_bytes()?;
         write_atomic(path, |f| f.write_all(&bytes))
     }

@@ -190,6 +190,8 @@ pub fn execute(op: RunOp) -> Result<()> {
         }
         RunOp::Lightnet(args) => lightnet::lightnet(&args)?,
     };
+    // An output that overflowed is an error, not a file.
+    outputs.check_finite()?;
     outputs.write(&common.output)
 }
 
