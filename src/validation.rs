@@ -63,6 +63,35 @@ pub(crate) fn expect_log_decay(name: &str, t: &Tensor) -> Result<()> {
     }
 }
 
+/// The error of a buffer that a device-side value check flagged, from the host check of its values
+/// read back ([`expect_log_decay`] for a gate, else [`expect_finite`]): the device path names the
+/// same element as the host path would. A flag the host check does not confirm is still reported
+/// (element 0, NaN) rather than passed.
+#[cfg(any(feature = "cube", feature = "cuda"))]
+pub(crate) fn flagged_values_error(name: &str, gate: bool, values: &Tensor) -> Error {
+    let host = if gate {
+        expect_log_decay(name, values)
+    } else {
+        expect_finite(name, values)
+    };
+    host.err().unwrap_or_else(|| {
+        let (tensor, index, value) = (name.to_string(), 0, f64::NAN);
+        if gate {
+            Error::InvalidGate {
+                tensor,
+                index,
+                value,
+            }
+        } else {
+            Error::NonFinite {
+                tensor,
+                index,
+                value,
+            }
+        }
+    })
+}
+
 /// Sizes that must be at least one.
 pub(crate) fn expect_nonzero(name: &str, t: &Tensor) -> Result<()> {
     if t.shape().contains(&0) {

@@ -17,6 +17,8 @@ use cubecl::server::Handle;
 use super::launch::{per_item, thread_index};
 use super::{CubeContext, read_vec};
 use crate::error::{Error, Result};
+use crate::tensor::Tensor;
+use crate::validation::flagged_values_error;
 
 pub use crate::backend::ValueCheck;
 
@@ -136,30 +138,11 @@ pub(crate) fn check(ctx: &CubeContext, tensors: &[Checked]) -> Result<()> {
         if word & (NON_FINITE | POSITIVE) == 0 {
             continue;
         }
-        // The error path: find the first bad element on the host, as the host check reports it.
-        let values: Vec<f32> = read_vec(ctx, t.buffer)?;
-        let bad = values
-            .iter()
-            .take(t.len)
-            .enumerate()
-            .find(|(_, x)| !x.is_finite() || (t.gate && **x > 0.0));
-        let (index, value) = match bad {
-            Some((i, &x)) => (i, x as f64),
-            None => (0, f64::NAN), // flagged but not found: report it rather than pass
-        };
-        return Err(if t.gate {
-            Error::InvalidGate {
-                tensor: t.name.to_string(),
-                index,
-                value,
-            }
-        } else {
-            Error::NonFinite {
-                tensor: t.name.to_string(),
-                index,
-                value,
-            }
-        });
+        // The error path: the host check of the values read back names the first bad element.
+        let mut values: Vec<f32> = read_vec(ctx, t.buffer)?;
+        values.truncate(t.len);
+        let values = Tensor::f32_unchecked(vec![values.len()], values);
+        return Err(flagged_values_error(t.name, t.gate, &values));
     }
     Ok(())
 }

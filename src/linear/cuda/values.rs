@@ -6,7 +6,8 @@ use super::kernels::{plain_kernel, util_variant};
 use super::params::LaParams;
 use crate::cuda::exec::Executor;
 use crate::error::{Error, Result};
-use crate::tensor::DType;
+use crate::tensor::{DType, Tensor};
+use crate::validation::flagged_values_error;
 
 /// A NaN or an infinity.
 pub const NON_FINITE: u32 = 1;
@@ -87,22 +88,6 @@ pub fn first_error(
     };
     let b = &buffers[i];
     let values = read(i)?;
-    let (index, value) = values
-        .iter()
-        .enumerate()
-        .find(|(_, x)| !x.is_finite() || (b.gate && **x > 0.0))
-        .map_or((0, f64::NAN), |(i, &x)| (i, x));
-    Err(if b.gate {
-        Error::InvalidGate {
-            tensor: b.name.to_string(),
-            index,
-            value,
-        }
-    } else {
-        Error::NonFinite {
-            tensor: b.name.to_string(),
-            index,
-            value,
-        }
-    })
+    let values = Tensor::f64_unchecked(vec![values.len()], values);
+    Err(flagged_values_error(b.name, b.gate, &values))
 }
