@@ -25,7 +25,10 @@ pub(crate) mod validation;
 pub use backend::{Backend, BackendKind, BackendProbe, DeviceRequest, ValueCheck};
 pub use error::{Error, Result};
 pub use linattn_reference as reference;
-pub use tensor::{DType, Tensor, TensorData};
+pub use tensor::{DType, Shaped, Tensor, TensorData, TensorMeta};
+/// The typed error for a tensor whose values a device-side check flagged (framework adapters
+/// check values with their own ops, then name the element with this).
+pub use validation::flagged_values_error;
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(all(doctest, feature = "cube"))]

@@ -88,6 +88,47 @@ impl TensorData {
     }
 }
 
+/// What shape validation reads of a tensor: its shape and dtype. Implemented by host [`Tensor`]s,
+/// device tensors and [`TensorMeta`], so one validator (e.g.
+/// [`LinearAttention::validate_layout`](crate::linear::LinearAttention::validate_layout)) checks
+/// a problem wherever its data lives, without touching the data.
+pub trait Shaped {
+    fn shape(&self) -> &[usize];
+    fn dtype(&self) -> DType;
+}
+
+/// A tensor's shape and dtype without its data: framework adapters validate a problem from the
+/// framework tensors' metadata before any kernel is queued.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorMeta {
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+impl TensorMeta {
+    pub fn new(shape: Vec<usize>, dtype: DType) -> Self {
+        TensorMeta { shape, dtype }
+    }
+}
+
+impl Shaped for TensorMeta {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+impl Shaped for Tensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+}
+
 /// A host tensor: shape plus row-major data.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {

@@ -2,12 +2,12 @@
 //! offending tensor.
 
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Shaped, Tensor};
 
 /// Checks that `t` has exactly `expected` (named dims like `["B", "T", "H", "K"]` for the message).
-pub(crate) fn expect_shape(
+pub(crate) fn expect_shape<T: Shaped + ?Sized>(
     name: &str,
-    t: &Tensor,
+    t: &T,
     names: &[&str],
     expected: &[usize],
 ) -> Result<()> {
@@ -23,7 +23,11 @@ pub(crate) fn describe(names: &[&str], dims: &[usize]) -> String {
 }
 
 /// Checks the rank and returns the shape.
-pub(crate) fn expect_rank<'t>(name: &str, t: &'t Tensor, names: &[&str]) -> Result<&'t [usize]> {
+pub(crate) fn expect_rank<'t, T: Shaped + ?Sized>(
+    name: &str,
+    t: &'t T,
+    names: &[&str],
+) -> Result<&'t [usize]> {
     if t.shape().len() != names.len() {
         return Err(Error::shape(
             name,
@@ -67,8 +71,7 @@ pub(crate) fn expect_log_decay(name: &str, t: &Tensor) -> Result<()> {
 /// read back ([`expect_log_decay`] for a gate, else [`expect_finite`]): the device path names the
 /// same element as the host path would. A flag the host check does not confirm is still reported
 /// (element 0, NaN) rather than passed.
-#[cfg(any(feature = "cube", feature = "cuda"))]
-pub(crate) fn flagged_values_error(name: &str, gate: bool, values: &Tensor) -> Error {
+pub fn flagged_values_error(name: &str, gate: bool, values: &Tensor) -> Error {
     let host = if gate {
         expect_log_decay(name, values)
     } else {
@@ -93,7 +96,7 @@ pub(crate) fn flagged_values_error(name: &str, gate: bool, values: &Tensor) -> E
 }
 
 /// Sizes that must be at least one.
-pub(crate) fn expect_nonzero(name: &str, t: &Tensor) -> Result<()> {
+pub(crate) fn expect_nonzero<T: Shaped + ?Sized>(name: &str, t: &T) -> Result<()> {
     if t.shape().contains(&0) {
         return Err(Error::shape(name, "every dimension >= 1", t.shape()));
     }
@@ -101,7 +104,7 @@ pub(crate) fn expect_nonzero(name: &str, t: &Tensor) -> Result<()> {
 }
 
 /// Tensors that must share one dtype (the kernels read them with one element type).
-pub(crate) fn expect_same_dtype(tensors: &[(&str, &Tensor)]) -> Result<DType> {
+pub(crate) fn expect_same_dtype<T: Shaped + ?Sized>(tensors: &[(&str, &T)]) -> Result<DType> {
     let (first_name, first) = tensors[0];
     for &(name, t) in &tensors[1..] {
         if t.dtype() != first.dtype() {

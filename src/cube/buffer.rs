@@ -8,7 +8,7 @@ use half::{bf16, f16};
 
 use super::{CubeContext, kernels, read_vec};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor, TensorData};
+use crate::tensor::{DType, Shaped, Tensor, TensorData};
 
 /// A row-major tensor in a device buffer.
 #[derive(Clone)]
@@ -21,6 +21,15 @@ pub struct DeviceTensor {
 impl std::fmt::Debug for DeviceTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "DeviceTensor({:?}, {})", self.shape, self.dtype)
+    }
+}
+
+impl Shaped for DeviceTensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
     }
 }
 
@@ -87,12 +96,43 @@ impl DeviceTensor {
     }
 }
 
+impl DeviceTensor {
+    /// This tensor (f32) converted on the device to `dtype` (f32 itself, f16 or bf16 where the
+    /// runtime stores them): the results of the kernels are f32, adapters hand them back in
+    /// their inputs' dtype.
+    pub fn to_dtype(&self, ctx: &CubeContext, dtype: DType) -> Result<DeviceTensor> {
+        if self.dtype != DType::F32 {
+            return Err(Error::InvalidArgument(format!(
+                "to_dtype converts f32 results, this tensor is {}",
+                self.dtype
+            )));
+        }
+        ctx.check_dtype("output", dtype)?;
+        let n = self.numel();
+        let handle = match dtype {
+            DType::F32 => return Ok(self.clone()),
+            DType::F16 => kernels::cast_from_f32_to::<f16>(ctx, &self.handle, n),
+            DType::BF16 => kernels::cast_from_f32_to::<bf16>(ctx, &self.handle, n),
+            DType::F64 => unreachable!("check_dtype refuses f64"),
+        };
+        Ok(DeviceTensor {
+            handle,
+            shape: self.shape.clone(),
+            dtype,
+        })
+    }
+}
+
 pub(super) fn upload(ctx: &CubeContext, name: &str, tensor: &Tensor) -> Result<DeviceTensor> {
     ctx.check_dtype(name, tensor.dtype())?;
     let handle = match tensor.data() {
         TensorData::F32(d) => kernels::upload_f32(ctx, d),
-        TensorData::F16(d) if !d.is_empty() => ctx.client().create_from_slice(f16::as_bytes(d)),
-        TensorData::BF16(d) if !d.is_empty() => ctx.client().create_from_slice(bf16::as_bytes(d)),
+        TensorData::F16(d) if !d.is_empty() => {
+            crate::cube::upload_bytes(ctx.client(), f16::as_bytes(d))
+        }
+        TensorData::BF16(d) if !d.is_empty() => {
+            crate::cube::upload_bytes(ctx.client(), bf16::as_bytes(d))
+        }
         TensorData::F16(_) | TensorData::BF16(_) => kernels::alloc_f32(ctx, 1),
         TensorData::F64(_) => unreachable!("check_dtype refuses f64"),
     };

@@ -26,6 +26,25 @@ fn cast_to_f32<I: Float>(input: &[I], out: &mut [f32], n: usize) {
     }
 }
 
+/// `out[i] = O(input[i])` for every `i < n`: narrowing f32 results to the inputs' f16/bf16 on
+/// the device (round to nearest even), for adapters that return tensors in their inputs' dtype.
+#[cube(launch_unchecked)]
+fn cast_from_f32<O: Float>(input: &[f32], out: &mut [O], n: usize) {
+    let i = thread_index();
+    if i < n {
+        out[i] = O::cast_from(input[i]);
+    }
+}
+
+/// `dst[offset + i] = src[i]` for every `i < n`.
+#[cube(launch_unchecked)]
+fn copy_at_offset(src: &[f32], dst: &mut [f32], offset: usize, n: usize) {
+    let i = thread_index();
+    if i < n {
+        dst[offset + i] = src[i];
+    }
+}
+
 /// Row-wise column copy between `[rows, src_width]` and `[rows, dst_width]`: column `c` of the
 /// destination is column `c` of the source when `c < src_width`, else `fill`. With
 /// `dst_width = src_width + 1, fill = 1` it appends a ones column; with `dst_width < src_width` it
@@ -98,15 +117,15 @@ pub fn upload_f32(ctx: &CubeContext, data: &[f32]) -> Handle {
     if data.is_empty() {
         return alloc_f32(ctx, 1);
     }
-    ctx.client().create_from_slice(f32::as_bytes(data))
+    crate::cube::upload_bytes(ctx.client(), f32::as_bytes(data))
 }
 
 /// Uploads u32 values (index tables).
 pub fn upload_u32(ctx: &CubeContext, data: &[u32]) -> Handle {
     if data.is_empty() {
-        return ctx.client().create_from_slice(u32::as_bytes(&[0]));
+        return crate::cube::upload_bytes(ctx.client(), u32::as_bytes(&[0]));
     }
-    ctx.client().create_from_slice(u32::as_bytes(data))
+    crate::cube::upload_bytes(ctx.client(), u32::as_bytes(data))
 }
 
 /// `n` elements of type `I` (f16 or bf16) widened to a new f32 buffer.
@@ -160,5 +179,58 @@ pub fn columns(
             fill,
         )
     };
+    dst
+}
+
+/// `n` f32 narrowed to a new buffer of `O` (f16 or bf16).
+pub fn cast_from_f32_to<O: Float + CubeElement>(
+    ctx: &CubeContext,
+    input: &Handle,
+    n: usize,
+) -> Handle {
+    let out = ctx.client().empty(n.max(1) * size_of::<O>());
+    if n == 0 {
+        return out;
+    }
+    let (count, dim) = per_item(n);
+    // SAFETY: `input` holds `n` f32, `out` `n` elements of `O`; indices `< n` only.
+    unsafe {
+        cast_from_f32::launch_unchecked::<O>(
+            ctx.client(),
+            count,
+            dim,
+            BufferArg::from_raw_parts(input.clone(), n),
+            BufferArg::from_raw_parts(out.clone(), n),
+            n,
+        )
+    };
+    out
+}
+
+/// The f32 buffers `parts` (each `(buffer, elements)`) one after the other in a new buffer.
+pub fn concat_f32(ctx: &CubeContext, parts: &[(&Handle, usize)]) -> Handle {
+    let total: usize = parts.iter().map(|p| p.1).sum();
+    let dst = output(ctx, total);
+    let mut offset = 0;
+    for &(src, n) in parts {
+        if n == 0 {
+            continue;
+        }
+        let (count, dim) = per_item(n);
+        // SAFETY: `src` holds `n` f32 and `dst` `total >= offset + n`; the kernel writes
+        // `dst[offset .. offset + n]` only.
+        unsafe {
+            copy_at_offset::launch_unchecked(
+                ctx.client(),
+                count,
+                dim,
+                BufferArg::from_raw_parts(src.clone(), n),
+                BufferArg::from_raw_parts(dst.clone(), total),
+                offset,
+                n,
+            )
+        };
+        offset += n;
+    }
     dst
 }

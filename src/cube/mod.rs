@@ -11,7 +11,7 @@ pub mod kernels;
 pub mod launch;
 pub mod values;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cubecl::client::Client;
@@ -189,6 +189,32 @@ impl CubeContext {
     }
 }
 
+/// Bytes this crate's cube tier copied between host and device, both directions, since the
+/// process started: every upload and every read-back (results, value-check flags, index tables)
+/// goes through [`upload_bytes`] / [`read_bytes`], which count it. Device-resident callers (the
+/// framework adapters) assert that this stays unchanged across a forward and backward pass.
+pub fn host_transfer_bytes() -> u64 {
+    HOST_TRANSFER_BYTES.load(Ordering::Relaxed)
+}
+
+static HOST_TRANSFER_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// A new device buffer holding `bytes` (a host-to-device copy, counted).
+pub(crate) fn upload_bytes(client: &Client, bytes: &[u8]) -> cubecl::server::Handle {
+    HOST_TRANSFER_BYTES.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    client.create_from_slice(bytes)
+}
+
+/// A device buffer read back to the host (waits for every launch that writes it; counted).
+pub(crate) fn read_bytes(
+    client: &Client,
+    handle: cubecl::server::Handle,
+) -> std::result::Result<cubecl::bytes::Bytes, cubecl::server::ServerError> {
+    let bytes = client.read_one(handle)?;
+    HOST_TRANSFER_BYTES.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    Ok(bytes)
+}
+
 /// See [`CubeContext::loop_budget`].
 pub const LOOP_BUDGET: usize = 32_768;
 
@@ -209,10 +235,7 @@ pub(crate) fn read_vec<T: CubeElement>(
     ctx: &CubeContext,
     handle: &cubecl::server::Handle,
 ) -> Result<Vec<T>> {
-    let bytes = ctx
-        .client()
-        .read_one(handle.clone())
-        .map_err(runtime_error)?;
+    let bytes = crate::cube::read_bytes(ctx.client(), handle.clone()).map_err(runtime_error)?;
     Ok(T::from_bytes(&bytes).to_vec())
 }
 

@@ -18,22 +18,31 @@ pub use linattn_reference::linear::{Dims, Direction, Form, GateKind};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Shaped, Tensor};
 use crate::validation::*;
 
-/// A gate over host tensors (natural-log decays, all `<= 0`).
-#[derive(Clone, Copy, Debug)]
-pub enum Gate<'a> {
+/// A gate (natural-log decays, all `<= 0`) over host tensors, or over any [`Shaped`] stand-in
+/// for shape-only validation ([`LinearAttention::validate_layout`]).
+#[derive(Debug)]
+pub enum Gate<'a, T = Tensor> {
     None,
     /// `[H]`.
-    PerHead(&'a Tensor),
+    PerHead(&'a T),
     /// `[B, T, H]`.
-    Scalar(&'a Tensor),
+    Scalar(&'a T),
     /// `[B, T, H, K]`.
-    Vector(&'a Tensor),
+    Vector(&'a T),
 }
 
-impl<'a> Gate<'a> {
+impl<T> Clone for Gate<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Gate<'_, T> {}
+
+impl<'a, T> Gate<'a, T> {
     pub fn kind(&self) -> GateKind {
         match self {
             Gate::None => GateKind::None,
@@ -43,7 +52,7 @@ impl<'a> Gate<'a> {
         }
     }
 
-    pub fn tensor(&self) -> Option<&'a Tensor> {
+    pub fn tensor(&self) -> Option<&'a T> {
         match *self {
             Gate::None => None,
             Gate::PerHead(t) | Gate::Scalar(t) | Gate::Vector(t) => Some(t),
@@ -51,33 +60,42 @@ impl<'a> Gate<'a> {
     }
 }
 
-/// One engine problem over host tensors. Build it with [`LinearAttention::causal`] or
-/// [`LinearAttention::bidirectional`] and the `with_*` methods.
-#[derive(Clone, Copy, Debug)]
-pub struct LinearAttention<'a> {
+/// One engine problem over host tensors (or, for [`validate_layout`](Self::validate_layout)
+/// alone, over any [`Shaped`] stand-in such as [`crate::TensorMeta`]). Build it with
+/// [`LinearAttention::causal`] or [`LinearAttention::bidirectional`] and the `with_*` methods.
+#[derive(Debug)]
+pub struct LinearAttention<'a, T = Tensor> {
     /// `[B, T, H, K]`.
-    pub q: &'a Tensor,
+    pub q: &'a T,
     /// `[B, T, H, K]`.
-    pub k: &'a Tensor,
+    pub k: &'a T,
     /// `[B, T, H, V]`.
-    pub v: &'a Tensor,
+    pub v: &'a T,
     /// Forward gate (below the diagonal).
-    pub gate: Gate<'a>,
+    pub gate: Gate<'a, T>,
     /// Bidirectional only: the gate above the diagonal; `None` uses `gate` for both.
-    pub gate_bwd: Option<Gate<'a>>,
+    pub gate_bwd: Option<Gate<'a, T>>,
     pub direction: Direction,
     /// Defaults to `K^-0.5`.
     pub scale: Option<f64>,
     /// Row-sum normalisation with this `eps`.
     pub normalize: Option<f64>,
     /// Causal only: initial state `[N, H, K, V]`.
-    pub h0: Option<&'a Tensor>,
+    pub h0: Option<&'a T>,
     /// Packed variable-length offsets `[N + 1]` (with `B = 1`).
     pub cu_seqlens: Option<&'a [i64]>,
 }
 
-impl<'a> LinearAttention<'a> {
-    pub fn causal(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+impl<T> Clone for LinearAttention<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for LinearAttention<'_, T> {}
+
+impl<'a, T: Shaped> LinearAttention<'a, T> {
+    pub fn causal(q: &'a T, k: &'a T, v: &'a T) -> Self {
         LinearAttention {
             q,
             k,
@@ -92,19 +110,19 @@ impl<'a> LinearAttention<'a> {
         }
     }
 
-    pub fn bidirectional(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+    pub fn bidirectional(q: &'a T, k: &'a T, v: &'a T) -> Self {
         LinearAttention {
             direction: Direction::Bidirectional,
             ..Self::causal(q, k, v)
         }
     }
 
-    pub fn with_gate(mut self, gate: Gate<'a>) -> Self {
+    pub fn with_gate(mut self, gate: Gate<'a, T>) -> Self {
         self.gate = gate;
         self
     }
 
-    pub fn with_gate_bwd(mut self, gate_bwd: Gate<'a>) -> Self {
+    pub fn with_gate_bwd(mut self, gate_bwd: Gate<'a, T>) -> Self {
         self.gate_bwd = Some(gate_bwd);
         self
     }
@@ -119,7 +137,7 @@ impl<'a> LinearAttention<'a> {
         self
     }
 
-    pub fn with_h0(mut self, h0: &'a Tensor) -> Self {
+    pub fn with_h0(mut self, h0: &'a T) -> Self {
         self.h0 = Some(h0);
         self
     }
@@ -129,8 +147,10 @@ impl<'a> LinearAttention<'a> {
         self
     }
 
-    /// Checks every shape, value and option; returns the sizes every backend works from.
-    pub fn validate(&self) -> Result<Spec> {
+    /// Checks every shape, dtype and option, not the values: what can be checked from metadata
+    /// alone (framework adapters call it before queueing kernels; the host path adds the value
+    /// checks in [`LinearAttention::validate`]). Returns the sizes every backend works from.
+    pub fn validate_layout(&self) -> Result<Spec> {
         let qs = expect_rank("q", self.q, &["B", "T", "H", "K"])?;
         expect_nonzero("q", self.q)?;
         let (b, t, h, k) = (qs[0], qs[1], qs[2], qs[3]);
@@ -140,9 +160,6 @@ impl<'a> LinearAttention<'a> {
         let v = vs[3];
         expect_shape("v", self.v, &["B", "T", "H", "V"], &[b, t, h, v])?;
         let dtype = expect_same_dtype(&[("q", self.q), ("k", self.k), ("v", self.v)])?;
-        for (name, tensor) in [("q", self.q), ("k", self.k), ("v", self.v)] {
-            expect_finite(name, tensor)?;
-        }
         let dims = Dims { b, t, h, k, v };
 
         let cu_seqlens = match self.cu_seqlens {
@@ -158,7 +175,7 @@ impl<'a> LinearAttention<'a> {
         };
         let num_sequences = cu_seqlens.as_ref().map_or(b, |cu| cu.len() - 1);
 
-        validate_gate("g", &self.gate, &dims)?;
+        gate_layout("g", &self.gate, &dims)?;
         let gate_kind = self.gate.kind();
         if let Some(gate_bwd) = &self.gate_bwd {
             if self.direction != Direction::Bidirectional {
@@ -173,7 +190,7 @@ impl<'a> LinearAttention<'a> {
                     gate_bwd.kind()
                 )));
             }
-            validate_gate("g_bwd", gate_bwd, &dims)?;
+            gate_layout("g_bwd", gate_bwd, &dims)?;
         }
 
         let scale = expect_scale(self.scale.unwrap_or((k as f64).powf(-0.5)))?;
@@ -196,7 +213,6 @@ impl<'a> LinearAttention<'a> {
                 ));
             }
             expect_shape("h0", h0, &["N", "H", "K", "V"], &[num_sequences, h, k, v])?;
-            expect_finite("h0", h0)?;
         }
 
         Ok(Spec {
@@ -214,15 +230,35 @@ impl<'a> LinearAttention<'a> {
     }
 }
 
-fn validate_gate(name: &str, gate: &Gate, dims: &Dims) -> Result<()> {
+impl LinearAttention<'_> {
+    /// Checks every shape, value and option ([`validate_layout`](Self::validate_layout), then
+    /// finite inputs and gates `<= 0`); returns the sizes every backend works from.
+    pub fn validate(&self) -> Result<Spec> {
+        let spec = self.validate_layout()?;
+        for (name, tensor) in [("q", self.q), ("k", self.k), ("v", self.v)] {
+            expect_finite(name, tensor)?;
+        }
+        if let Some(g) = self.gate.tensor() {
+            expect_log_decay("g", g)?;
+        }
+        if let Some(g) = self.gate_bwd.and_then(|g| g.tensor()) {
+            expect_log_decay("g_bwd", g)?;
+        }
+        if let Some(h0) = self.h0 {
+            expect_finite("h0", h0)?;
+        }
+        Ok(spec)
+    }
+}
+
+fn gate_layout<T: Shaped>(name: &str, gate: &Gate<T>, dims: &Dims) -> Result<()> {
     let Dims { b, t, h, k, .. } = *dims;
     match *gate {
-        Gate::None => return Ok(()),
-        Gate::PerHead(g) => expect_shape(name, g, &["H"], &[h])?,
-        Gate::Scalar(g) => expect_shape(name, g, &["B", "T", "H"], &[b, t, h])?,
-        Gate::Vector(g) => expect_shape(name, g, &["B", "T", "H", "K"], &[b, t, h, k])?,
+        Gate::None => Ok(()),
+        Gate::PerHead(g) => expect_shape(name, g, &["H"], &[h]),
+        Gate::Scalar(g) => expect_shape(name, g, &["B", "T", "H"], &[b, t, h]),
+        Gate::Vector(g) => expect_shape(name, g, &["B", "T", "H", "K"], &[b, t, h, k]),
     }
-    expect_log_decay(name, gate.tensor().expect("not None"))
 }
 
 /// A validated problem: sizes and options every backend works from.
@@ -496,6 +532,9 @@ fn validate_decode(
         k: kd,
         v: vd,
     };
-    validate_gate("g", gate, &dims)?;
+    gate_layout("g", gate, &dims)?;
+    if let Some(g) = gate.tensor() {
+        expect_log_decay("g", g)?;
+    }
     Ok(dims)
 }

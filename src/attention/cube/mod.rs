@@ -720,24 +720,23 @@ fn item_grid(items: usize) -> CubeCount {
 /// Uploads u32 values (a binding of one element for an empty list).
 fn upload_u32(ctx: &CubeContext, data: &[u32]) -> Handle {
     if data.is_empty() {
-        return ctx.client().create_from_slice(u32::as_bytes(&[0]));
+        return crate::cube::upload_bytes(ctx.client(), u32::as_bytes(&[0]));
     }
-    ctx.client().create_from_slice(u32::as_bytes(data))
+    crate::cube::upload_bytes(ctx.client(), u32::as_bytes(data))
 }
 
 /// Uploads f32 values (a binding of one element for an empty buffer).
 pub fn upload_f32(ctx: &CubeContext, data: &[f32]) -> Handle {
     if data.is_empty() {
-        return ctx.client().create_from_slice(f32::as_bytes(&[0.0]));
+        return crate::cube::upload_bytes(ctx.client(), f32::as_bytes(&[0.0]));
     }
-    ctx.client().create_from_slice(f32::as_bytes(data))
+    crate::cube::upload_bytes(ctx.client(), f32::as_bytes(data))
 }
 
 /// Reads the first `n` f32 of a buffer back (waits for every launch that writes it).
 pub fn download_f32(ctx: &CubeContext, handle: &Handle, n: usize) -> Result<Vec<f32>> {
     let bytes = guarded("reading a device buffer", || {
-        ctx.client()
-            .read_one(handle.clone())
+        crate::cube::read_bytes(ctx.client(), handle.clone())
             .map_err(|e| runtime_error(format!("{e:?}")))
     })?;
     let values = f32::from_bytes(&bytes);
@@ -784,8 +783,8 @@ fn upload_input(ctx: &CubeContext, name: &str, tensor: &Tensor) -> Result<Handle
     let client = ctx.client();
     Ok(match tensor.data() {
         TensorData::F32(d) => upload_f32(ctx, d),
-        TensorData::F16(d) => client.create_from_slice(f16::as_bytes(d)),
-        TensorData::BF16(d) => client.create_from_slice(bf16::as_bytes(d)),
+        TensorData::F16(d) => crate::cube::upload_bytes(client, f16::as_bytes(d)),
+        TensorData::BF16(d) => crate::cube::upload_bytes(client, bf16::as_bytes(d)),
         TensorData::F64(_) => unreachable!("check_dtype refuses f64"),
     })
 }

@@ -23,6 +23,7 @@ use cubecl::server::Handle;
 
 use crate::cube::CubeContext;
 use crate::cube::kernels::upload_u32;
+use crate::cube::launch::{per_item, thread_index};
 
 /// Gate kinds as the kernels see them (a runtime scalar, so one compiled kernel serves all four).
 pub const GATE_NONE: u32 = 0;
@@ -40,6 +41,9 @@ pub struct Sequences {
     pub row_seq: Handle,
     /// `B * T`.
     pub rows: usize,
+    /// `(B, T)` when every sequence is one batch entry (no `cu_seqlens`): the tables are then
+    /// built on the device, so a fixed-length problem copies nothing from the host.
+    pub fixed: Option<(usize, usize)>,
 }
 
 impl Sequences {
@@ -50,6 +54,31 @@ impl Sequences {
             None => (0..b).map(|i| (i * t, t)).collect(),
         };
         let rows = b * t;
+        if cu_seqlens.is_none() {
+            let table = ctx.client().empty(2 * b * size_of::<u32>());
+            let row_seq = ctx.client().empty(rows.max(1) * size_of::<u32>());
+            let (count, dim) = per_item(rows.max(b));
+            // SAFETY: `table` holds `2 * b` and `row_seq` `b * t` u32; the kernel writes only
+            // those indices.
+            unsafe {
+                fixed_sequence_tables::launch_unchecked(
+                    ctx.client(),
+                    count,
+                    dim,
+                    BufferArg::from_raw_parts(table.clone(), 2 * b),
+                    BufferArg::from_raw_parts(row_seq.clone(), rows.max(1)),
+                    b,
+                    t,
+                )
+            };
+            return Sequences {
+                seqs,
+                table,
+                row_seq,
+                rows,
+                fixed: Some((b, t)),
+            };
+        }
         let flat: Vec<u32> = seqs
             .iter()
             .flat_map(|&(s, l)| [s as u32, l as u32])
@@ -65,6 +94,7 @@ impl Sequences {
             row_seq: upload_u32(ctx, &row_seq),
             seqs,
             rows,
+            fixed: None,
         }
     }
 
@@ -89,6 +119,34 @@ pub struct Chunks {
 
 impl Chunks {
     pub fn new(ctx: &CubeContext, seqs: &Sequences, chunk: usize) -> Chunks {
+        if let Some((b, t)) = seqs.fixed {
+            let per_seq = t.div_ceil(chunk);
+            let count = b * per_seq;
+            let table = ctx.client().empty(count * CHUNK_FIELDS * size_of::<u32>());
+            let first = ctx.client().empty((b + 1) * size_of::<u32>());
+            let (cubes, dim) = per_item(count.max(b + 1));
+            // SAFETY: `table` holds `count * CHUNK_FIELDS` and `first` `b + 1` u32; the kernel
+            // writes only those indices.
+            unsafe {
+                fixed_chunk_tables::launch_unchecked(
+                    ctx.client(),
+                    cubes,
+                    dim,
+                    BufferArg::from_raw_parts(table.clone(), count * CHUNK_FIELDS),
+                    BufferArg::from_raw_parts(first.clone(), b + 1),
+                    b,
+                    t,
+                    chunk,
+                    per_seq,
+                )
+            };
+            return Chunks {
+                chunk,
+                count,
+                table,
+                first,
+            };
+        }
         let mut table = Vec::new();
         let mut first = vec![0u32];
         for (n, &(start, len)) in seqs.seqs.iter().enumerate() {
@@ -112,6 +170,52 @@ impl Chunks {
             table: upload_u32(ctx, &table),
             first: upload_u32(ctx, &first),
         }
+    }
+}
+
+/// [`Sequences`]' tables for `b` sequences of `t` rows: `table[2n..2n+2] = (n t, t)` and
+/// `row_seq[r] = r / t`, the same values the host builds for `cu_seqlens`.
+#[cube(launch_unchecked)]
+fn fixed_sequence_tables(table: &mut [u32], row_seq: &mut [u32], b: usize, t: usize) {
+    let i = thread_index();
+    if i < b {
+        table[2 * i] = u32::cast_from(i * t);
+        table[2 * i + 1] = u32::cast_from(t);
+    }
+    if i < b * t {
+        row_seq[i] = u32::cast_from(i / t);
+    }
+}
+
+/// [`Chunks`]' tables for `b` sequences of `t` rows, `per_seq = ceil(t / chunk)` chunks each:
+/// chunk `i` is chunk `i % per_seq` of sequence `i / per_seq`, laid out as [`Chunks::new`] does
+/// on the host.
+#[cube(launch_unchecked)]
+fn fixed_chunk_tables(
+    table: &mut [u32],
+    first: &mut [u32],
+    b: usize,
+    t: usize,
+    chunk: usize,
+    per_seq: usize,
+) {
+    let i = thread_index();
+    if i < b * per_seq {
+        let n = i / per_seq;
+        let c0 = (i % per_seq) * chunk;
+        let mut len = t - c0;
+        if chunk < len {
+            len = chunk;
+        }
+        let at = i * 5;
+        table[at] = u32::cast_from(n * t + c0);
+        table[at + 1] = u32::cast_from(len);
+        table[at + 2] = u32::cast_from(n * t);
+        table[at + 3] = u32::cast_from(t);
+        table[at + 4] = u32::cast_from(n);
+    }
+    if i <= b {
+        first[i] = u32::cast_from(i * per_seq);
     }
 }
 

@@ -58,7 +58,7 @@ use crate::cube::values::{self, ValueCheck};
 use crate::cube::{CubeContext, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
-use crate::validation::{describe, parse_cu_seqlens};
+use crate::validation::describe;
 
 /// Threads per cube of the per-(chunk, head) kernels.
 const CHUNK_THREADS: u32 = 256;
@@ -240,113 +240,28 @@ impl<'a> DeviceLinearAttention<'a> {
         values::check(ctx, &checked)
     }
 
-    /// Checks shapes and options (not values: they stay on the device).
+    /// Checks shapes and options (not values: they stay on the device), with the same
+    /// validator as the host path ([`LinearAttention::validate_layout`]).
     pub fn validate(&self) -> Result<Spec> {
-        let rank4 = |name: &str, t: &DeviceTensor| -> Result<[usize; 4]> {
-            let s = t.shape();
-            if s.len() != 4 || s.contains(&0) {
-                return Err(Error::shape(
-                    name,
-                    "rank 4 [B, T, H, D], every dimension >= 1",
-                    s,
-                ));
-            }
-            Ok([s[0], s[1], s[2], s[3]])
+        let gate = |g: DeviceGate<'a>| match g {
+            DeviceGate::None => Gate::None,
+            DeviceGate::PerHead(t) => Gate::PerHead(t),
+            DeviceGate::Scalar(t) => Gate::Scalar(t),
+            DeviceGate::Vector(t) => Gate::Vector(t),
         };
-        let [b, t, h, k] = rank4("q", self.q)?;
-        let expect = |name: &str, tensor: &DeviceTensor, names: &[&str], dims: &[usize]| {
-            if tensor.shape() != dims {
-                return Err(Error::shape(name, describe(names, dims), tensor.shape()));
-            }
-            Ok(())
-        };
-        expect("k", self.k, &["B", "T", "H", "K"], &[b, t, h, k])?;
-        let v = rank4("v", self.v)?[3];
-        expect("v", self.v, &["B", "T", "H", "V"], &[b, t, h, v])?;
-        let dtype = self.q.dtype();
-        for (name, tensor) in [("k", self.k), ("v", self.v)] {
-            if tensor.dtype() != dtype {
-                return Err(Error::InvalidArgument(format!(
-                    "`{name}` is {} but `q` is {dtype}; these inputs must share one dtype",
-                    tensor.dtype()
-                )));
-            }
-        }
-        let dims = Dims { b, t, h, k, v };
-        let cu_seqlens = match self.cu_seqlens {
-            None => None,
-            Some(cu) => {
-                if b != 1 {
-                    return Err(Error::BadCuSeqlens(format!(
-                        "variable length needs B = 1 (packed sequences), got B = {b}"
-                    )));
-                }
-                Some(parse_cu_seqlens(cu, t)?)
-            }
-        };
-        let num_sequences = cu_seqlens.as_ref().map_or(b, |cu| cu.len() - 1);
-        let gate_shape = |name: &str, gate: &DeviceGate| -> Result<()> {
-            match *gate {
-                DeviceGate::None => Ok(()),
-                DeviceGate::PerHead(g) => expect(name, g, &["H"], &[h]),
-                DeviceGate::Scalar(g) => expect(name, g, &["B", "T", "H"], &[b, t, h]),
-                DeviceGate::Vector(g) => expect(name, g, &["B", "T", "H", "K"], &[b, t, h, k]),
-            }
-        };
-        gate_shape("g", &self.gate)?;
-        if let Some(gate_bwd) = &self.gate_bwd {
-            if self.direction != Direction::Bidirectional {
-                return Err(Error::InvalidArgument(
-                    "a backward-direction gate `g_bwd` needs the bidirectional direction".into(),
-                ));
-            }
-            if gate_bwd.kind() != self.gate.kind() {
-                return Err(Error::InvalidArgument(format!(
-                    "`g_bwd` must be the same kind of gate as `g` ({:?}), got {:?}",
-                    self.gate.kind(),
-                    gate_bwd.kind()
-                )));
-            }
-            gate_shape("g_bwd", gate_bwd)?;
-        }
-        let scale = self.scale.unwrap_or((k as f64).powf(-0.5));
-        if !scale.is_finite() || scale == 0.0 {
-            return Err(Error::InvalidArgument(format!(
-                "scale must be finite and nonzero, got {scale}"
-            )));
-        }
-        if let Some(eps) = self.normalize
-            && !(eps.is_finite() && eps >= 0.0)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "normalisation eps must be finite and >= 0, got {eps}"
-            )));
-        }
-        if let Some(h0) = self.h0 {
-            if self.direction != Direction::Causal {
-                return Err(Error::InvalidArgument(
-                    "an initial state `h0` needs the causal direction".into(),
-                ));
-            }
-            if self.normalize.is_some() {
-                return Err(Error::Unsupported(
-                    "an initial state `h0` together with row-sum normalisation".into(),
-                ));
-            }
-            expect("h0", h0, &["N", "H", "K", "V"], &[num_sequences, h, k, v])?;
-        }
-        Ok(Spec {
-            dims,
-            dtype,
-            gate_kind: self.gate.kind(),
-            has_gate_bwd: self.gate_bwd.is_some(),
+        LinearAttention {
+            q: self.q,
+            k: self.k,
+            v: self.v,
+            gate: gate(self.gate),
+            gate_bwd: self.gate_bwd.map(gate),
             direction: self.direction,
-            scale,
+            scale: self.scale,
             normalize: self.normalize,
-            has_h0: self.h0.is_some(),
-            cu_seqlens,
-            num_sequences,
-        })
+            h0: self.h0,
+            cu_seqlens: self.cu_seqlens,
+        }
+        .validate_layout()
     }
 }
 

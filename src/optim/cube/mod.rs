@@ -224,8 +224,8 @@ impl FusedOptimizer {
         }
 
         guarded("creating the optimizer state", || {
-            let floats = |v: &[f32]| client.create_from_slice(f32::as_bytes(v));
-            let words = |v: &[u32]| client.create_from_slice(u32::as_bytes(v));
+            let floats = |v: &[f32]| crate::cube::upload_bytes(client, f32::as_bytes(v));
+            let words = |v: &[u32]| crate::cube::upload_bytes(client, u32::as_bytes(v));
             // A disabled slot still needs a binding of one element.
             let dummy_quad = || floats(&[0.0; 4]);
             let mut buckets = Vec::with_capacity(ranges.len());
@@ -311,7 +311,7 @@ impl FusedOptimizer {
                 .map(|x| x as f32)
                 .collect();
             let wide = if exact_scalars {
-                client.create_from_slice(f64::as_bytes(&[beta1, beta2]))
+                crate::cube::upload_bytes(client, f64::as_bytes(&[beta1, beta2]))
             } else {
                 floats(&[beta1.ln() as f32, beta2.ln() as f32])
             };
@@ -495,11 +495,8 @@ impl FusedOptimizer {
 
     fn read_words(&self, handle: &Handle) -> Result<Vec<u32>> {
         guarded("reading back", || {
-            let bytes = self
-                .ctx
-                .client()
-                .read_one(handle.clone())
-                .map_err(runtime)?;
+            let bytes =
+                crate::cube::read_bytes(self.ctx.client(), handle.clone()).map_err(runtime)?;
             Ok(u32::from_bytes(&bytes).to_vec())
         })
     }
@@ -730,8 +727,8 @@ pub(super) fn merge(
             stack.extend_from_slice(&arena[q0 * 4..(q0 + quads) * 4]);
         }
         guarded("merging checkpoints", || {
-            let stack = client.create_from_slice(f32::as_bytes(&stack));
-            let coefficients = client.create_from_slice(f32::as_bytes(&coefficients));
+            let stack = crate::cube::upload_bytes(client, f32::as_bytes(&stack));
+            let coefficients = crate::cube::upload_bytes(client, f32::as_bytes(&coefficients));
             let out = client.empty(quads * 16);
             let copy_quads = if copy_format.is_some() { quads } else { 1 };
             let copy = client.empty(copy_quads * 8);
@@ -749,10 +746,10 @@ pub(super) fn merge(
                     copy_kind,
                 )
             };
-            let values = client.read_one(out).map_err(runtime)?;
+            let values = crate::cube::read_bytes(client, out).map_err(runtime)?;
             merged.extend_from_slice(f32::from_bytes(&values));
             if copy_format.is_some() {
-                let words = client.read_one(copy).map_err(runtime)?;
+                let words = crate::cube::read_bytes(client, copy).map_err(runtime)?;
                 bits.extend(
                     u32::from_bytes(&words)
                         .iter()

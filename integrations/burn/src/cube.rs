@@ -1,0 +1,227 @@
+//! The device path: linattn's CubeCL kernels on a `CubeBackend` tensor's own client and buffers.
+//! Inputs are made contiguous on the device (burn views may be strided), wrapped as
+//! [`DeviceTensor`]s without a copy, and the f32 results are converted on the device to the
+//! inputs' dtype and wrapped back as `CubeTensor`s of the same device.
+
+use burn::backend::tensor::FloatTensor;
+use burn::tensor::{DType as BurnDType, Shape};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use linattn::cube::{CubeContext, DeviceTensor, ValueCheck};
+use linattn::linear::cube::{DeviceGate, DeviceLinearAttention, backward_device, forward_device};
+use linattn::linear::{Direction, GateKind};
+use linattn::{DType, Result};
+
+use crate::backend::LinattnBackend;
+use crate::config::LinearConfig;
+
+fn expect_ok<T>(r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("linattn: {e}"))
+}
+
+pub(crate) fn dtype_of(dtype: BurnDType) -> Result<DType> {
+    match dtype {
+        BurnDType::F32 | BurnDType::Flex32 => Ok(DType::F32),
+        BurnDType::F16 => Ok(DType::F16),
+        BurnDType::BF16 => Ok(DType::BF16),
+        other => Err(linattn::Error::InvalidArgument(format!(
+            "linattn's kernels take f32, f16 or bf16 tensors, got {other:?}"
+        ))),
+    }
+}
+
+fn burn_dtype(dtype: DType) -> BurnDType {
+    match dtype {
+        DType::F32 => BurnDType::F32,
+        DType::F16 => BurnDType::F16,
+        DType::BF16 => BurnDType::BF16,
+        DType::F64 => BurnDType::F64,
+    }
+}
+
+/// A context over the tensor's own client: the kernels launch in burn's stream and allocate
+/// from burn's memory pool.
+fn context(t: &CubeTensor) -> CubeContext {
+    CubeContext::from_client(t.client.clone(), format!("burn {:?}", t.device))
+}
+
+/// The tensor's buffer as a linattn device tensor (contiguous first; no copy when it already is).
+fn device_tensor(t: CubeTensor) -> DeviceTensor {
+    let t = into_contiguous(t);
+    let dtype = expect_ok(dtype_of(t.dtype));
+    expect_ok(DeviceTensor::from_handle(
+        t.handle.clone(),
+        t.meta.shape().to_vec(),
+        dtype,
+    ))
+}
+
+/// An f32 result as a burn tensor of `dtype` on `like`'s device.
+fn wrap(ctx: &CubeContext, like: &CubeTensor, t: DeviceTensor, dtype: BurnDType) -> CubeTensor {
+    let t = expect_ok(t.to_dtype(ctx, expect_ok(dtype_of(dtype))));
+    let shape = Shape::from(t.shape().to_vec());
+    let dtype = burn_dtype(t.dtype());
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        t.into_handle(),
+        dtype,
+    )
+}
+
+/// A one-element zero placeholder for an absent gradient.
+fn placeholder(ctx: &CubeContext, like: &CubeTensor, dtype: BurnDType) -> CubeTensor {
+    let zero =
+        DeviceTensor::from_handle(linattn::cube::kernels::zeros(ctx, 1), vec![1], DType::F32);
+    wrap(ctx, like, expect_ok(zero), dtype)
+}
+
+fn gate(kind: GateKind, t: &DeviceTensor) -> DeviceGate<'_> {
+    match kind {
+        GateKind::None => DeviceGate::None,
+        GateKind::PerHead => DeviceGate::PerHead(t),
+        GateKind::Scalar => DeviceGate::Scalar(t),
+        GateKind::Vector => DeviceGate::Vector(t),
+    }
+}
+
+struct Inputs {
+    q: DeviceTensor,
+    k: DeviceTensor,
+    v: DeviceTensor,
+    g: DeviceTensor,
+    g_bwd: DeviceTensor,
+    h0: DeviceTensor,
+}
+
+impl Inputs {
+    fn problem<'a>(
+        &'a self,
+        config: &LinearConfig,
+        cu: Option<&'a [i64]>,
+    ) -> DeviceLinearAttention<'a> {
+        let spec = &config.spec;
+        let mut p = match spec.direction {
+            Direction::Causal => DeviceLinearAttention::causal(&self.q, &self.k, &self.v),
+            Direction::Bidirectional => {
+                DeviceLinearAttention::bidirectional(&self.q, &self.k, &self.v)
+            }
+        }
+        .with_gate(gate(spec.gate_kind, &self.g))
+        .with_scale(spec.scale)
+        // The public functions validated shapes before queueing this op; values are checked
+        // there too (or not, when the caller opts out), never by a device read here.
+        .with_value_check(ValueCheck::Off);
+        if spec.has_gate_bwd {
+            p = p.with_gate_bwd(gate(spec.gate_kind, &self.g_bwd));
+        }
+        if let Some(eps) = spec.normalize {
+            p = p.with_normalize(eps);
+        }
+        if spec.has_h0 {
+            p = p.with_h0(&self.h0);
+        }
+        if let Some(cu) = cu {
+            p = p.with_cu_seqlens(cu);
+        }
+        p
+    }
+}
+
+impl LinattnBackend for CubeBackend {
+    fn linattn_linear_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        g_bwd: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        config: LinearConfig,
+    ) -> FloatTensor<Self> {
+        let ctx = context(&q);
+        let (like, dtype) = (q.clone(), q.dtype);
+        let inputs = Inputs {
+            q: device_tensor(q),
+            k: device_tensor(k),
+            v: device_tensor(v),
+            g: device_tensor(g),
+            g_bwd: device_tensor(g_bwd),
+            h0: device_tensor(h0),
+        };
+        let cu = config.cu_seqlens();
+        let out = expect_ok(forward_device(
+            &ctx,
+            &inputs.problem(&config, cu.as_deref()),
+            config.form,
+        ));
+        let packed = if config.final_state {
+            let ht = out
+                .ht
+                .expect("a causal problem without normalisation has ht");
+            let handle = linattn::cube::kernels::concat_f32(
+                &ctx,
+                &[(out.o.handle(), out.o.numel()), (ht.handle(), ht.numel())],
+            );
+            let n = out.o.numel() + ht.numel();
+            expect_ok(DeviceTensor::from_handle(handle, vec![n], DType::F32))
+        } else {
+            out.o
+        };
+        wrap(&ctx, &like, packed, dtype)
+    }
+
+    fn linattn_linear_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        g_bwd: FloatTensor<Self>,
+        h0: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        d_ht: FloatTensor<Self>,
+        config: LinearConfig,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let ctx = context(&q);
+        let like = q.clone();
+        let dtypes = [&q, &k, &v, &g, &g_bwd, &h0].map(|t| t.dtype);
+        let inputs = Inputs {
+            q: device_tensor(q),
+            k: device_tensor(k),
+            v: device_tensor(v),
+            g: device_tensor(g),
+            g_bwd: device_tensor(g_bwd),
+            h0: device_tensor(h0),
+        };
+        let d_o = device_tensor(d_o);
+        let d_ht = config.final_state.then(|| device_tensor(d_ht));
+        let cu = config.cu_seqlens();
+        let grads = expect_ok(backward_device(
+            &ctx,
+            &inputs.problem(&config, cu.as_deref()),
+            config.form,
+            &d_o,
+            d_ht.as_ref(),
+        ));
+        let out = |t: Option<DeviceTensor>, dtype| match t {
+            Some(t) => wrap(&ctx, &like, t, dtype),
+            None => placeholder(&ctx, &like, dtype),
+        };
+        (
+            out(Some(grads.dq), dtypes[0]),
+            out(Some(grads.dk), dtypes[1]),
+            out(Some(grads.dv), dtypes[2]),
+            out(grads.dg, dtypes[3]),
+            out(grads.dg_bwd, dtypes[4]),
+            out(grads.dh0, dtypes[5]),
+        )
+    }
+}

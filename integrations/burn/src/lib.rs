@@ -1,0 +1,33 @@
+//! linattn's kernels as differentiable burn tensor ops, on the tensors' own device.
+//!
+//! ```ignore
+//! let out = linattn_burn::LinearAttention::causal(q, k, v)
+//!     .with_gate(linattn_burn::Gate::Vector(g))
+//!     .forward()?;
+//! ```
+//!
+//! Each function takes burn [`Tensor`](burn::tensor::Tensor)s in linattn's `[B, T, H, D]` layout,
+//! checks shapes (and, unless told not to, values) before anything is queued, and returns
+//! burn tensors in the inputs' dtype. Under `device.autodiff()` the gradients come from
+//! linattn's analytic backward kernels. See [`backend`] for how each burn backend runs them.
+
+// The backend ops take every tensor of a problem as its own argument and return tuples of
+// gradients: burn's extension macro routes each tensor argument separately.
+#![allow(clippy::too_many_arguments, clippy::type_complexity)]
+
+pub mod backend;
+pub mod config;
+mod cube;
+mod host;
+pub mod linear;
+
+pub use backend::LinattnBackend;
+pub use linattn::linear::{Direction, Form};
+pub use linattn::{Error, Result};
+pub use linear::{Gate, LinearAttention, LinearOutput, gla};
+
+/// Bytes linattn copied between host and device (see [`linattn::cube::host_transfer_bytes`]);
+/// the device path of this crate adds nothing to it.
+pub fn host_transfer_bytes() -> u64 {
+    linattn::cube::host_transfer_bytes()
+}
