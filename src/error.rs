@@ -110,7 +110,8 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn shape(tensor: &str, expected: impl Into<String>, actual: &[usize]) -> Self {
+    /// [`Error::ShapeMismatch`] for `tensor`.
+    pub fn shape(tensor: &str, expected: impl Into<String>, actual: &[usize]) -> Self {
         Error::ShapeMismatch {
             tensor: tensor.to_string(),
             expected: expected.into(),

@@ -21,9 +21,12 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use super::{LightNet, LightNetFinalState, LightNetGrads, LightNetOutput, LightNetSpec};
-use crate::cube::kernels::{alloc_f32, output, upload_f32};
+use super::{
+    LightNet, LightNetFinalState, LightNetGrads, LightNetOutput, LightNetSpec, LightNetStateRef,
+};
+use crate::cube::kernels::{alloc_f32, fill, output};
 use crate::cube::launch::{per_item, thread_index};
+use crate::cube::values::{self, ValueCheck};
 use crate::cube::{CubeContext, DeviceTensor};
 use crate::error::Result;
 use crate::linear::cube::layout::Sequences;
@@ -215,7 +218,7 @@ pub fn softmax_keys_backward(
     }
 }
 
-/// f32 device copies of a LightNet problem's inputs.
+/// f32 device buffers of a LightNet problem's inputs.
 struct DeviceInputs {
     q: Handle,
     k: Handle,
@@ -225,24 +228,103 @@ struct DeviceInputs {
 }
 
 impl DeviceInputs {
-    fn new(ctx: &CubeContext, args: &LightNet) -> Result<DeviceInputs> {
-        let f32_of = |name: &str, t: &Tensor| -> Result<Handle> {
-            let dev: DeviceTensor = ctx.upload(name, t)?;
-            dev.to_f32(ctx, name)
-        };
+    fn new(ctx: &CubeContext, args: &LightNet<'_, DeviceTensor>) -> Result<DeviceInputs> {
         Ok(DeviceInputs {
-            q: f32_of("q", args.q)?,
-            k: f32_of("k", args.k)?,
-            v: f32_of("v", args.v)?,
+            q: args.q.to_f32(ctx, "q")?,
+            k: args.k.to_f32(ctx, "k")?,
+            v: args.v.to_f32(ctx, "v")?,
             s0: args
                 .initial_state
-                .map(|st| f32_of("s0", st.s))
+                .map(|st| st.s.to_f32(ctx, "s0"))
                 .transpose()?,
-            // `z0` may hold `-inf` (an empty prefix): upload it as f32 whatever its dtype.
             z0: args
                 .initial_state
-                .map(|st| upload_f32(ctx, &st.z.to_f32_vec())),
+                .map(|st| st.z.to_f32(ctx, "z0"))
+                .transpose()?,
         })
+    }
+
+    /// The device value check of the inputs (finite `q, k, v, s0`; `z0` may hold `-inf`, the
+    /// log-normaliser of an empty prefix, so it is not checked here).
+    fn check(&self, ctx: &CubeContext, spec: &LightNetSpec, d_o: Option<&Handle>) -> Result<()> {
+        let d = spec.dims;
+        let (qk, o) = (d.b * d.t * d.h * d.k, d.b * d.t * d.h * d.v);
+        let s_len = spec.num_sequences * d.h * d.k * d.v;
+        let mut checked = vec![
+            values::Checked {
+                name: "q",
+                buffer: &self.q,
+                len: qk,
+                gate: false,
+            },
+            values::Checked {
+                name: "k",
+                buffer: &self.k,
+                len: qk,
+                gate: false,
+            },
+            values::Checked {
+                name: "v",
+                buffer: &self.v,
+                len: o,
+                gate: false,
+            },
+        ];
+        if let Some(s0) = self.s0.as_ref() {
+            checked.push(values::Checked {
+                name: "s0",
+                buffer: s0,
+                len: s_len,
+                gate: false,
+            });
+        }
+        if let Some(d_o) = d_o {
+            checked.push(values::Checked {
+                name: "do",
+                buffer: d_o,
+                len: o,
+                gate: false,
+            });
+        }
+        values::check(ctx, &checked)
+    }
+}
+
+/// Host tensors uploaded, in the shape of a [`LightNet`] over device tensors.
+struct Uploaded {
+    q: DeviceTensor,
+    k: DeviceTensor,
+    v: DeviceTensor,
+    state: Option<(DeviceTensor, DeviceTensor)>,
+}
+
+impl Uploaded {
+    fn new(ctx: &CubeContext, args: &LightNet) -> Result<Uploaded> {
+        Ok(Uploaded {
+            q: ctx.upload("q", args.q)?,
+            k: ctx.upload("k", args.k)?,
+            v: ctx.upload("v", args.v)?,
+            state: args
+                .initial_state
+                .map(|st| -> Result<_> {
+                    // `z0` may hold `-inf` (an empty prefix): upload it as f32 whatever its dtype.
+                    let z = Tensor::f32_unchecked(st.z.shape().to_vec(), st.z.to_f32_vec());
+                    Ok((ctx.upload("s0", st.s)?, ctx.upload("z0", &z)?))
+                })
+                .transpose()?,
+        })
+    }
+
+    fn problem<'a>(&'a self, args: &LightNet<'a>) -> LightNet<'a, DeviceTensor> {
+        LightNet {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            scale: args.scale,
+            bidirectional: args.bidirectional,
+            initial_state: self.state.as_ref().map(|(s, z)| LightNetStateRef { s, z }),
+            cu_seqlens: args.cu_seqlens,
+        }
     }
 }
 
@@ -268,7 +350,8 @@ fn gate(
     let khat = output(ctx, qk_len);
     let g = output(ctx, qk_len);
     let z_final = output(ctx, z_len);
-    let neg_inf = upload_f32(ctx, &[f32::NEG_INFINITY]);
+    let neg_inf = alloc_f32(ctx, 1);
+    fill(ctx, &neg_inf, 1, f32::NEG_INFINITY);
     let z0_dummy = alloc_f32(ctx, 1);
     let (count, dim) = per_item(z_len);
     // SAFETY: `k`, `khat`, `g` are `[rows, H, K]`; `z0`, `z_final` `[N, H, K]`.
@@ -340,50 +423,126 @@ fn engine_problem(
     )
 }
 
-fn download(ctx: &CubeContext, handle: Handle, shape: Vec<usize>) -> Result<Tensor> {
-    ctx.download(&DeviceTensor::f32_unchecked(handle, shape))
+/// Forward result on the device (f32).
+#[derive(Clone, Debug)]
+pub struct DeviceLightNetOutput {
+    /// `[B, T, H, V]`.
+    pub o: DeviceTensor,
+    /// Causal only: `(S [N, H, K, V], z [N, H, K])`.
+    pub state: Option<(DeviceTensor, DeviceTensor)>,
+}
+
+/// Gradients on the device (f32): `dq`, `dk` (of the logits), `dv`.
+#[derive(Clone, Debug)]
+pub struct DeviceLightNetGrads {
+    pub dq: DeviceTensor,
+    pub dk: DeviceTensor,
+    pub dv: DeviceTensor,
+}
+
+/// LightNet's forward pass over device tensors (the transform and the engine both on the
+/// device; nothing is copied to the host). With [`ValueCheck::On`] the inputs are checked on the
+/// device first (finite `q, k, v, s0`), giving the host API's typed errors; the `z0` and `s0`
+/// consistency rule of [`LightNet::validate`] is the caller's to keep.
+pub fn forward_device(
+    ctx: &CubeContext,
+    args: &LightNet<'_, DeviceTensor>,
+    form: Form,
+    value_check: ValueCheck,
+) -> Result<DeviceLightNetOutput> {
+    let spec = args.validate_layout()?;
+    super::check_form(&form)?;
+    let inputs = DeviceInputs::new(ctx, args)?;
+    if value_check == ValueCheck::On {
+        inputs.check(ctx, &spec, None)?;
+    }
+    let seqs = Sequences::new(ctx, spec.dims.b, spec.dims.t, spec.cu_seqlens.as_deref());
+    let o_shape = spec.o_shape();
+    if spec.bidirectional {
+        let khat = softmax(ctx, &spec, &seqs, &inputs.k);
+        let problem = engine_problem(ctx, &spec, &inputs, khat, None)?;
+        let (o, _) = Run::new(ctx, &problem, form)?.forward()?;
+        return Ok(DeviceLightNetOutput {
+            o: DeviceTensor::f32_unchecked(o, o_shape),
+            state: None,
+        });
+    }
+    let (khat, g, z_final) = gate(ctx, &spec, &seqs, &inputs);
+    let problem = engine_problem(ctx, &spec, &inputs, khat, Some(g))?;
+    let (o, s) = Run::new(ctx, &problem, form)?.forward()?;
+    let s = s.expect("the causal engine without normalisation has a final state");
+    Ok(DeviceLightNetOutput {
+        o: DeviceTensor::f32_unchecked(o, o_shape),
+        state: Some((
+            DeviceTensor::f32_unchecked(s, spec.s_shape()),
+            DeviceTensor::f32_unchecked(z_final, spec.z_shape()),
+        )),
+    })
 }
 
 pub(super) fn forward(
     ctx: &CubeContext,
-    spec: &LightNetSpec,
+    _spec: &LightNetSpec,
     args: &LightNet,
     form: Form,
 ) -> Result<LightNetOutput> {
-    let inputs = DeviceInputs::new(ctx, args)?;
-    let seqs = Sequences::new(ctx, spec.dims.b, spec.dims.t, spec.cu_seqlens.as_deref());
-    if spec.bidirectional {
-        let khat = softmax(ctx, spec, &seqs, &inputs.k);
-        let problem = engine_problem(ctx, spec, &inputs, khat, None)?;
-        let (o, _) = Run::new(ctx, &problem, form)?.forward()?;
-        return Ok(LightNetOutput {
-            o: download(ctx, o, spec.o_shape())?,
-            state: None,
-        });
-    }
-    let (khat, g, z_final) = gate(ctx, spec, &seqs, &inputs);
-    let problem = engine_problem(ctx, spec, &inputs, khat, Some(g))?;
-    let (o, s) = Run::new(ctx, &problem, form)?.forward()?;
-    let s = s.expect("the causal engine without normalisation has a final state");
+    let uploaded = Uploaded::new(ctx, args)?;
+    let out = forward_device(ctx, &uploaded.problem(args), form, ValueCheck::Off)?;
     Ok(LightNetOutput {
-        o: download(ctx, o, spec.o_shape())?,
-        state: Some(LightNetFinalState {
-            s: download(ctx, s, spec.s_shape())?,
-            z: download(ctx, z_final, spec.z_shape())?,
-        }),
+        o: ctx.download(&out.o)?,
+        state: out
+            .state
+            .map(|(s, z)| -> Result<_> {
+                Ok(LightNetFinalState {
+                    s: ctx.download(&s)?,
+                    z: ctx.download(&z)?,
+                })
+            })
+            .transpose()?,
     })
 }
 
 pub(super) fn backward(
     ctx: &CubeContext,
-    spec: &LightNetSpec,
+    _spec: &LightNetSpec,
     args: &LightNet,
     form: Form,
     d_o: &Tensor,
 ) -> Result<LightNetGrads> {
+    let uploaded = Uploaded::new(ctx, args)?;
+    let d_o = ctx.upload("do", d_o)?;
+    let grads = backward_device(ctx, &uploaded.problem(args), form, &d_o, ValueCheck::Off)?;
+    Ok(LightNetGrads {
+        dq: ctx.download(&grads.dq)?,
+        dk: ctx.download(&grads.dk)?,
+        dv: ctx.download(&grads.dv)?,
+    })
+}
+
+/// LightNet's backward pass over device tensors (recomputes what it needs from the inputs).
+pub fn backward_device(
+    ctx: &CubeContext,
+    args: &LightNet<'_, DeviceTensor>,
+    form: Form,
+    d_o: &DeviceTensor,
+    value_check: ValueCheck,
+) -> Result<DeviceLightNetGrads> {
+    let spec = args.validate_layout()?;
+    super::check_form(&form)?;
+    if d_o.shape() != spec.o_shape() {
+        return Err(crate::error::Error::shape(
+            "do",
+            crate::validation::describe(&["B", "T", "H", "V"], &spec.o_shape()),
+            d_o.shape(),
+        ));
+    }
+    let spec = &spec;
     let d = spec.dims;
     let inputs = DeviceInputs::new(ctx, args)?;
-    let d_o = ctx.upload("do", d_o)?.to_f32(ctx, "do")?;
+    let d_o = d_o.to_f32(ctx, "do")?;
+    if value_check == ValueCheck::On {
+        inputs.check(ctx, spec, Some(&d_o))?;
+    }
     let seqs = Sequences::new(ctx, d.b, d.t, spec.cu_seqlens.as_deref());
     let n_seq = seqs.count();
     let qk_len = seqs.rows * d.h * d.k;
@@ -438,9 +597,9 @@ pub(super) fn backward(
         grads
     };
     let qk_shape = vec![d.b, d.t, d.h, d.k];
-    Ok(LightNetGrads {
-        dq: download(ctx, grads.dq, qk_shape.clone())?,
-        dk: download(ctx, dk_logits, qk_shape)?,
-        dv: download(ctx, grads.dv, spec.o_shape())?,
+    Ok(DeviceLightNetGrads {
+        dq: DeviceTensor::f32_unchecked(grads.dq, qk_shape.clone()),
+        dk: DeviceTensor::f32_unchecked(dk_logits, qk_shape),
+        dv: DeviceTensor::f32_unchecked(grads.dv, spec.o_shape()),
     })
 }

@@ -17,40 +17,59 @@ pub mod cube;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::linear::{Dims, Form};
-use crate::tensor::{DType, Tensor, narrowed_all};
+use crate::tensor::{DType, Shaped, Tensor, narrowed_all};
 use crate::validation::*;
 
-/// The recurrent state `(S, z)` of causal LightNet, as host tensors.
-#[derive(Clone, Copy, Debug)]
-pub struct LightNetStateRef<'a> {
+/// The recurrent state `(S, z)` of causal LightNet, as host tensors (or device tensors, for the
+/// device-resident API).
+#[derive(Debug)]
+pub struct LightNetStateRef<'a, T = Tensor> {
     /// `[N, H, K, V]`: the engine state.
-    pub s: &'a Tensor,
+    pub s: &'a T,
     /// `[N, H, K]`: `z = logcumsumexp(k)` at the last token (`-inf` for an empty prefix, whose `S`
     /// must then be zero).
-    pub z: &'a Tensor,
+    pub z: &'a T,
 }
 
-/// One LightNet problem over host tensors. `k` holds the key logits (also the decay logits).
-#[derive(Clone, Copy, Debug)]
-pub struct LightNet<'a> {
+impl<T> Clone for LightNetStateRef<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for LightNetStateRef<'_, T> {}
+
+/// One LightNet problem over host tensors (or any [`Shaped`] tensors: device tensors for
+/// [`cube::forward_device`], metadata for [`LightNet::validate_layout`]). `k` holds the key
+/// logits (also the decay logits).
+#[derive(Debug)]
+pub struct LightNet<'a, T = Tensor> {
     /// `[B, T, H, K]`.
-    pub q: &'a Tensor,
+    pub q: &'a T,
     /// `[B, T, H, K]`, key logits.
-    pub k: &'a Tensor,
+    pub k: &'a T,
     /// `[B, T, H, V]`.
-    pub v: &'a Tensor,
+    pub v: &'a T,
     /// Defaults to `K^-0.5`.
     pub scale: Option<f64>,
     /// `false`: causal (additive recurrence); `true`: non-causal (softmax over the sequence).
     pub bidirectional: bool,
     /// Causal only: the state to continue from.
-    pub initial_state: Option<LightNetStateRef<'a>>,
+    pub initial_state: Option<LightNetStateRef<'a, T>>,
     /// Packed variable-length offsets `[N + 1]` (with `B = 1`).
     pub cu_seqlens: Option<&'a [i64]>,
 }
 
-impl<'a> LightNet<'a> {
-    pub fn causal(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+impl<T> Clone for LightNet<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for LightNet<'_, T> {}
+
+impl<'a, T: Shaped> LightNet<'a, T> {
+    pub fn causal(q: &'a T, k: &'a T, v: &'a T) -> Self {
         LightNet {
             q,
             k,
@@ -63,7 +82,7 @@ impl<'a> LightNet<'a> {
     }
 
     /// The non-causal form (images, video: one scan regardless of flattening order).
-    pub fn non_causal(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+    pub fn non_causal(q: &'a T, k: &'a T, v: &'a T) -> Self {
         LightNet {
             bidirectional: true,
             ..Self::causal(q, k, v)
@@ -75,7 +94,7 @@ impl<'a> LightNet<'a> {
         self
     }
 
-    pub fn with_initial_state(mut self, s: &'a Tensor, z: &'a Tensor) -> Self {
+    pub fn with_initial_state(mut self, s: &'a T, z: &'a T) -> Self {
         self.initial_state = Some(LightNetStateRef { s, z });
         self
     }
@@ -85,8 +104,9 @@ impl<'a> LightNet<'a> {
         self
     }
 
-    /// Checks every shape, value and option; returns the sizes every backend works from.
-    pub fn validate(&self) -> Result<LightNetSpec> {
+    /// Checks every shape, dtype and option, not the values (see
+    /// [`LinearAttention::validate_layout`](crate::linear::LinearAttention::validate_layout)).
+    pub fn validate_layout(&self) -> Result<LightNetSpec> {
         let qs = expect_rank("q", self.q, &["B", "T", "H", "K"])?;
         expect_nonzero("q", self.q)?;
         let (b, t, h, k) = (qs[0], qs[1], qs[2], qs[3]);
@@ -96,9 +116,6 @@ impl<'a> LightNet<'a> {
         let v = vs[3];
         expect_shape("v", self.v, &["B", "T", "H", "V"], &[b, t, h, v])?;
         let dtype = expect_same_dtype(&[("q", self.q), ("k", self.k), ("v", self.v)])?;
-        for (name, tensor) in [("q", self.q), ("k", self.k), ("v", self.v)] {
-            expect_finite(name, tensor)?;
-        }
         let cu_seqlens = match self.cu_seqlens {
             None => None,
             Some(cu) => {
@@ -124,8 +141,30 @@ impl<'a> LightNet<'a> {
                 &["N", "H", "K", "V"],
                 &[num_sequences, h, k, v],
             )?;
-            expect_finite("s0", state.s)?;
             expect_shape("z0", state.z, &["N", "H", "K"], &[num_sequences, h, k])?;
+        }
+        Ok(LightNetSpec {
+            dims: Dims { b, t, h, k, v },
+            dtype,
+            scale,
+            bidirectional: self.bidirectional,
+            has_initial_state: self.initial_state.is_some(),
+            cu_seqlens,
+            num_sequences,
+        })
+    }
+}
+
+impl LightNet<'_> {
+    /// Checks every shape, value and option ([`validate_layout`](Self::validate_layout), then
+    /// the values); returns the sizes every backend works from.
+    pub fn validate(&self) -> Result<LightNetSpec> {
+        let spec = self.validate_layout()?;
+        for (name, tensor) in [("q", self.q), ("k", self.k), ("v", self.v)] {
+            expect_finite(name, tensor)?;
+        }
+        if let Some(state) = self.initial_state {
+            expect_finite("s0", state.s)?;
             // `-inf` is the log-normaliser of an empty prefix; `+inf` and NaN are not.
             let bad = state
                 .z
@@ -142,6 +181,7 @@ impl<'a> LightNet<'a> {
             }
             // An empty prefix has nothing to carry: its `S` row must be zero (the additive gate
             // starts it over at the first token, so a stray row would be kept, not discarded).
+            let v = spec.dims.v;
             let s = state.s.to_f64_vec();
             let empty_with_state = state.z.to_f64_vec().into_iter().enumerate().find(|(i, z)| {
                 *z == f64::NEG_INFINITY && s[i * v..(i + 1) * v].iter().any(|&x| x != 0.0)
@@ -152,15 +192,7 @@ impl<'a> LightNet<'a> {
                 )));
             }
         }
-        Ok(LightNetSpec {
-            dims: Dims { b, t, h, k, v },
-            dtype,
-            scale,
-            bidirectional: self.bidirectional,
-            has_initial_state: self.initial_state.is_some(),
-            cu_seqlens,
-            num_sequences,
-        })
+        Ok(spec)
     }
 }
 

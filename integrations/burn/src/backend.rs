@@ -32,7 +32,9 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, backend_extension};
 use burn::tensor::{Shape, Slice};
 
-use crate::config::{LinearConfig, linear_backward_specs, linear_forward_spec};
+use crate::config::{
+    DecodeConfig, LightNetConfig, LinearConfig, linear_backward_specs, linear_forward_spec,
+};
 use crate::host;
 
 /// linattn's ops on a burn backend. Users call the functions of [`crate::linear`] (and the other
@@ -79,6 +81,49 @@ pub trait LinattnBackend: Backend {
     ) {
         host::linear_backward::<Self>(q, k, v, g, g_bwd, h0, d_o, d_ht, &config)
     }
+
+    /// LightNet's forward pass: `(o, state)`, `state` the packed final `(S, z)` with
+    /// [`LightNetConfig::final_state`] (a one-element placeholder otherwise). Only `o` is
+    /// differentiable: the backward kernels give `dq, dk, dv`, not the gradient of the state.
+    #[fusion(meta = lightnet_forward_meta)]
+    fn linattn_lightnet_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+        z0: FloatTensor<Self>,
+        config: LightNetConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        host::lightnet_forward::<Self>(q, k, v, s0, z0, &config)
+    }
+
+    /// LightNet's backward pass for the cotangent of `o`: `(dq, dk, dv)` (`dk` of the logits).
+    #[fusion(meta = lightnet_backward_meta)]
+    fn linattn_lightnet_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+        z0: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        config: LightNetConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        host::lightnet_backward::<Self>(q, k, v, s0, z0, d_o, &config)
+    }
+
+    /// One causal decoding step: `(o [B, 1, H, V], new state [B, H, K, V])`. Not differentiable
+    /// (generation). `g` is a placeholder without a gate.
+    #[fusion(meta = decode_meta)]
+    fn linattn_decode_step(
+        state: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        config: DecodeConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        host::decode_step::<Self>(state, q, k, v, g, &config)
+    }
 }
 
 fn linear_forward_meta(
@@ -114,6 +159,46 @@ fn linear_backward_meta(
 ) {
     let [a, b, c, d, e, f] = linear_backward_specs([q, k, v, g, g_bwd, h0]);
     (a, b, c, d, e, f)
+}
+
+fn lightnet_forward_meta(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    _v: &TensorSpec,
+    _s0: &TensorSpec,
+    _z0: &TensorSpec,
+    config: &LightNetConfig,
+) -> (TensorSpec, TensorSpec) {
+    (
+        TensorSpec::new(Shape::from(config.spec.o_shape()), q.dtype),
+        TensorSpec::new(Shape::from(config.state_output_shape()), q.dtype),
+    )
+}
+
+fn lightnet_backward_meta(
+    q: &TensorSpec,
+    k: &TensorSpec,
+    v: &TensorSpec,
+    _s0: &TensorSpec,
+    _z0: &TensorSpec,
+    _d_o: &TensorSpec,
+    _config: &LightNetConfig,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    (q.clone(), k.clone(), v.clone())
+}
+
+fn decode_meta(
+    state: &TensorSpec,
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    _v: &TensorSpec,
+    _g: &TensorSpec,
+    config: &DecodeConfig,
+) -> (TensorSpec, TensorSpec) {
+    (
+        TensorSpec::new(Shape::from(config.o_shape.clone()), q.dtype),
+        TensorSpec::new(state.shape.clone(), state.dtype),
+    )
 }
 
 impl LinattnBackend for burn::backend::NdArray {}
@@ -245,5 +330,101 @@ impl<B: LinattnBackend, C: CheckpointStrategy> LinattnBackend for Autodiff<B, C>
             untracked(dg_bwd),
             untracked(dh0),
         )
+    }
+
+    fn linattn_lightnet_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+        z0: FloatTensor<Self>,
+        config: LightNetConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        /// `q, k, v` are the differentiable parents; the initial state is an input only.
+        #[derive(Debug)]
+        struct LightNetBackward;
+
+        impl<B: LinattnBackend> Backward<B, 3> for LightNetBackward {
+            type State = ([FloatTensor<B>; 5], LightNetConfig);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let d_o = grads.consume::<B>(&ops.node);
+                let ([q, k, v, s0, z0], config) = ops.state;
+                let (dq, dk, dv) = B::linattn_lightnet_backward(q, k, v, s0, z0, d_o, config);
+                for (parent, grad) in ops.parents.iter().zip([dq, dk, dv]) {
+                    if let Some(node) = parent {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        let nodes = [q.node(), k.node(), v.node()];
+        let inputs = [
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            s0.into_primitive(),
+            z0.into_primitive(),
+        ];
+        let [q, k, v, s0, z0] = inputs.clone();
+        let (o, state) = B::linattn_lightnet_forward(q, k, v, s0, z0, config.clone());
+        let o = match LightNetBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((inputs, config), o),
+            OpsKind::UnTracked(prep) => prep.finish(o),
+        };
+        (o, <Self as AutodiffBackend>::from_inner(state))
+    }
+
+    fn linattn_lightnet_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+        z0: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        config: LightNetConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let untracked = <Self as AutodiffBackend>::from_inner;
+        let (dq, dk, dv) = B::linattn_lightnet_backward(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            s0.into_primitive(),
+            z0.into_primitive(),
+            d_o.into_primitive(),
+            config,
+        );
+        (untracked(dq), untracked(dk), untracked(dv))
+    }
+
+    fn linattn_decode_step(
+        state: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        config: DecodeConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        // Generation: no graph is recorded; the results are constants.
+        let untracked = <Self as AutodiffBackend>::from_inner;
+        let (o, state) = B::linattn_decode_step(
+            state.into_primitive(),
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            g.into_primitive(),
+            config,
+        );
+        (untracked(o), untracked(state))
     }
 }

@@ -53,3 +53,47 @@ pub(crate) fn linear_forward_spec(dtype: DType, config: &LinearConfig) -> Tensor
 pub(crate) fn linear_backward_specs(inputs: [&TensorSpec; 6]) -> [TensorSpec; 6] {
     inputs.map(|s| TensorSpec::new(s.shape.clone(), s.dtype))
 }
+
+/// One LightNet call: the validated problem, the engine's form, and whether the final state
+/// `(S, z)` is returned (packed flat, `[N*H*K*V + N*H*K]`, as the op's second output).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LightNetConfig {
+    pub spec: linattn::lightnet::LightNetSpec,
+    pub form: Form,
+    pub final_state: bool,
+}
+
+impl LightNetConfig {
+    pub fn cu_seqlens(&self) -> Option<Vec<i64>> {
+        self.spec
+            .cu_seqlens
+            .as_ref()
+            .map(|cu| cu.iter().map(|&x| x as i64).collect())
+    }
+
+    pub fn s_len(&self) -> usize {
+        self.spec.s_shape().iter().product()
+    }
+
+    pub fn z_len(&self) -> usize {
+        self.spec.z_shape().iter().product()
+    }
+
+    /// Shape of the op's second output: the packed state, or a one-element placeholder.
+    pub fn state_output_shape(&self) -> Vec<usize> {
+        if self.final_state {
+            vec![self.s_len() + self.z_len()]
+        } else {
+            vec![1]
+        }
+    }
+}
+
+/// One decoding step: the token's sizes, the gate kind and the scale.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeConfig {
+    /// `[B, 1, H, V]`.
+    pub o_shape: Vec<usize>,
+    pub gate: linattn::linear::GateKind,
+    pub scale: f64,
+}

@@ -9,12 +9,14 @@ use burn_cubecl::CubeBackend;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use linattn::cube::{CubeContext, DeviceTensor, ValueCheck};
+use linattn::lightnet::LightNet;
+use linattn::lightnet::cube as lightnet_cube;
 use linattn::linear::cube::{DeviceGate, DeviceLinearAttention, backward_device, forward_device};
 use linattn::linear::{Direction, GateKind};
 use linattn::{DType, Result};
 
 use crate::backend::LinattnBackend;
-use crate::config::LinearConfig;
+use crate::config::{DecodeConfig, LightNetConfig, LinearConfig};
 
 fn expect_ok<T>(r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("linattn: {e}"))
@@ -224,4 +226,160 @@ impl LinattnBackend for CubeBackend {
             out(grads.dh0, dtypes[5]),
         )
     }
+
+    fn linattn_lightnet_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+        z0: FloatTensor<Self>,
+        config: LightNetConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        lightnet_forward(q, k, v, s0, z0, &config)
+    }
+
+    fn linattn_lightnet_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        s0: FloatTensor<Self>,
+        z0: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        config: LightNetConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        lightnet_backward(q, k, v, s0, z0, d_o, &config)
+    }
+
+    fn linattn_decode_step(
+        state: FloatTensor<Self>,
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        g: FloatTensor<Self>,
+        config: DecodeConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        decode_step(state, q, k, v, g, &config)
+    }
+}
+
+pub(crate) fn lightnet_forward(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    s0: CubeTensor,
+    z0: CubeTensor,
+    config: &LightNetConfig,
+) -> (CubeTensor, CubeTensor) {
+    let ctx = context(&q);
+    let (like, dtype) = (q.clone(), q.dtype);
+    let (q, k, v) = (device_tensor(q), device_tensor(k), device_tensor(v));
+    let (s0, z0) = (device_tensor(s0), device_tensor(z0));
+    let cu = config.cu_seqlens();
+    let p = lightnet_problem(&q, &k, &v, &s0, &z0, cu.as_deref(), config);
+    let out = expect_ok(lightnet_cube::forward_device(
+        &ctx,
+        &p,
+        config.form,
+        ValueCheck::Off,
+    ));
+    let state = match (config.final_state, out.state) {
+        (true, Some((s, z))) => {
+            let handle = linattn::cube::kernels::concat_f32(
+                &ctx,
+                &[(s.handle(), s.numel()), (z.handle(), z.numel())],
+            );
+            let n = s.numel() + z.numel();
+            let packed = expect_ok(DeviceTensor::from_handle(handle, vec![n], DType::F32));
+            wrap(&ctx, &like, packed, dtype)
+        }
+        _ => placeholder(&ctx, &like, dtype),
+    };
+    (wrap(&ctx, &like, out.o, dtype), state)
+}
+
+fn lightnet_problem<'a>(
+    q: &'a DeviceTensor,
+    k: &'a DeviceTensor,
+    v: &'a DeviceTensor,
+    s0: &'a DeviceTensor,
+    z0: &'a DeviceTensor,
+    cu: Option<&'a [i64]>,
+    config: &LightNetConfig,
+) -> LightNet<'a, DeviceTensor> {
+    let mut p = if config.spec.bidirectional {
+        LightNet::non_causal(q, k, v)
+    } else {
+        LightNet::causal(q, k, v)
+    }
+    .with_scale(config.spec.scale);
+    if config.spec.has_initial_state {
+        p = p.with_initial_state(s0, z0);
+    }
+    if let Some(cu) = cu {
+        p = p.with_cu_seqlens(cu);
+    }
+    p
+}
+
+pub(crate) fn lightnet_backward(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    s0: CubeTensor,
+    z0: CubeTensor,
+    d_o: CubeTensor,
+    config: &LightNetConfig,
+) -> (CubeTensor, CubeTensor, CubeTensor) {
+    let ctx = context(&q);
+    let like = q.clone();
+    let dtypes = [&q, &k, &v].map(|t| t.dtype);
+    let (q, k, v) = (device_tensor(q), device_tensor(k), device_tensor(v));
+    let (s0, z0, d_o) = (device_tensor(s0), device_tensor(z0), device_tensor(d_o));
+    let cu = config.cu_seqlens();
+    let p = lightnet_problem(&q, &k, &v, &s0, &z0, cu.as_deref(), config);
+    let g = expect_ok(lightnet_cube::backward_device(
+        &ctx,
+        &p,
+        config.form,
+        &d_o,
+        ValueCheck::Off,
+    ));
+    (
+        wrap(&ctx, &like, g.dq, dtypes[0]),
+        wrap(&ctx, &like, g.dk, dtypes[1]),
+        wrap(&ctx, &like, g.dv, dtypes[2]),
+    )
+}
+
+pub(crate) fn decode_step(
+    state: CubeTensor,
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    g: CubeTensor,
+    config: &DecodeConfig,
+) -> (CubeTensor, CubeTensor) {
+    let ctx = context(&q);
+    let (like, dtype, state_dtype) = (q.clone(), q.dtype, state.dtype);
+    let mut state = device_tensor(state);
+    let (q, k, v, g) = (
+        device_tensor(q),
+        device_tensor(k),
+        device_tensor(v),
+        device_tensor(g),
+    );
+    let o = expect_ok(linattn::linear::cube::decode_step_device(
+        &ctx,
+        &mut state,
+        &q,
+        &k,
+        &v,
+        gate(config.gate, &g),
+        Some(config.scale),
+        ValueCheck::Off,
+    ));
+    (
+        wrap(&ctx, &like, o, dtype),
+        wrap(&ctx, &like, state, state_dtype),
+    )
 }

@@ -5,10 +5,11 @@
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, TensorMetadata};
 use burn::tensor::{DType, TensorData};
+use linattn::lightnet::{self, LightNet};
 use linattn::linear::{self, Gate, GateKind, LinearAttention};
 use linattn::{Backend as LinattnDevice, Tensor};
 
-use crate::config::LinearConfig;
+use crate::config::{DecodeConfig, LightNetConfig, LinearConfig};
 
 /// A burn tensor's values as an f64 host tensor.
 fn read<B: Backend>(t: FloatTensor<B>) -> Tensor {
@@ -169,5 +170,130 @@ pub(crate) fn linear_backward<B: Backend>(
         out(grads.dg.as_ref(), dtypes[3]),
         out(grads.dg_bwd.as_ref(), dtypes[4]),
         out(grads.dh0.as_ref(), dtypes[5]),
+    )
+}
+
+pub(crate) fn lightnet_problem<'a>(
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    state: Option<(&'a Tensor, &'a Tensor)>,
+    cu: Option<&'a [i64]>,
+    config: &LightNetConfig,
+) -> LightNet<'a> {
+    let mut p = if config.spec.bidirectional {
+        LightNet::non_causal(q, k, v)
+    } else {
+        LightNet::causal(q, k, v)
+    }
+    .with_scale(config.spec.scale);
+    if let Some((s, z)) = state {
+        p = p.with_initial_state(s, z);
+    }
+    if let Some(cu) = cu {
+        p = p.with_cu_seqlens(cu);
+    }
+    p
+}
+
+pub(crate) fn lightnet_forward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    s0: FloatTensor<B>,
+    z0: FloatTensor<B>,
+    config: &LightNetConfig,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (dtype, device) = (q.dtype(), q.device());
+    let (q, k, v, s0, z0) = (
+        read::<B>(q),
+        read::<B>(k),
+        read::<B>(v),
+        read::<B>(s0),
+        read::<B>(z0),
+    );
+    let cu = config.cu_seqlens();
+    let state = config.spec.has_initial_state.then_some((&s0, &z0));
+    let p = lightnet_problem(&q, &k, &v, state, cu.as_deref(), config);
+    let out = expect_ok(lightnet::forward(&LinattnDevice::Cpu, &p, config.form));
+    let state = match (config.final_state, out.state) {
+        (true, Some(st)) => {
+            let mut flat = st.s.to_f64_vec();
+            flat.extend(st.z.to_f64_vec());
+            let n = flat.len();
+            write::<B>(
+                &Tensor::from_f64(vec![n], flat).expect("sized"),
+                dtype,
+                &device,
+            )
+        }
+        _ => placeholder::<B>(dtype, &device),
+    };
+    (write::<B>(&out.o, dtype, &device), state)
+}
+
+pub(crate) fn lightnet_backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    s0: FloatTensor<B>,
+    z0: FloatTensor<B>,
+    d_o: FloatTensor<B>,
+    config: &LightNetConfig,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let device = q.device();
+    let dtypes = [&q, &k, &v].map(|t| t.dtype());
+    let (q, k, v, s0, z0) = (
+        read::<B>(q),
+        read::<B>(k),
+        read::<B>(v),
+        read::<B>(s0),
+        read::<B>(z0),
+    );
+    let d_o = read::<B>(d_o);
+    let cu = config.cu_seqlens();
+    let state = config.spec.has_initial_state.then_some((&s0, &z0));
+    let p = lightnet_problem(&q, &k, &v, state, cu.as_deref(), config);
+    let g = expect_ok(lightnet::backward(
+        &LinattnDevice::Cpu,
+        &p,
+        config.form,
+        &d_o,
+    ));
+    (
+        write::<B>(&g.dq, dtypes[0], &device),
+        write::<B>(&g.dk, dtypes[1], &device),
+        write::<B>(&g.dv, dtypes[2], &device),
+    )
+}
+
+pub(crate) fn decode_step<B: Backend>(
+    state: FloatTensor<B>,
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    g: FloatTensor<B>,
+    config: &DecodeConfig,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (dtype, state_dtype, device) = (q.dtype(), state.dtype(), q.device());
+    let (state, q, k, v, g) = (
+        read::<B>(state),
+        read::<B>(q),
+        read::<B>(k),
+        read::<B>(v),
+        read::<B>(g),
+    );
+    let out = expect_ok(linear::decode_step(
+        &LinattnDevice::Cpu,
+        &state,
+        &q,
+        &k,
+        &v,
+        gate(config.gate, &g),
+        Some(config.scale),
+    ));
+    (
+        write::<B>(&out.o, dtype, &device),
+        write::<B>(&out.state, state_dtype, &device),
     )
 }

@@ -18,10 +18,14 @@
 pub mod backend;
 pub mod config;
 mod cube;
+pub mod decode;
 mod host;
+pub mod lightnet;
 pub mod linear;
 
 pub use backend::LinattnBackend;
+pub use decode::decode_step;
+pub use lightnet::{LightNet, LightNetOutput};
 pub use linattn::linear::{Direction, Form};
 pub use linattn::{Error, Result};
 pub use linear::{Gate, LinearAttention, LinearOutput, gla};

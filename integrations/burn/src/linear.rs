@@ -23,7 +23,7 @@ pub enum Gate {
 }
 
 impl Gate {
-    fn kind(&self) -> GateKind {
+    pub(crate) fn kind(&self) -> GateKind {
         match self {
             Gate::None => GateKind::None,
             Gate::PerHead(_) => GateKind::PerHead,
@@ -32,7 +32,7 @@ impl Gate {
         }
     }
 
-    fn meta(&self) -> Result<Option<TensorMeta>> {
+    pub(crate) fn meta(&self) -> Result<Option<TensorMeta>> {
         match self {
             Gate::None => Ok(None),
             Gate::PerHead(t) => meta("g", t).map(Some),
@@ -41,7 +41,7 @@ impl Gate {
         }
     }
 
-    fn device(&self) -> Option<Device> {
+    pub(crate) fn device(&self) -> Option<Device> {
         match self {
             Gate::None => None,
             Gate::PerHead(t) => Some(t.device()),
@@ -61,7 +61,7 @@ impl Gate {
     }
 
     /// The gate in its own rank, as the op's input.
-    fn input(&self) -> Option<burn::backend::DispatchTensor> {
+    pub(crate) fn input(&self) -> Option<burn::backend::DispatchTensor> {
         match self {
             Gate::None => None,
             Gate::PerHead(t) => Some(t.clone().into_dispatch()),
@@ -83,7 +83,7 @@ fn linattn_dtype(name: &str, dtype: BurnDType) -> Result<DType> {
     }
 }
 
-fn meta<const D: usize>(name: &str, t: &Tensor<D>) -> Result<TensorMeta> {
+pub(crate) fn meta<const D: usize>(name: &str, t: &Tensor<D>) -> Result<TensorMeta> {
     Ok(TensorMeta::new(
         t.dims().to_vec(),
         linattn_dtype(name, t.dtype())?,
@@ -125,6 +125,19 @@ pub(crate) fn check_values(name: &str, t: Tensor<1>, gate: bool) -> Result<()> {
     let data: TensorData = t.into_data();
     let values = linattn::Tensor::from_f64(shape, data.iter::<f64>().collect())?;
     Err(linattn::flagged_values_error(name, gate, &values))
+}
+
+/// The kernels' dtypes (f64 is the CPU reference's, not a burn op's) and a chunk size >= 1.
+pub(crate) fn check_dtype_and_form(dtype: DType, form: Form) -> Result<()> {
+    if dtype == DType::F64 {
+        return Err(Error::InvalidArgument(
+            "linattn's burn ops take f32, f16 or bf16 tensors, got f64".into(),
+        ));
+    }
+    if let Form::Chunkwise { chunk: 0 } = form {
+        return Err(Error::InvalidArgument("the chunk size must be >= 1".into()));
+    }
+    Ok(())
 }
 
 /// One engine problem over burn tensors. Build it with [`LinearAttention::causal`] or
@@ -286,14 +299,7 @@ impl LinearAttention {
         p.h0 = h0.as_ref();
         p.cu_seqlens = self.cu_seqlens.as_deref();
         let spec = p.validate_layout()?;
-        if q.dtype == DType::F64 {
-            return Err(Error::InvalidArgument(
-                "linattn's burn ops take f32, f16 or bf16 tensors, got f64".into(),
-            ));
-        }
-        if let Form::Chunkwise { chunk: 0 } = self.form {
-            return Err(Error::InvalidArgument("the chunk size must be >= 1".into()));
-        }
+        check_dtype_and_form(q.dtype, self.form)?;
         if self.final_state && !spec.has_final_state() {
             return Err(Error::InvalidArgument(
                 "a final state `ht` exists only for a causal problem without normalisation".into(),
