@@ -19,18 +19,19 @@ pub use plan::{AttentionPlan, PlanLists};
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor, narrowed_all};
+use crate::tensor::{DType, Shaped, Tensor, narrowed_all};
 use crate::validation::*;
 
-/// One attention problem over host tensors.
-#[derive(Clone, Copy, Debug)]
-pub struct Attention<'a> {
+/// One attention problem over host tensors (or any [`Shaped`] stand-in, for
+/// [`Attention::validate_layout`]).
+#[derive(Debug)]
+pub struct Attention<'a, T = Tensor> {
     /// `[B, T, H, D]`.
-    pub q: &'a Tensor,
+    pub q: &'a T,
     /// `[B, S, H, D]`.
-    pub k: &'a Tensor,
+    pub k: &'a T,
     /// `[B, S, H, D]`.
-    pub v: &'a Tensor,
+    pub v: &'a T,
     /// Defaults to `D^-0.5`.
     pub scale: Option<f64>,
     /// Key `j` allowed for query `i` only if `j <= i` (top-left aligned, as torch SDPA's
@@ -40,9 +41,17 @@ pub struct Attention<'a> {
     pub mask: Option<&'a BlockMask>,
 }
 
-impl<'a> Attention<'a> {
+impl<T> Clone for Attention<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Attention<'_, T> {}
+
+impl<'a, T: Shaped> Attention<'a, T> {
     /// Dense attention: the FlashAttention baseline.
-    pub fn dense(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+    pub fn dense(q: &'a T, k: &'a T, v: &'a T) -> Self {
         Attention {
             q,
             k,
@@ -68,8 +77,8 @@ impl<'a> Attention<'a> {
         self
     }
 
-    /// Checks shapes, values and the mask grid.
-    pub fn validate(&self) -> Result<AttnSpec> {
+    /// Checks shapes, dtypes and the mask grid, not the values.
+    pub fn validate_layout(&self) -> Result<AttnSpec> {
         let qs = expect_rank("q", self.q, &["B", "T", "H", "D"])?;
         expect_nonzero("q", self.q)?;
         let (b, t, h, d) = (qs[0], qs[1], qs[2], qs[3]);
@@ -79,9 +88,6 @@ impl<'a> Attention<'a> {
         expect_shape("k", self.k, &["B", "S", "H", "D"], &[b, s, h, d])?;
         expect_shape("v", self.v, &["B", "S", "H", "D"], &[b, s, h, d])?;
         let dtype = expect_same_dtype(&[("q", self.q), ("k", self.k), ("v", self.v)])?;
-        for (name, tensor) in [("q", self.q), ("k", self.k), ("v", self.v)] {
-            expect_finite(name, tensor)?;
-        }
         if let Some(mask) = self.mask
             && !mask.covers(t, s)
         {
@@ -104,6 +110,17 @@ impl<'a> Attention<'a> {
             scale,
             causal: self.causal,
         })
+    }
+}
+
+impl Attention<'_> {
+    /// Checks shapes, values and the mask grid.
+    pub fn validate(&self) -> Result<AttnSpec> {
+        let spec = self.validate_layout()?;
+        for (name, tensor) in [("q", self.q), ("k", self.k), ("v", self.v)] {
+            expect_finite(name, tensor)?;
+        }
+        Ok(spec)
     }
 }
 

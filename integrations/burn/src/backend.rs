@@ -33,7 +33,8 @@ use burn::backend::{Autodiff, AutodiffBackend, Backend, backend_extension};
 use burn::tensor::{Shape, Slice};
 
 use crate::config::{
-    DecodeConfig, LightNetConfig, LinearConfig, linear_backward_specs, linear_forward_spec,
+    AttentionConfig, DecodeConfig, LightNetConfig, LinearConfig, linear_backward_specs,
+    linear_forward_spec,
 };
 use crate::host;
 
@@ -124,6 +125,32 @@ pub trait LinattnBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         host::decode_step::<Self>(state, q, k, v, g, &config)
     }
+
+    /// Block-sparse softmax attention (dense without a mask): `(o [B, T, H, D] in the inputs'
+    /// dtype, lse [B, H, T] f32)`. Only `o` is differentiable.
+    #[fusion(meta = attention_forward_meta)]
+    fn linattn_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        config: AttentionConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        host::attention_forward::<Self>(q, k, v, &config)
+    }
+
+    /// Attention's backward pass from the forward outputs `o`, `lse` and the cotangent of `o`.
+    #[fusion(meta = attention_backward_meta)]
+    fn linattn_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        config: AttentionConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        host::attention_backward::<Self>(q, k, v, o, lse, d_o, &config)
+    }
 }
 
 fn linear_forward_meta(
@@ -199,6 +226,33 @@ fn decode_meta(
         TensorSpec::new(Shape::from(config.o_shape.clone()), q.dtype),
         TensorSpec::new(state.shape.clone(), state.dtype),
     )
+}
+
+fn attention_forward_meta(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    _v: &TensorSpec,
+    config: &AttentionConfig,
+) -> (TensorSpec, TensorSpec) {
+    (
+        TensorSpec::new(Shape::from(config.spec.o_shape()), q.dtype),
+        TensorSpec::new(
+            Shape::from(config.spec.lse_shape()),
+            burn::tensor::DType::F32,
+        ),
+    )
+}
+
+fn attention_backward_meta(
+    q: &TensorSpec,
+    k: &TensorSpec,
+    v: &TensorSpec,
+    _o: &TensorSpec,
+    _lse: &TensorSpec,
+    _d_o: &TensorSpec,
+    _config: &AttentionConfig,
+) -> (TensorSpec, TensorSpec, TensorSpec) {
+    (q.clone(), k.clone(), v.clone())
 }
 
 impl LinattnBackend for burn::backend::NdArray {}
@@ -426,5 +480,75 @@ impl<B: LinattnBackend, C: CheckpointStrategy> LinattnBackend for Autodiff<B, C>
             config,
         );
         (untracked(o), untracked(state))
+    }
+
+    fn linattn_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        config: AttentionConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        /// The inputs, the forward outputs the backward kernels read (`o`, `lse`), the config.
+        #[derive(Debug)]
+        struct AttentionBackward;
+
+        impl<B: LinattnBackend> Backward<B, 3> for AttentionBackward {
+            type State = ([FloatTensor<B>; 5], AttentionConfig);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                _checkpointer: &mut Checkpointer,
+            ) {
+                let d_o = grads.consume::<B>(&ops.node);
+                let ([q, k, v, o, lse], config) = ops.state;
+                let (dq, dk, dv) = B::linattn_attention_backward(q, k, v, o, lse, d_o, config);
+                for (parent, grad) in ops.parents.iter().zip([dq, dk, dv]) {
+                    if let Some(node) = parent {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        let nodes = [q.node(), k.node(), v.node()];
+        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+        let (o, lse) =
+            B::linattn_attention_forward(q.clone(), k.clone(), v.clone(), config.clone());
+        let o = match AttentionBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let state = [q, k, v, o.clone(), lse.clone()];
+                prep.finish((state, config), o)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(o),
+        };
+        (o, <Self as AutodiffBackend>::from_inner(lse))
+    }
+
+    fn linattn_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        config: AttentionConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let untracked = <Self as AutodiffBackend>::from_inner;
+        let (dq, dk, dv) = B::linattn_attention_backward(
+            q.into_primitive(),
+            k.into_primitive(),
+            v.into_primitive(),
+            o.into_primitive(),
+            lse.into_primitive(),
+            d_o.into_primitive(),
+            config,
+        );
+        (untracked(dq), untracked(dk), untracked(dv))
     }
 }

@@ -97,3 +97,10 @@ pub struct DecodeConfig {
     pub gate: linattn::linear::GateKind,
     pub scale: f64,
 }
+
+/// One block-sparse attention call: the validated problem and its block mask (`None`: dense).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttentionConfig {
+    pub spec: linattn::attention::AttnSpec,
+    pub mask: Option<std::sync::Arc<linattn::attention::BlockMask>>,
+}

@@ -16,7 +16,12 @@ use linattn::linear::{Direction, GateKind};
 use linattn::{DType, Result};
 
 use crate::backend::LinattnBackend;
-use crate::config::{DecodeConfig, LightNetConfig, LinearConfig};
+use std::sync::{Arc, Mutex};
+
+use linattn::attention::BlockMask;
+use linattn::attention::cube::{CubeAttentionPlan, DeviceAttention};
+
+use crate::config::{AttentionConfig, DecodeConfig, LightNetConfig, LinearConfig};
 
 fn expect_ok<T>(r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("linattn: {e}"))
@@ -260,6 +265,27 @@ impl LinattnBackend for CubeBackend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         decode_step(state, q, k, v, g, &config)
     }
+
+    fn linattn_attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        config: AttentionConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        attention_forward(q, k, v, &config)
+    }
+
+    fn linattn_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        d_o: FloatTensor<Self>,
+        config: AttentionConfig,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        attention_backward(q, k, v, o, lse, d_o, &config)
+    }
 }
 
 pub(crate) fn lightnet_forward(
@@ -381,5 +407,145 @@ pub(crate) fn decode_step(
     (
         wrap(&ctx, &like, o, dtype),
         wrap(&ctx, &like, state, state_dtype),
+    )
+}
+
+/// Uploaded attention plans, reused across calls with the same device, mask, `T`, `S` and
+/// causal flag: the plan's CSR lists are host data (the mask), uploaded once, so a training
+/// loop's steps move nothing. A small cache: the oldest plan is dropped past [`PLAN_CACHE`].
+struct PlanEntry {
+    device: String,
+    mask: Option<Arc<BlockMask>>,
+    t: usize,
+    s: usize,
+    causal: bool,
+    plan: Arc<CubeAttentionPlan>,
+}
+
+const PLAN_CACHE: usize = 32;
+
+fn attention_plan(
+    ctx: &CubeContext,
+    like: &CubeTensor,
+    config: &AttentionConfig,
+) -> Arc<CubeAttentionPlan> {
+    static PLANS: Mutex<Vec<PlanEntry>> = Mutex::new(Vec::new());
+    let d = config.spec.dims;
+    let device = format!("{:?}", like.device);
+    let mut plans = PLANS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = plans.iter().find(|e| {
+        e.device == device
+            && e.mask == config.mask
+            && (e.t, e.s, e.causal) == (d.t, d.s, config.spec.causal)
+    }) {
+        return e.plan.clone();
+    }
+    let plan = expect_ok(CubeAttentionPlan::from_mask(
+        ctx,
+        config.mask.as_deref(),
+        d.t,
+        d.s,
+        config.spec.causal,
+    ))
+    .with_value_check(ValueCheck::Off);
+    let plan = Arc::new(plan);
+    if plans.len() >= PLAN_CACHE {
+        plans.remove(0);
+    }
+    plans.push(PlanEntry {
+        device,
+        mask: config.mask.clone(),
+        t: d.t,
+        s: d.s,
+        causal: config.spec.causal,
+        plan: plan.clone(),
+    });
+    plan
+}
+
+fn device_attention<'a>(
+    q: &'a DeviceTensor,
+    k: &'a DeviceTensor,
+    v: &'a DeviceTensor,
+    config: &AttentionConfig,
+) -> DeviceAttention<'a> {
+    let d = config.spec.dims;
+    DeviceAttention {
+        q: q.handle(),
+        k: k.handle(),
+        v: v.handle(),
+        dtype: q.dtype(),
+        batch: d.b,
+        heads: d.h,
+        head_dim: d.d,
+        scale: Some(config.spec.scale),
+    }
+}
+
+pub(crate) fn attention_forward(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    config: &AttentionConfig,
+) -> (CubeTensor, CubeTensor) {
+    let ctx = context(&q);
+    let (like, dtype) = (q.clone(), q.dtype);
+    let plan = attention_plan(&ctx, &like, config);
+    let (q, k, v) = (device_tensor(q), device_tensor(k), device_tensor(v));
+    let out = expect_ok(plan.forward(&device_attention(&q, &k, &v, config)));
+    let spec = &config.spec;
+    let o = expect_ok(DeviceTensor::from_handle(out.o, spec.o_shape(), DType::F32));
+    let lse = expect_ok(DeviceTensor::from_handle(
+        out.lse,
+        spec.lse_shape(),
+        DType::F32,
+    ));
+    (
+        wrap(&ctx, &like, o, dtype),
+        wrap(&ctx, &like, lse, BurnDType::F32),
+    )
+}
+
+pub(crate) fn attention_backward(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    o: CubeTensor,
+    lse: CubeTensor,
+    d_o: CubeTensor,
+    config: &AttentionConfig,
+) -> (CubeTensor, CubeTensor, CubeTensor) {
+    let ctx = context(&q);
+    let like = q.clone();
+    let dtypes = [&q, &k, &v].map(|t| t.dtype);
+    let plan = attention_plan(&ctx, &like, config);
+    let (q, k, v) = (device_tensor(q), device_tensor(k), device_tensor(v));
+    // The backward kernels read f32 `o`, `lse` and `do` (widened on the device if 16-bit).
+    let o = expect_ok(device_tensor(o).to_f32(&ctx, "o"));
+    let lse = expect_ok(device_tensor(lse).to_f32(&ctx, "lse"));
+    let d_o = expect_ok(device_tensor(d_o).to_f32(&ctx, "do"));
+    let g = expect_ok(plan.backward(&device_attention(&q, &k, &v, config), &o, &lse, &d_o));
+    let d = config.spec.dims;
+    let f32_tensor =
+        |h, shape: Vec<usize>| expect_ok(DeviceTensor::from_handle(h, shape, DType::F32));
+    (
+        wrap(
+            &ctx,
+            &like,
+            f32_tensor(g.dq, vec![d.b, d.t, d.h, d.d]),
+            dtypes[0],
+        ),
+        wrap(
+            &ctx,
+            &like,
+            f32_tensor(g.dk, vec![d.b, d.s, d.h, d.d]),
+            dtypes[1],
+        ),
+        wrap(
+            &ctx,
+            &like,
+            f32_tensor(g.dv, vec![d.b, d.s, d.h, d.d]),
+            dtypes[2],
+        ),
     )
 }

@@ -55,6 +55,8 @@ pub fn decode_step(
         expect("g", &g, &want)?;
     }
     crate::linear::check_dtype_and_form(qm.dtype, linattn::linear::Form::Recurrent)?;
+    crate::linear::check_device_dtype("q", &q)?;
+    crate::linear::check_device_dtype("state", &state)?;
     let scale = scale.unwrap_or((kd as f64).powf(-0.5));
     if !scale.is_finite() || scale == 0.0 {
         return Err(Error::InvalidArgument(format!(

@@ -5,11 +5,12 @@
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, TensorMetadata};
 use burn::tensor::{DType, TensorData};
+use linattn::attention::{self, Attention};
 use linattn::lightnet::{self, LightNet};
 use linattn::linear::{self, Gate, GateKind, LinearAttention};
 use linattn::{Backend as LinattnDevice, Tensor};
 
-use crate::config::{DecodeConfig, LightNetConfig, LinearConfig};
+use crate::config::{AttentionConfig, DecodeConfig, LightNetConfig, LinearConfig};
 
 /// A burn tensor's values as an f64 host tensor.
 fn read<B: Backend>(t: FloatTensor<B>) -> Tensor {
@@ -295,5 +296,58 @@ pub(crate) fn decode_step<B: Backend>(
     (
         write::<B>(&out.o, dtype, &device),
         write::<B>(&out.state, state_dtype, &device),
+    )
+}
+
+pub(crate) fn attention_forward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    config: &AttentionConfig,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (dtype, device) = (q.dtype(), q.device());
+    let (q, k, v) = (read::<B>(q), read::<B>(k), read::<B>(v));
+    let p = attention_problem(&q, &k, &v, config);
+    let out = expect_ok(attention::forward(&LinattnDevice::Cpu, &p));
+    (
+        write::<B>(&out.o, dtype, &device),
+        write::<B>(&out.lse, DType::F32, &device),
+    )
+}
+
+fn attention_problem<'a>(
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    config: &'a AttentionConfig,
+) -> Attention<'a> {
+    let mut p = Attention::dense(q, k, v)
+        .with_causal(config.spec.causal)
+        .with_scale(config.spec.scale);
+    if let Some(mask) = config.mask.as_deref() {
+        p = p.with_mask(mask);
+    }
+    p
+}
+
+pub(crate) fn attention_backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    _o: FloatTensor<B>,
+    _lse: FloatTensor<B>,
+    d_o: FloatTensor<B>,
+    config: &AttentionConfig,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    // The reference recomputes the forward statistics itself.
+    let device = q.device();
+    let dtypes = [&q, &k, &v].map(|t| t.dtype());
+    let (q, k, v, d_o) = (read::<B>(q), read::<B>(k), read::<B>(v), read::<B>(d_o));
+    let p = attention_problem(&q, &k, &v, config);
+    let g = expect_ok(attention::backward(&LinattnDevice::Cpu, &p, &d_o));
+    (
+        write::<B>(&g.dq, dtypes[0], &device),
+        write::<B>(&g.dk, dtypes[1], &device),
+        write::<B>(&g.dv, dtypes[2], &device),
     )
 }

@@ -15,6 +15,7 @@
 // gradients: burn's extension macro routes each tensor argument separately.
 #![allow(clippy::too_many_arguments, clippy::type_complexity)]
 
+pub mod attention;
 pub mod backend;
 pub mod config;
 mod cube;
@@ -23,12 +24,14 @@ mod host;
 pub mod lightnet;
 pub mod linear;
 
+pub use attention::{AttentionOutput, BlockSparseAttention};
 pub use backend::LinattnBackend;
 pub use decode::decode_step;
 pub use lightnet::{LightNet, LightNetOutput};
+pub use linattn::attention::{BlockMask, RadialConfig, RadialModel};
 pub use linattn::linear::{Direction, Form};
 pub use linattn::{Error, Result};
-pub use linear::{Gate, LinearAttention, LinearOutput, gla};
+pub use linear::{Gate, LinearAttention, LinearOutput, Lion, gla};
 
 /// Bytes linattn copied between host and device (see [`linattn::cube::host_transfer_bytes`]);
 /// the device path of this crate adds nothing to it.

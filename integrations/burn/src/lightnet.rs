@@ -125,6 +125,7 @@ impl LightNet {
         p.cu_seqlens = self.cu_seqlens.as_deref();
         let spec = p.validate_layout()?;
         crate::linear::check_dtype_and_form(spec.dtype, self.form)?;
+        crate::linear::check_device_dtype("q", &self.q)?;
         if self.final_state && self.non_causal {
             return Err(Error::InvalidArgument(
                 "the non-causal form has no final state".into(),

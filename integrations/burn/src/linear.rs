@@ -140,6 +140,21 @@ pub(crate) fn check_dtype_and_form(dtype: DType, form: Form) -> Result<()> {
     Ok(())
 }
 
+/// Whether the device holds and computes `t`'s dtype (burn's own answer; on llvmpipe f16 is
+/// there and bf16 is not): the kernels would fail inside the queued op otherwise.
+pub(crate) fn check_device_dtype<const D: usize>(name: &str, t: &Tensor<D>) -> Result<()> {
+    let dtype = t.dtype();
+    if t.device().supports_dtype(dtype) {
+        return Ok(());
+    }
+    Err(Error::UnsupportedDtype {
+        tensor: name.to_string(),
+        dtype: linattn_dtype(name, dtype)?,
+        backend: format!("burn {:?}", t.device()),
+        supported: "the float dtypes this device supports (f32 always)".into(),
+    })
+}
+
 /// One engine problem over burn tensors. Build it with [`LinearAttention::causal`] or
 /// [`LinearAttention::bidirectional`] and the `with_*` methods, then call
 /// [`forward`](Self::forward). The fields mean what they mean in
@@ -300,6 +315,7 @@ impl LinearAttention {
         p.cu_seqlens = self.cu_seqlens.as_deref();
         let spec = p.validate_layout()?;
         check_dtype_and_form(q.dtype, self.form)?;
+        check_device_dtype("q", &self.q)?;
         if self.final_state && !spec.has_final_state() {
             return Err(Error::InvalidArgument(
                 "a final state `ht` exists only for a causal problem without normalisation".into(),
@@ -381,4 +397,39 @@ pub fn gla(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, g: Tensor<4>) -> Result<Ten
         .with_gate(Gate::Vector(g))
         .forward()?
         .o)
+}
+
+/// LION's three variants (`linattn::lion`): the gates of a bidirectional problem with row-sum
+/// normalisation (eps `1e-6`).
+#[derive(Clone, Debug)]
+pub enum Lion {
+    /// No decay.
+    Lit,
+    /// One decay per head, `[H]`.
+    D(Tensor<1>),
+    /// A decay per token and head, `[B, T, H]`; `g_bwd` above the diagonal (`g` if `None`).
+    S {
+        g: Tensor<3>,
+        g_bwd: Option<Tensor<3>>,
+    },
+}
+
+impl Lion {
+    /// The engine problem of this variant with LION's defaults (scale `K^-0.5`, normalisation
+    /// eps `1e-6`, chunkwise); adjust it with the `with_*` methods. `q` and `k` are the
+    /// feature-mapped (positive) queries and keys.
+    pub fn problem(self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> LinearAttention {
+        let p = LinearAttention::bidirectional(q, k, v).with_normalize(linattn::lion::DEFAULT_EPS);
+        match self {
+            Lion::Lit => p,
+            Lion::D(g) => p.with_gate(Gate::PerHead(g)),
+            Lion::S { g, g_bwd } => {
+                let p = p.with_gate(Gate::Scalar(g));
+                match g_bwd {
+                    Some(gb) => p.with_gate_bwd(Gate::Scalar(gb)),
+                    None => p,
+                }
+            }
+        }
+    }
 }
