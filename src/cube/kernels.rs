@@ -36,6 +36,15 @@ fn cast_from_f32<O: Float>(input: &[f32], out: &mut [O], n: usize) {
     }
 }
 
+/// `dst[dst_offset + i] = src[src_offset + i]` for every `i < n`.
+#[cube(launch_unchecked)]
+fn copy_between(src: &[f32], dst: &mut [f32], src_offset: usize, dst_offset: usize, n: usize) {
+    let i = thread_index();
+    if i < n {
+        dst[dst_offset + i] = src[src_offset + i];
+    }
+}
+
 /// `dst[offset + i] = src[i]` for every `i < n`.
 #[cube(launch_unchecked)]
 fn copy_at_offset(src: &[f32], dst: &mut [f32], offset: usize, n: usize) {
@@ -233,4 +242,35 @@ pub fn concat_f32(ctx: &CubeContext, parts: &[(&Handle, usize)]) -> Handle {
         offset += n;
     }
     dst
+}
+
+/// Copies `n` f32 from `src[src_offset..]` to `dst[dst_offset..]` on the device.
+///
+/// # Safety
+/// `src` must hold `src_offset + n` and `dst` `dst_offset + n` f32.
+pub unsafe fn copy_range(
+    ctx: &CubeContext,
+    src: &Handle,
+    src_offset: usize,
+    dst: &Handle,
+    dst_offset: usize,
+    n: usize,
+) {
+    if n == 0 {
+        return;
+    }
+    let (count, dim) = per_item(n);
+    // SAFETY: the caller guarantees both ranges are inside their buffers.
+    unsafe {
+        copy_between::launch_unchecked(
+            ctx.client(),
+            count,
+            dim,
+            BufferArg::from_raw_parts(src.clone(), src_offset + n),
+            BufferArg::from_raw_parts(dst.clone(), dst_offset + n),
+            src_offset,
+            dst_offset,
+            n,
+        )
+    };
 }

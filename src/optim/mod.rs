@@ -455,3 +455,127 @@ impl ArenaLayout {
             .collect()
     }
 }
+
+/// The fused step with its state on the host, one call at a time: the f64 reference
+/// ([`linattn_reference::optim::step::fused_step`]) behind a stateful API, for CPU users (the
+/// burn adapter's NdArray path) and as the oracle of the device optimizers. The state after `n`
+/// calls equals [`optimize`]'s on the CPU backend with the same `n` gradients.
+#[derive(Clone, Debug)]
+pub struct CpuOptimizer {
+    config: OptimizerConfig,
+    schedule: Schedule,
+    states: Vec<linattn_reference::optim::step::TensorState>,
+    steps: u64,
+    history: Vec<StepRecord>,
+}
+
+impl CpuOptimizer {
+    /// Zero moments over `params` (the EMA, when on, starts at them); `decay[i]` says whether
+    /// weight decay applies to tensor `i`.
+    pub fn new(
+        config: &OptimizerConfig,
+        schedule: &Schedule,
+        params: &[&[f64]],
+        decay: &[bool],
+    ) -> Result<Self> {
+        config.validate()?;
+        validate_schedule(schedule)?;
+        if decay.len() != params.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} decay flags for {} parameter tensors",
+                decay.len(),
+                params.len()
+            )));
+        }
+        for (i, p) in params.iter().enumerate() {
+            if let Some((index, &value)) = p.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                return Err(Error::NonFinite {
+                    tensor: format!("params[{i}]"),
+                    index,
+                    value,
+                });
+            }
+        }
+        let states = params
+            .iter()
+            .zip(decay)
+            .map(|(p, &d)| {
+                linattn_reference::optim::step::TensorState::new(
+                    p.to_vec(),
+                    &config.method,
+                    config.ema_beta.is_some(),
+                    d,
+                )
+            })
+            .collect();
+        Ok(CpuOptimizer {
+            config: config.clone(),
+            schedule: schedule.clone(),
+            states,
+            steps: 0,
+            history: Vec::new(),
+        })
+    }
+
+    /// One call with the scheduled lr of call [`calls`](Self::calls): clipping, the non-finite
+    /// skip, the update, the EMA.
+    pub fn step(&mut self, grads: &[&[f64]]) -> Result<StepRecord> {
+        if grads.len() != self.states.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} gradients for {} parameter tensors",
+                grads.len(),
+                self.states.len()
+            )));
+        }
+        for (i, (g, s)) in grads.iter().zip(&self.states).enumerate() {
+            if g.len() != s.param.len() {
+                return Err(Error::shape(
+                    &format!("grads[{i}]"),
+                    format!("{} elements (params[{i}])", s.param.len()),
+                    &[g.len()],
+                ));
+            }
+        }
+        let lr = self.config.lr * self.schedule.multiplier(self.history.len());
+        let outcome = linattn_reference::optim::step::fused_step(
+            &self.config.step_config(),
+            lr,
+            self.config.lr,
+            &mut self.steps,
+            &mut self.states,
+            grads,
+        );
+        let record = StepRecord {
+            lr,
+            grad_norm: Some(outcome.grad_norm),
+            skipped: outcome.skipped,
+        };
+        self.history.push(record);
+        Ok(record)
+    }
+
+    /// The weights.
+    pub fn params(&self) -> Vec<&[f64]> {
+        self.states.iter().map(|s| s.param.as_slice()).collect()
+    }
+
+    /// The EMA of the weights, when on.
+    pub fn ema(&self) -> Option<Vec<&[f64]>> {
+        self.states.iter().map(|s| s.ema.as_deref()).collect()
+    }
+
+    /// Calls so far (the next call's schedule index).
+    pub fn calls(&self) -> usize {
+        self.history.len()
+    }
+
+    /// Steps applied (AdamW's `t`).
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// One record per call.
+    pub fn history(&self) -> &[StepRecord] {
+        &self.history
+    }
+}

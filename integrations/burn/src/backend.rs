@@ -37,6 +37,7 @@ use crate::config::{
     linear_forward_spec,
 };
 use crate::host;
+use crate::optim::OptimHandle;
 
 /// linattn's ops on a burn backend. Users call the functions of [`crate::linear`] (and the other
 /// op modules), not these.
@@ -151,6 +152,13 @@ pub trait LinattnBackend: Backend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         host::attention_backward::<Self>(q, k, v, o, lse, d_o, &config)
     }
+
+    /// One fused optimizer call (see [`crate::optim`]): `grads` in the optimizer's arena layout
+    /// (f32), the new master weights out in the same layout (f32). Not differentiable.
+    #[fusion(meta = fused_step_meta)]
+    fn linattn_fused_step(grads: FloatTensor<Self>, state: OptimHandle) -> FloatTensor<Self> {
+        host::fused_step::<Self>(grads, &state)
+    }
 }
 
 fn linear_forward_meta(
@@ -253,6 +261,10 @@ fn attention_backward_meta(
     _config: &AttentionConfig,
 ) -> (TensorSpec, TensorSpec, TensorSpec) {
     (q.clone(), k.clone(), v.clone())
+}
+
+fn fused_step_meta(grads: &TensorSpec, _state: &OptimHandle) -> TensorSpec {
+    TensorSpec::new(grads.shape.clone(), burn::tensor::DType::F32)
 }
 
 impl LinattnBackend for burn::backend::NdArray {}
@@ -550,5 +562,9 @@ impl<B: LinattnBackend, C: CheckpointStrategy> LinattnBackend for Autodiff<B, C>
             config,
         );
         (untracked(dq), untracked(dk), untracked(dv))
+    }
+
+    fn linattn_fused_step(grads: FloatTensor<Self>, state: OptimHandle) -> FloatTensor<Self> {
+        <Self as AutodiffBackend>::from_inner(B::linattn_fused_step(grads.into_primitive(), state))
     }
 }

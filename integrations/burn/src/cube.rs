@@ -22,6 +22,7 @@ use linattn::attention::BlockMask;
 use linattn::attention::cube::{CubeAttentionPlan, DeviceAttention};
 
 use crate::config::{AttentionConfig, DecodeConfig, LightNetConfig, LinearConfig};
+use crate::optim::{OptimHandle, OptimState};
 
 fn expect_ok<T>(r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("linattn: {e}"))
@@ -286,6 +287,10 @@ impl LinattnBackend for CubeBackend {
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         attention_backward(q, k, v, o, lse, d_o, &config)
     }
+
+    fn linattn_fused_step(grads: FloatTensor<Self>, state: OptimHandle) -> FloatTensor<Self> {
+        fused_step(grads, &state)
+    }
 }
 
 pub(crate) fn lightnet_forward(
@@ -548,4 +553,32 @@ pub(crate) fn attention_backward(
             dtypes[2],
         ),
     )
+}
+
+pub(crate) fn fused_step(grads: CubeTensor, handle: &OptimHandle) -> CubeTensor {
+    let ctx = context(&grads);
+    let like = grads.clone();
+    let grads = device_tensor(grads);
+    let mut state = handle.lock();
+    if let OptimState::Pending {
+        config,
+        schedule,
+        capacity,
+        params,
+        decay,
+    } = &*state
+    {
+        let borrowed: Vec<&[f32]> = params.iter().map(Vec::as_slice).collect();
+        let fused = expect_ok(linattn::optim::cube::FusedOptimizer::new(
+            &ctx, config, schedule, *capacity, &borrowed, decay,
+        ));
+        *state = OptimState::Cube(fused);
+    }
+    let OptimState::Cube(fused) = &mut *state else {
+        panic!("linattn: this optimizer's state lives on the host; step it on a CPU device");
+    };
+    expect_ok(fused.set_grads_from_arena(&grads));
+    expect_ok(fused.step());
+    let params = expect_ok(fused.params_arena());
+    wrap(&ctx, &like, params, BurnDType::F32)
 }

@@ -351,3 +351,18 @@ pub(crate) fn attention_backward<B: Backend>(
         write::<B>(&g.dv, dtypes[2], &device),
     )
 }
+
+pub(crate) fn fused_step<B: Backend>(
+    grads: FloatTensor<B>,
+    state: &crate::optim::OptimHandle,
+) -> FloatTensor<B> {
+    let device = grads.device();
+    let grads = read::<B>(grads);
+    let n = grads.numel();
+    let out = crate::optim::host_step(state, n, grads.to_f64_vec());
+    write::<B>(
+        &Tensor::from_f64(vec![n], out).expect("sized"),
+        DType::F32,
+        &device,
+    )
+}

@@ -23,6 +23,7 @@ pub mod decode;
 mod host;
 pub mod lightnet;
 pub mod linear;
+pub mod optim;
 
 pub use attention::{AttentionOutput, BlockSparseAttention};
 pub use backend::LinattnBackend;
@@ -32,6 +33,7 @@ pub use linattn::attention::{BlockMask, RadialConfig, RadialModel};
 pub use linattn::linear::{Direction, Form};
 pub use linattn::{Error, Result};
 pub use linear::{Gate, LinearAttention, LinearOutput, Lion, gla};
+pub use optim::{FusedOptimizer, merge_checkpoints};
 
 /// Bytes linattn copied between host and device (see [`linattn::cube::host_transfer_bytes`]);
 /// the device path of this crate adds nothing to it.

@@ -393,6 +393,65 @@ impl FusedOptimizer {
         })
     }
 
+    /// Copies the next step's gradients from a device buffer already in the arena layout
+    /// ([`FusedOptimizer::layout`]: `layout.total` f32, each tensor at its offset, zero padding)
+    /// into the gradient buffers: one device copy per bucket, nothing through the host. A 16-bit
+    /// arena is widened on the device first.
+    pub fn set_grads_from_arena(&mut self, arena: &crate::cube::DeviceTensor) -> Result<()> {
+        let total = self.layout.total as usize;
+        if arena.numel() != total {
+            return Err(Error::shape(
+                "grads",
+                format!("the arena layout: {total} elements"),
+                arena.shape(),
+            ));
+        }
+        let src = arena.to_f32(&self.ctx, "grads")?;
+        guarded("copying the gradients", || {
+            for b in &self.buckets {
+                let start = (b.first_quad * 4) as usize;
+                // SAFETY: `src` holds `total` f32 and the bucket's `[start, start + 4 quads)`
+                // lies inside it; the bucket's gradient buffer holds `4 quads` f32.
+                unsafe {
+                    crate::cube::kernels::copy_range(
+                        &self.ctx,
+                        &src,
+                        start,
+                        &b.grad,
+                        0,
+                        b.quads * 4,
+                    )
+                };
+            }
+            Ok(())
+        })
+    }
+
+    /// The master weights in the arena layout, as a new f32 device buffer (`layout.total`
+    /// elements): one device copy per bucket.
+    pub fn params_arena(&self) -> Result<crate::cube::DeviceTensor> {
+        let total = self.layout.total as usize;
+        let out = crate::cube::kernels::alloc_f32(&self.ctx, total);
+        guarded("copying the parameters", || {
+            for b in &self.buckets {
+                let start = (b.first_quad * 4) as usize;
+                // SAFETY: as in `set_grads_from_arena`, the other way round.
+                unsafe {
+                    crate::cube::kernels::copy_range(
+                        &self.ctx,
+                        &b.param,
+                        0,
+                        &out,
+                        start,
+                        b.quads * 4,
+                    )
+                };
+            }
+            Ok(())
+        })?;
+        crate::cube::DeviceTensor::from_handle(out, vec![total], DType::F32)
+    }
+
     /// Enqueues one optimizer call: gradient statistics (per bucket), scalars, update (per
     /// bucket). Never waits for the device; whether the call was skipped is in
     /// [`FusedOptimizer::status`] and the history.
