@@ -68,7 +68,7 @@ pub(crate) fn expect_log_decay(name: &str, t: &Tensor) -> Result<()> {
 }
 
 /// The error of a buffer that a device-side value check flagged, from the host check of its values
-/// read back ([`expect_log_decay`] for a gate, else [`expect_finite`]): the device path names the
+/// read back (the host's gate check for a gate, else its finiteness check): the device path names the
 /// same element as the host path would. A flag the host check does not confirm is still reported
 /// (element 0, NaN) rather than passed.
 pub fn flagged_values_error(name: &str, gate: bool, values: &Tensor) -> Error {

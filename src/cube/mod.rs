@@ -191,7 +191,7 @@ impl CubeContext {
 
 /// Bytes this crate's cube tier copied between host and device, both directions, since the
 /// process started: every upload and every read-back (results, value-check flags, index tables)
-/// goes through [`upload_bytes`] / [`read_bytes`], which count it. Device-resident callers (the
+/// goes through two helpers of this module, which count it. Device-resident callers (the
 /// framework adapters) assert that this stays unchanged across a forward and backward pass.
 pub fn host_transfer_bytes() -> u64 {
     HOST_TRANSFER_BYTES.load(Ordering::Relaxed)

@@ -1,15 +1,20 @@
-//! linattn's kernels as differentiable burn tensor ops, on the tensors' own device.
+#![doc = include_str!("../README.md")]
 //!
-//! ```ignore
-//! let out = linattn_burn::LinearAttention::causal(q, k, v)
-//!     .with_gate(linattn_burn::Gate::Vector(g))
-//!     .forward()?;
-//! ```
+//! ## What is here
 //!
-//! Each function takes burn [`Tensor`](burn::tensor::Tensor)s in linattn's `[B, T, H, D]` layout,
-//! checks shapes (and, unless told not to, values) before anything is queued, and returns
-//! burn tensors in the inputs' dtype. Under `device.autodiff()` the gradients come from
-//! linattn's analytic backward kernels. See [`backend`] for how each burn backend runs them.
+//! - [`LinearAttention`] (with [`Gate`], [`Lion`] and [`gla`]): the decayed linear attention
+//!   engine, causal or bidirectional, every gate kind, `h0` in and `ht` out, `cu_seqlens`, every
+//!   form.
+//! - [`LightNet`]: the additive recurrence (causal with its state, non-causal).
+//! - [`BlockSparseAttention`]: dense, causal, a [`BlockMask`] or a Radial mask; `o` and `lse`.
+//! - [`decode_step`]: one token of generation, the state on the device.
+//! - [`FusedOptimizer`] and [`merge_checkpoints`]: linattn's fused AdamW / Lion step over a whole
+//!   module with a scheduled learning rate, and WSM merging.
+//!
+//! Each function takes burn tensors in linattn's `[B, T, H, D]` layout, checks shapes, dtypes,
+//! devices (and, unless told not to, values) before anything is queued, returning a typed
+//! [`Error`], and returns burn tensors in the inputs' dtype. See [`backend`] for how each burn
+//! backend runs the ops.
 
 // The backend ops take every tensor of a problem as its own argument and return tuples of
 // gradients: burn's extension macro routes each tensor argument separately.

@@ -42,6 +42,8 @@ impl PartialEq for OptimHandle {
     }
 }
 
+// One value per optimizer, behind a mutex: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum OptimState {
     /// Before the first step: what the backend's optimizer is created from.
     Pending {

@@ -151,3 +151,20 @@ fn unsupported_dtypes_are_refused_before_queueing() {
         assert!(matches!(e, Error::UnsupportedDtype { .. }), "{m}");
     }
 }
+
+/// The README's "Use from burn" example is this crate's doctest, line for line.
+#[test]
+fn the_readme_example_is_the_doctest() {
+    let top = include_str!("../../../README.md");
+    let krate = include_str!("../README.md");
+    let block = |s: &str, fence: &str| -> String {
+        let start = s.find(fence).expect("a rust block") + fence.len();
+        let end = start + s[start..].find("```\n").expect("a closing fence");
+        s[start..end].to_string()
+    };
+    let section = &top[top.find("## Use from burn").expect("the README section")..];
+    assert_eq!(
+        block(section, "```rust,ignore\n"),
+        block(krate, "```rust\n")
+    );
+}

@@ -74,4 +74,85 @@ fn forward_and_backward_on_wgpu_copy_nothing_to_the_host() {
     let moved = linattn_burn::host_transfer_bytes() - before;
     assert!(moved > 0, "the varlen offsets upload is not counted");
     println!("varlen: {moved} bytes of offsets tables");
+
+    // LightNet and the decoding step move nothing either.
+    let before = linattn_burn::host_transfer_bytes();
+    let out = linattn_burn::LightNet::causal(q.clone(), kk.clone(), vv.clone())
+        .with_final_state()
+        .without_value_check()
+        .forward()
+        .unwrap();
+    let grads = out.o.powf_scalar(2.0).sum().backward();
+    let (s, _z) = out.state.unwrap();
+    let one = |x: &Tensor<4>| x.clone().slice([0..b, 0..1]).detach();
+    let (o1, _) =
+        linattn_burn::decode_step(s.detach(), one(&q), one(&kk), one(&vv), Gate::None, None)
+            .unwrap();
+    let value = q.grad(&grads).unwrap().sum().into_scalar::<f32>() + o1.sum().into_scalar::<f32>();
+    assert!(value.is_finite());
+    let moved = linattn_burn::host_transfer_bytes() - before;
+    assert_eq!(moved, 0, "LightNet + decode: linattn moved {moved} bytes");
+    println!("LightNet forward + backward, decode step: 0 bytes through linattn");
+
+    // Attention: the first call with a mask uploads its plan (the mask's block lists, host
+    // data); later calls reuse it from the per-device cache and move nothing.
+    let qa = data(8, [b, 48, h, 16], -1.0, 1.0);
+    for call in 0..2 {
+        let before = linattn_burn::host_transfer_bytes();
+        let out = linattn_burn::BlockSparseAttention::dense(qa.clone(), qa.clone(), qa.clone())
+            .with_causal(true)
+            .without_value_check()
+            .forward()
+            .unwrap();
+        let grads = out.o.powf_scalar(2.0).sum().backward();
+        let _ = qa.grad(&grads).unwrap().sum().into_scalar::<f32>();
+        let moved = linattn_burn::host_transfer_bytes() - before;
+        if call == 0 {
+            println!("attention call 0 (uploads the plan): {moved} bytes");
+        } else {
+            assert_eq!(
+                moved, 0,
+                "attention call {call}: linattn moved {moved} bytes"
+            );
+            println!("attention call {call}: 0 bytes through linattn");
+        }
+    }
+
+    // The fused optimizer: its state is created at the first step (one upload of the starting
+    // weights); every later step moves nothing.
+    let w = data(6, [1, 1, 32, 16], -0.2, 0.2);
+    let model = Wrapper {
+        w: burn::module::Param::from_tensor(w.flatten(0, 2).detach()),
+    };
+    let config = linattn::optim::OptimizerConfig::adamw(1e-2);
+    let schedule = linattn::optim::Schedule::cosine(2, 10);
+    let mut opt = linattn_burn::FusedOptimizer::new(&model, &config, &schedule, 10).unwrap();
+    let mut model = model;
+    let x: Tensor<2> = data(7, [1, 1, 8, 32], -1.0, 1.0).flatten(0, 2).detach();
+    for step in 0..3 {
+        let before = linattn_burn::host_transfer_bytes();
+        let grads = x
+            .clone()
+            .matmul(model.w.val())
+            .powf_scalar(2.0)
+            .mean()
+            .backward();
+        model = opt.step(model, &grads).unwrap();
+        let _ = model.w.val().sum().into_scalar::<f32>();
+        let moved = linattn_burn::host_transfer_bytes() - before;
+        if step == 0 {
+            println!("optimizer step 0 (creates the state): {moved} bytes");
+        } else {
+            assert_eq!(
+                moved, 0,
+                "optimizer step {step}: linattn moved {moved} bytes"
+            );
+            println!("optimizer step {step}: 0 bytes through linattn");
+        }
+    }
+}
+
+#[derive(burn::module::Module, Debug)]
+struct Wrapper {
+    w: burn::module::Param<Tensor<2>>,
 }
