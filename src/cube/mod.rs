@@ -205,6 +205,11 @@ pub(crate) fn upload_bytes(client: &Client, bytes: &[u8]) -> cubecl::server::Han
     client.create_from_slice(bytes)
 }
 
+/// Counts a host-to-device write of `bytes` made without [`upload_bytes`] (an in-place write).
+pub(crate) fn count_upload(bytes: usize) {
+    HOST_TRANSFER_BYTES.fetch_add(bytes as u64, Ordering::Relaxed);
+}
+
 /// A device buffer read back to the host (waits for every launch that writes it; counted).
 pub(crate) fn read_bytes(
     client: &Client,

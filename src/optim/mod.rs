@@ -554,6 +554,82 @@ impl CpuOptimizer {
         Ok(record)
     }
 
+    /// The whole state (weights, moments, EMA, step count, history) by name, for
+    /// [`CpuOptimizer::import_state`] in another process.
+    pub fn export_state(&self) -> Vec<(String, Vec<f64>)> {
+        let mut out = Vec::new();
+        for (i, s) in self.states.iter().enumerate() {
+            out.push((format!("tensor{i}.param"), s.param.clone()));
+            out.push((format!("tensor{i}.exp_avg"), s.exp_avg.clone()));
+            out.push((format!("tensor{i}.exp_avg_sq"), s.exp_avg_sq.clone()));
+            if let Some(e) = &s.ema {
+                out.push((format!("tensor{i}.ema"), e.clone()));
+            }
+        }
+        out.push(("steps".into(), vec![self.steps as f64]));
+        let history = self
+            .history
+            .iter()
+            .flat_map(|r| {
+                [
+                    r.lr,
+                    r.grad_norm.unwrap_or(f64::NAN),
+                    f64::from(u8::from(r.skipped)),
+                ]
+            })
+            .collect();
+        out.push(("history".into(), history));
+        out
+    }
+
+    /// Restores a state [`CpuOptimizer::export_state`] returned (same configuration and sizes).
+    pub fn import_state(&mut self, state: &[(String, Vec<f64>)]) -> Result<()> {
+        let find = |name: &str, len: Option<usize>| -> Result<Vec<f64>> {
+            let v = state
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| Error::InvalidArgument(format!("optimizer state: no `{name}`")))?;
+            if let Some(len) = len
+                && v.len() != len
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "optimizer state: `{name}` has {} values, expected {len}",
+                    v.len()
+                )));
+            }
+            Ok(v)
+        };
+        let mut states = self.states.clone();
+        for (i, s) in states.iter_mut().enumerate() {
+            let n = s.param.len();
+            s.param = find(&format!("tensor{i}.param"), Some(n))?;
+            s.exp_avg = find(&format!("tensor{i}.exp_avg"), Some(n))?;
+            s.exp_avg_sq = find(&format!("tensor{i}.exp_avg_sq"), Some(s.exp_avg_sq.len()))?;
+            if s.ema.is_some() {
+                s.ema = Some(find(&format!("tensor{i}.ema"), Some(n))?);
+            }
+        }
+        let steps = find("steps", Some(1))?[0] as u64;
+        let h = find("history", None)?;
+        if h.len() % 3 != 0 {
+            return Err(Error::InvalidArgument(
+                "optimizer state: `history` is not a list of (lr, norm, skipped)".into(),
+            ));
+        }
+        self.history = h
+            .chunks(3)
+            .map(|c| StepRecord {
+                lr: c[0],
+                grad_norm: (!c[1].is_nan()).then_some(c[1]),
+                skipped: c[2] != 0.0,
+            })
+            .collect();
+        self.states = states;
+        self.steps = steps;
+        Ok(())
+    }
+
     /// The weights.
     pub fn params(&self) -> Vec<&[f64]> {
         self.states.iter().map(|s| s.param.as_slice()).collect()

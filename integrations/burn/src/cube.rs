@@ -566,12 +566,22 @@ pub(crate) fn fused_step(grads: CubeTensor, handle: &OptimHandle) -> CubeTensor 
         capacity,
         params,
         decay,
+        restore,
     } = &*state
     {
         let borrowed: Vec<&[f32]> = params.iter().map(Vec::as_slice).collect();
-        let fused = expect_ok(linattn::optim::cube::FusedOptimizer::new(
+        let mut fused = expect_ok(linattn::optim::cube::FusedOptimizer::new(
             &ctx, config, schedule, *capacity, &borrowed, decay,
         ));
+        match restore {
+            Some(crate::optim::SavedState::Device(saved)) => {
+                expect_ok(fused.import_state(saved));
+            }
+            Some(crate::optim::SavedState::Host(_)) => {
+                panic!("linattn: a CPU optimizer state cannot continue on a device")
+            }
+            None => {}
+        }
         *state = OptimState::Cube(fused);
     }
     let OptimState::Cube(fused) = &mut *state else {

@@ -29,6 +29,7 @@ mod host;
 pub mod lightnet;
 pub mod linear;
 pub mod optim;
+pub mod train;
 
 pub use attention::{AttentionOutput, BlockSparseAttention};
 pub use backend::LinattnBackend;

@@ -52,6 +52,8 @@ pub(crate) enum OptimState {
         capacity: usize,
         params: Vec<Vec<f32>>,
         decay: Vec<bool>,
+        /// A saved state to restore once the backend's optimizer exists.
+        restore: Option<SavedState>,
     },
     Cube(linattn::optim::cube::FusedOptimizer),
     Cpu(CpuOptimizer),
@@ -61,6 +63,14 @@ impl OptimHandle {
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, OptimState> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// A saved optimizer state: the device optimizer's raw buffers, or the host reference's f64
+/// state, by name.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SavedState {
+    Device(Vec<(String, Vec<u32>)>),
+    Host(Vec<(String, Vec<f64>)>),
 }
 
 /// One parameter of the module, in visit order.
@@ -198,6 +208,7 @@ impl FusedOptimizer {
                 capacity,
                 params: collect.values,
                 decay,
+                restore: None,
             }))),
             layout,
             slots: collect.slots,
@@ -246,6 +257,46 @@ impl FusedOptimizer {
         self.slots.iter().map(|s| s.id).collect()
     }
 
+    /// The latest call's record (`None` before the first call).
+    pub fn last_record(&self) -> Result<Option<StepRecord>> {
+        Ok(self.history()?.last().copied())
+    }
+
+    /// The optimizer's whole state (synchronises), for [`import_state`](Self::import_state) in
+    /// a later process: a resumed run continues bit for bit. `None` before the first step (the
+    /// state is then just the module's weights).
+    pub fn export_state(&self) -> Result<Option<SavedState>> {
+        match &*self.handle.lock() {
+            OptimState::Pending { restore, .. } => Ok(restore.clone()),
+            OptimState::Cube(o) => Ok(Some(SavedState::Device(o.export_state()?))),
+            OptimState::Cpu(o) => Ok(Some(SavedState::Host(o.export_state()))),
+        }
+    }
+
+    /// Restores a state from [`export_state`](Self::export_state) of an optimizer created with
+    /// the same configuration, schedule, capacity and module structure, on the same kind of
+    /// device (a wgpu state on wgpu, a CPU state on NdArray).
+    pub fn import_state(&mut self, state: SavedState) -> Result<()> {
+        match &mut *self.handle.lock() {
+            OptimState::Pending { restore, .. } => {
+                *restore = Some(state);
+                Ok(())
+            }
+            OptimState::Cube(o) => match state {
+                SavedState::Device(s) => o.import_state(&s),
+                SavedState::Host(_) => Err(Error::InvalidArgument(
+                    "a CPU optimizer state cannot continue on a device".into(),
+                )),
+            },
+            OptimState::Cpu(o) => match state {
+                SavedState::Host(s) => o.import_state(&s),
+                SavedState::Device(_) => Err(Error::InvalidArgument(
+                    "a device optimizer state cannot continue on the CPU".into(),
+                )),
+            },
+        }
+    }
+
     /// One record per call so far (learning rate used, gradient norm, skipped). On a device this
     /// reads the optimizer's history back (a synchronisation).
     pub fn history(&self) -> Result<Vec<StepRecord>> {
@@ -276,6 +327,7 @@ pub(crate) fn host_step(handle: &OptimHandle, layout_total: usize, grads: Vec<f6
         schedule,
         params,
         decay,
+        restore,
         ..
     } = &*state
     {
@@ -284,8 +336,17 @@ pub(crate) fn host_step(handle: &OptimHandle, layout_total: usize, grads: Vec<f6
             .map(|p| p.iter().map(|&x| x as f64).collect())
             .collect();
         let borrowed: Vec<&[f64]> = params64.iter().map(Vec::as_slice).collect();
-        let cpu = CpuOptimizer::new(config, schedule, &borrowed, decay)
+        let mut cpu = CpuOptimizer::new(config, schedule, &borrowed, decay)
             .unwrap_or_else(|e| panic!("linattn: {e}"));
+        match restore {
+            Some(SavedState::Host(saved)) => cpu
+                .import_state(saved)
+                .unwrap_or_else(|e| panic!("linattn: {e}")),
+            Some(SavedState::Device(_)) => {
+                panic!("linattn: a device optimizer state cannot continue on the CPU")
+            }
+            None => {}
+        }
         *state = OptimState::Cpu(cpu);
     }
     let OptimState::Cpu(cpu) = &mut *state else {

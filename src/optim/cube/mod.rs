@@ -384,6 +384,7 @@ impl FusedOptimizer {
             for b in &self.buckets {
                 let start = (b.first_quad * 4) as usize;
                 let values = &arena[start..start + b.quads * 4];
+                crate::cube::count_upload(values.len() * 4);
                 self.ctx.client().write(
                     &b.grad,
                     Bytes::from_bytes_vec(f32::as_bytes(values).to_vec()),
@@ -575,6 +576,80 @@ impl FusedOptimizer {
             arena.extend(self.read_f32(pick(b))?);
         }
         Ok(self.layout.unpack(&arena))
+    }
+
+    /// Every buffer of the optimizer's state, raw (synchronises): enough to continue a run
+    /// bit for bit in another process with [`FusedOptimizer::import_state`] on an optimizer
+    /// created with the same configuration, schedule, capacity and parameter sizes.
+    pub fn export_state(&self) -> Result<Vec<(String, Vec<u32>)>> {
+        let mut out = Vec::new();
+        for (i, b) in self.buckets.iter().enumerate() {
+            for (name, h) in [
+                ("param", &b.param),
+                ("exp_avg", &b.exp_avg),
+                ("exp_avg_sq", &b.exp_avg_sq),
+                ("ema", &b.ema),
+                ("copy", &b.copy),
+            ] {
+                out.push((format!("bucket{i}.{name}"), self.read_words(h)?));
+            }
+        }
+        out.push(("counters".into(), self.read_words(&self.counters)?));
+        out.push(("history".into(), self.read_words(&self.history)?));
+        out.push(("scalars".into(), self.read_words(&self.scalars)?));
+        Ok(out)
+    }
+
+    /// Writes a state [`FusedOptimizer::export_state`] returned back into this optimizer's
+    /// buffers (in place). Every buffer must be there with its size.
+    pub fn import_state(&mut self, state: &[(String, Vec<u32>)]) -> Result<()> {
+        let find = |name: &str| -> Result<&Vec<u32>> {
+            state
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v)
+                .ok_or_else(|| Error::InvalidArgument(format!("optimizer state: no `{name}`")))
+        };
+        let mut writes: Vec<(&Handle, &Vec<u32>, String)> = Vec::new();
+        for (i, b) in self.buckets.iter().enumerate() {
+            for (name, h) in [
+                ("param", &b.param),
+                ("exp_avg", &b.exp_avg),
+                ("exp_avg_sq", &b.exp_avg_sq),
+                ("ema", &b.ema),
+                ("copy", &b.copy),
+            ] {
+                let key = format!("bucket{i}.{name}");
+                writes.push((h, find(&key)?, key));
+            }
+        }
+        for (name, h) in [
+            ("counters", &self.counters),
+            ("history", &self.history),
+            ("scalars", &self.scalars),
+        ] {
+            writes.push((h, find(name)?, name.to_string()));
+        }
+        for (h, words, name) in &writes {
+            // What a read gives back: the bytes in use (allocations may be rounded up).
+            let have = (h.size_in_used() as usize) / 4;
+            if words.len() != have {
+                return Err(Error::InvalidArgument(format!(
+                    "optimizer state: `{name}` has {} words, this optimizer's buffer {have}",
+                    words.len()
+                )));
+            }
+        }
+        guarded("restoring the optimizer state", || {
+            for (h, words, _) in &writes {
+                let bytes = u32::as_bytes(words);
+                crate::cube::count_upload(bytes.len());
+                self.ctx
+                    .client()
+                    .write(h, Bytes::from_bytes_vec(bytes.to_vec()));
+            }
+            Ok(())
+        })
     }
 
     /// The f32 master weights, tensor by tensor (synchronises).
