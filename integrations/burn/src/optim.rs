@@ -257,6 +257,28 @@ impl FusedOptimizer {
         self.slots.iter().map(|s| s.id).collect()
     }
 
+    /// `model` with the optimizer's EMA of the weights in place of its own (`None` when the
+    /// config has no `ema_beta`, or before the first step). Reads the EMA back to the host
+    /// (a checkpoint-time operation, not a per-step one).
+    pub fn ema_model<M: Module>(&self, model: M) -> Result<Option<M>> {
+        let values: Vec<Vec<f32>> = match &*self.handle.lock() {
+            OptimState::Pending { .. } => return Ok(None),
+            OptimState::Cube(o) => match o.read_ema()? {
+                Some(v) => v,
+                None => return Ok(None),
+            },
+            OptimState::Cpu(o) => match o.ema() {
+                Some(v) => v
+                    .iter()
+                    .map(|t| t.iter().map(|&x| x as f32).collect())
+                    .collect(),
+                None => return Ok(None),
+            },
+        };
+        let mut set = SetHost { values, index: 0 };
+        Ok(Some(model.map(&mut set)))
+    }
+
     /// The latest call's record (`None` before the first call).
     pub fn last_record(&self) -> Result<Option<StepRecord>> {
         Ok(self.history()?.last().copied())
@@ -461,6 +483,35 @@ impl ModuleMapper for SetFlat {
             let (dims, dtype) = (t.dims(), t.dtype());
             let (autodiff, grad) = (t.is_autodiff(), t.is_require_grad());
             let mut new: Tensor<D> = value.reshape(dims).cast(dtype);
+            if autodiff {
+                new = Tensor::from_inner(new);
+            }
+            if grad {
+                new = new.require_grad();
+            }
+            new
+        })
+    }
+}
+
+/// Sets each parameter from host values (in visit order).
+struct SetHost {
+    values: Vec<Vec<f32>>,
+    index: usize,
+}
+
+impl ModuleMapper for SetHost {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let values = self.values[self.index].clone();
+        self.index += 1;
+        param.map(|t| {
+            let dims: [usize; D] = t.dims();
+            let (dtype, autodiff, grad) = (t.dtype(), t.is_autodiff(), t.is_require_grad());
+            let host: Tensor<D> = Tensor::from_data(
+                burn::tensor::TensorData::new(values, dims),
+                &t.device().inner(),
+            );
+            let mut new = host.cast(dtype);
             if autodiff {
                 new = Tensor::from_inner(new);
             }

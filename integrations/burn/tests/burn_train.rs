@@ -336,3 +336,55 @@ impl Ranks for GlaLm {
         r.0
     }
 }
+
+/// EMA and WSM are options of the training step: the EMA model is the EMA of the weights the
+/// steps produced, and the WSM merge is the weighted sum of the kept checkpoints.
+#[test]
+fn ema_and_wsm_options_of_the_step() {
+    let Some(gpu) = wgpu() else { return };
+    let device = gpu.autodiff();
+    let model = GlaLm::new(&small_model(), 6, &device);
+    let beta = 0.8;
+    let mut config = linattn::optim::OptimizerConfig::adamw(3e-3);
+    config.ema_beta = Some(beta);
+    let schedule = linattn::optim::Schedule::Constant { warmup: 0 };
+    let mut trainer = linattn_burn::train::TrainStep::new(&model, &config, &schedule, 8)
+        .unwrap()
+        .with_wsm(2, 3, linattn::optim::Shape::Linear)
+        .unwrap();
+    let task = Task::Mqar {
+        pairs: 5,
+        queries: 7,
+    };
+    let mut ema = weights(&model);
+    let mut kept = Vec::new();
+    let mut model = model;
+    for step in 0..6 {
+        let batch = task.batch(24, 4, 3, step);
+        let (next, report) = trainer
+            .step(model, |m| {
+                let logits = m.forward(tokens_of(&batch, &device), Form::Chunkwise { chunk: 8 });
+                linattn_burn::train::masked_cross_entropy(logits, &batch, &device)
+            })
+            .unwrap();
+        model = next;
+        assert!(!report.skipped && report.lr > 0.0 && report.grad_norm > 0.0);
+        let w = weights(&model);
+        for (e, x) in ema.iter_mut().zip(&w) {
+            *e += (1.0 - beta) * (x - *e);
+        }
+        if (step + 1) % 2 == 0 {
+            kept.push(w);
+        }
+    }
+    let got = weights(&trainer.ema(model.clone()).unwrap().unwrap());
+    let e = rel_rms(&got, &ema);
+    assert!(e <= 1e-5, "EMA {e:.2e}");
+    let c = linattn::optim::wsm_coefficients(linattn::optim::Shape::Linear, 2);
+    let want: Vec<f64> = (0..kept[0].len())
+        .map(|i| (0..3).map(|j| c[j] * kept[j][i]).sum())
+        .collect();
+    let merged = weights(&trainer.merged().unwrap().unwrap());
+    let e = rel_rms(&merged, &want);
+    assert!(e <= 1e-6, "WSM {e:.2e}");
+}

@@ -169,6 +169,11 @@ impl<M: Module> TrainStep<M> {
         }
     }
 
+    /// `model` with the EMA of its weights (`None` without `ema_beta` in the optimizer config).
+    pub fn ema(&self, model: M) -> Result<Option<M>> {
+        self.optimizer.ema_model(model)
+    }
+
     /// The optimizer (its history, state, EMA).
     pub fn optimizer(&self) -> &FusedOptimizer {
         &self.optimizer
