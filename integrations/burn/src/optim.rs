@@ -151,15 +151,7 @@ impl ModuleMapper for Scatter<'_> {
         let arena = self.arena.clone();
         param.map(|t| {
             let dims: [usize; D] = t.dims();
-            let (dtype, autodiff, grad) = (t.dtype(), t.is_autodiff(), t.is_require_grad());
-            let mut new: Tensor<D> = arena.slice(offset..offset + n).reshape(dims).cast(dtype);
-            if autodiff {
-                new = Tensor::from_inner(new);
-            }
-            if grad {
-                new = new.require_grad();
-            }
-            new
+            like_param(&t, arena.slice(offset..offset + n).reshape(dims))
         })
     }
 }
@@ -480,16 +472,8 @@ impl ModuleMapper for SetFlat {
         let value = self.values[self.index].clone();
         self.index += 1;
         param.map(|t| {
-            let (dims, dtype) = (t.dims(), t.dtype());
-            let (autodiff, grad) = (t.is_autodiff(), t.is_require_grad());
-            let mut new: Tensor<D> = value.reshape(dims).cast(dtype);
-            if autodiff {
-                new = Tensor::from_inner(new);
-            }
-            if grad {
-                new = new.require_grad();
-            }
-            new
+            let dims: [usize; D] = t.dims();
+            like_param(&t, value.reshape(dims))
         })
     }
 }
@@ -506,19 +490,24 @@ impl ModuleMapper for SetHost {
         self.index += 1;
         param.map(|t| {
             let dims: [usize; D] = t.dims();
-            let (dtype, autodiff, grad) = (t.dtype(), t.is_autodiff(), t.is_require_grad());
             let host: Tensor<D> = Tensor::from_data(
                 burn::tensor::TensorData::new(values, dims),
                 &t.device().inner(),
             );
-            let mut new = host.cast(dtype);
-            if autodiff {
-                new = Tensor::from_inner(new);
-            }
-            if grad {
-                new = new.require_grad();
-            }
-            new
+            like_param(&t, host)
         })
     }
+}
+
+/// `new` (a value without autodiff) as the replacement of parameter value `old`: `old`'s
+/// dtype, autodiff association and gradient requirement.
+pub(crate) fn like_param<const D: usize>(old: &Tensor<D>, new: Tensor<D>) -> Tensor<D> {
+    let mut new = new.cast(old.dtype());
+    if old.is_autodiff() {
+        new = Tensor::from_inner(new);
+    }
+    if old.is_require_grad() {
+        new = new.require_grad();
+    }
+    new
 }

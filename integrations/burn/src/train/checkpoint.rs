@@ -119,18 +119,9 @@ impl ModuleMapper for Load<'_> {
             if shape.iter().product::<usize>() != values.len() {
                 return t;
             }
-            let (dtype, autodiff, grad) = (t.dtype(), t.is_autodiff(), t.is_require_grad());
-            let device = t.device();
             let loaded: Tensor<D> =
-                Tensor::from_data(TensorData::new(values, dims), &device.inner());
-            let mut new = loaded.cast(dtype);
-            if autodiff {
-                new = Tensor::from_inner(new);
-            }
-            if grad {
-                new = new.require_grad();
-            }
-            new
+                Tensor::from_data(TensorData::new(values, dims), &t.device().inner());
+            crate::optim::like_param(&t, loaded)
         })
     }
 }
