@@ -388,3 +388,62 @@ fn ema_and_wsm_options_of_the_step() {
     let e = rel_rms(&merged, &want);
     assert!(e <= 1e-6, "WSM {e:.2e}");
 }
+
+/// Ctrl-C: the command stops after the current step with exit code 130, the last checkpoint is
+/// intact, and `--resume` continues from it to the end.
+#[test]
+fn ctrl_c_leaves_the_last_checkpoint_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let bin = env!("CARGO_BIN_EXE_linattn-burn");
+    let args = [
+        "train",
+        "--device",
+        "ndarray",
+        "--quiet",
+        "--width",
+        "16",
+        "--heads",
+        "1",
+        "--layers",
+        "1",
+        "--batch",
+        "4",
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "2",
+    ];
+    let mut child = std::process::Command::new(bin)
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let checkpoint = out.join("checkpoint.safetensors");
+    let started = std::time::Instant::now();
+    while !checkpoint.exists() {
+        assert!(
+            started.elapsed().as_secs() < 120,
+            "no checkpoint after 2 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(130), "exit code after Ctrl-C");
+    let saved = linattn_burn::train::run::saved_config(&out).unwrap();
+    assert_eq!(saved.steps, 100000);
+    let bytes = std::fs::read(&checkpoint).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("an intact checkpoint");
+    assert!(
+        st.names()
+            .iter()
+            .any(|n| n.to_string() == "model.embeddings.weight")
+    );
+}
