@@ -45,15 +45,6 @@ fn copy_between(src: &[f32], dst: &mut [f32], src_offset: usize, dst_offset: usi
     }
 }
 
-/// `dst[offset + i] = src[i]` for every `i < n`.
-#[cube(launch_unchecked)]
-fn copy_at_offset(src: &[f32], dst: &mut [f32], offset: usize, n: usize) {
-    let i = thread_index();
-    if i < n {
-        dst[offset + i] = src[i];
-    }
-}
-
 /// Row-wise column copy between `[rows, src_width]` and `[rows, dst_width]`: column `c` of the
 /// destination is column `c` of the source when `c < src_width`, else `fill`. With
 /// `dst_width = src_width + 1, fill = 1` it appends a ones column; with `dst_width < src_width` it
@@ -222,23 +213,8 @@ pub fn concat_f32(ctx: &CubeContext, parts: &[(&Handle, usize)]) -> Handle {
     let dst = output(ctx, total);
     let mut offset = 0;
     for &(src, n) in parts {
-        if n == 0 {
-            continue;
-        }
-        let (count, dim) = per_item(n);
-        // SAFETY: `src` holds `n` f32 and `dst` `total >= offset + n`; the kernel writes
-        // `dst[offset .. offset + n]` only.
-        unsafe {
-            copy_at_offset::launch_unchecked(
-                ctx.client(),
-                count,
-                dim,
-                BufferArg::from_raw_parts(src.clone(), n),
-                BufferArg::from_raw_parts(dst.clone(), total),
-                offset,
-                n,
-            )
-        };
+        // SAFETY: `src` holds `n` f32 and `dst` `total >= offset + n`.
+        unsafe { copy_range(ctx, src, 0, &dst, offset, n) };
         offset += n;
     }
     dst

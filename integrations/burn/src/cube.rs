@@ -105,6 +105,19 @@ struct Inputs {
 }
 
 impl Inputs {
+    /// The engine inputs `[q, k, v, g, g_bwd, h0]` as linattn device tensors.
+    fn new(inputs: [CubeTensor; 6]) -> Inputs {
+        let [q, k, v, g, g_bwd, h0] = inputs.map(device_tensor);
+        Inputs {
+            q,
+            k,
+            v,
+            g,
+            g_bwd,
+            h0,
+        }
+    }
+
     fn problem<'a>(
         &'a self,
         config: &LinearConfig,
@@ -150,14 +163,7 @@ impl LinattnBackend for CubeBackend {
     ) -> FloatTensor<Self> {
         let ctx = context(&q);
         let (like, dtype) = (q.clone(), q.dtype);
-        let inputs = Inputs {
-            q: device_tensor(q),
-            k: device_tensor(k),
-            v: device_tensor(v),
-            g: device_tensor(g),
-            g_bwd: device_tensor(g_bwd),
-            h0: device_tensor(h0),
-        };
+        let inputs = Inputs::new([q, k, v, g, g_bwd, h0]);
         let cu = config.cu_seqlens();
         let out = expect_ok(forward_device(
             &ctx,
@@ -201,14 +207,7 @@ impl LinattnBackend for CubeBackend {
         let ctx = context(&q);
         let like = q.clone();
         let dtypes = [&q, &k, &v, &g, &g_bwd, &h0].map(|t| t.dtype);
-        let inputs = Inputs {
-            q: device_tensor(q),
-            k: device_tensor(k),
-            v: device_tensor(v),
-            g: device_tensor(g),
-            g_bwd: device_tensor(g_bwd),
-            h0: device_tensor(h0),
-        };
+        let inputs = Inputs::new([q, k, v, g, g_bwd, h0]);
         let d_o = device_tensor(d_o);
         let d_ht = config.final_state.then(|| device_tensor(d_ht));
         let cu = config.cu_seqlens();

@@ -55,6 +55,20 @@ struct HostInputs {
 }
 
 impl HostInputs {
+    /// The engine inputs `[q, k, v, g, g_bwd, h0]` read to the host.
+    fn read<B: Backend>(inputs: [FloatTensor<B>; 6], config: &LinearConfig) -> HostInputs {
+        let [q, k, v, g, g_bwd, h0] = inputs.map(read::<B>);
+        HostInputs {
+            q,
+            k,
+            v,
+            g,
+            g_bwd,
+            h0,
+            cu_seqlens: config.cu_seqlens(),
+        }
+    }
+
     fn problem(&self, config: &LinearConfig) -> LinearAttention<'_> {
         let spec = &config.spec;
         let mut p = match spec.direction {
@@ -96,15 +110,7 @@ pub(crate) fn linear_forward<B: Backend>(
     config: &LinearConfig,
 ) -> FloatTensor<B> {
     let (dtype, device) = (q.dtype(), q.device());
-    let inputs = HostInputs {
-        q: read::<B>(q),
-        k: read::<B>(k),
-        v: read::<B>(v),
-        g: read::<B>(g),
-        g_bwd: read::<B>(g_bwd),
-        h0: read::<B>(h0),
-        cu_seqlens: config.cu_seqlens(),
-    };
+    let inputs = HostInputs::read::<B>([q, k, v, g, g_bwd, h0], config);
     let out = expect_ok(linear::forward(
         &LinattnDevice::Cpu,
         &inputs.problem(config),
@@ -142,15 +148,7 @@ pub(crate) fn linear_backward<B: Backend>(
 ) {
     let device = q.device();
     let dtypes = [&q, &k, &v, &g, &g_bwd, &h0].map(|t| t.dtype());
-    let inputs = HostInputs {
-        q: read::<B>(q),
-        k: read::<B>(k),
-        v: read::<B>(v),
-        g: read::<B>(g),
-        g_bwd: read::<B>(g_bwd),
-        h0: read::<B>(h0),
-        cu_seqlens: config.cu_seqlens(),
-    };
+    let inputs = HostInputs::read::<B>([q, k, v, g, g_bwd, h0], config);
     let d_o = read::<B>(d_o);
     let d_ht = config.final_state.then(|| read::<B>(d_ht));
     let grads = expect_ok(linear::backward(

@@ -4,7 +4,7 @@
 
 mod common;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Gradients, Tensor, activation::tanh};
 use common::*;
@@ -49,29 +49,8 @@ impl Mlp {
 }
 
 /// Every parameter's values (or gradient) as host vectors, in visit order.
-struct Read<'a> {
-    grads: Option<&'a Gradients>,
-    out: Vec<Vec<f64>>,
-}
-
-impl ModuleVisitor for Read<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let t = param.val();
-        let t = match self.grads {
-            Some(g) => t.grad(g).expect("every parameter has a gradient"),
-            None => t,
-        };
-        self.out.push(to_vec(&t));
-    }
-}
-
-fn read(module: &Mlp, grads: Option<&Gradients>) -> Vec<Vec<f64>> {
-    let mut r = Read {
-        grads,
-        out: Vec::new(),
-    };
-    module.visit(&mut r);
-    r.out
+fn read(model: &Mlp, grads: Option<&Gradients>) -> Vec<Vec<f64>> {
+    param_values(model, grads)
 }
 
 fn configs() -> Vec<(&'static str, OptimizerConfig)> {

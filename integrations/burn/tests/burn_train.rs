@@ -239,29 +239,8 @@ fn decoding_equals_prefill_on_ndarray() {
     decoding_equals_prefill(&ndarray());
 }
 
-struct Read<'a> {
-    grads: Option<&'a Gradients>,
-    out: Vec<Vec<f64>>,
-}
-
-impl ModuleVisitor for Read<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let t = param.val();
-        let t = match self.grads {
-            Some(g) => t.grad(g).expect("every parameter has a gradient"),
-            None => t,
-        };
-        self.out.push(to_vec(&t));
-    }
-}
-
 fn read(model: &GlaLm, grads: Option<&Gradients>) -> Vec<Vec<f64>> {
-    let mut r = Read {
-        grads,
-        out: Vec::new(),
-    };
-    model.visit(&mut r);
-    r.out
+    param_values(model, grads)
 }
 
 /// The fused step on the GLA model's real gradients equals linattn's reference step.

@@ -338,3 +338,31 @@ pub fn compare(case: &Case, got: &Results, want: &Results, limit: f64) -> f64 {
     }
     worst
 }
+
+/// Every float parameter of `module` (or, with `grads`, its gradient) as a host vector, in
+/// visit order.
+pub fn param_values<M: burn::module::Module>(
+    module: &M,
+    grads: Option<&burn::tensor::Gradients>,
+) -> Vec<Vec<f64>> {
+    struct Read<'a> {
+        grads: Option<&'a burn::tensor::Gradients>,
+        out: Vec<Vec<f64>>,
+    }
+    impl burn::module::ModuleVisitor for Read<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            let t = param.val();
+            let t = match self.grads {
+                Some(g) => t.grad(g).expect("every parameter has a gradient"),
+                None => t,
+            };
+            self.out.push(to_vec(&t));
+        }
+    }
+    let mut r = Read {
+        grads,
+        out: Vec::new(),
+    };
+    module.visit(&mut r);
+    r.out
+}
