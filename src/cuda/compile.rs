@@ -1,10 +1,17 @@
-//! Kernel sources and their compilation to PTX by NVRTC.
+//! Kernel sources and their compilation by NVRTC.
 //!
 //! The `.cu`/`.cuh` files of `kernels/` are embedded in the library. A [`Variant`] is one kernel
-//! file plus its compile-time constants (`-D` defines); [`compile_ptx`] turns it into PTX for one
-//! architecture (`sm_80`, `sm_90`, ...) and caches the result per `(arch, variant)` for the life of
-//! the process. Compilation needs libnvrtc only (no GPU, no CUDA toolkit headers), so it also runs
-//! in CI and is the entry point of the compile-only checks.
+//! file plus its compile-time constants (`-D` defines); [`compile`] turns it into PTX and, since
+//! the architecture is a real one (`sm_80`, `sm_90`, ...), the CUBIN that NVRTC's backend produced
+//! on the way, and caches both per `(arch, variant)` for the life of the process. The driver loads
+//! the CUBIN as it is: no second PTX-to-SASS compile (driver JIT) when a module is loaded.
+//! Compilation needs libnvrtc only (no GPU, no CUDA toolkit headers), so it also runs in CI and is
+//! the entry point of the compile-only checks.
+//!
+//! Every variant takes seconds of NVRTC time; [`precompile`] compiles a list on all cores at once
+//! (a GPU check that uses every variant would otherwise spend minutes compiling one after the
+//! other), and with `LINATTN_KERNEL_CACHE=<dir>` the results are also kept on disk, keyed by a
+//! hash of the source, the options and the NVRTC version, so that later processes skip NVRTC.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -182,10 +189,18 @@ pub fn nvrtc_options(arch: &str) -> Vec<String> {
     ]
 }
 
-type PtxCache = Mutex<HashMap<(String, Variant), Arc<str>>>;
+/// One compiled variant: PTX text (what the compile-only checks and the ptxas report read) and the
+/// CUBIN of the real architecture, when NVRTC produced one (the driver loads it without JIT).
+#[derive(Debug)]
+pub struct Compiled {
+    pub ptx: Arc<str>,
+    pub cubin: Option<Arc<[u8]>>,
+}
 
-fn ptx_cache() -> &'static PtxCache {
-    static CACHE: OnceLock<PtxCache> = OnceLock::new();
+type Cache = Mutex<HashMap<(String, Variant), Arc<Compiled>>>;
+
+fn cache() -> &'static Cache {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
@@ -194,10 +209,16 @@ fn ptx_cache() -> &'static PtxCache {
 /// Errors: [`Error::DeviceUnavailable`] when libnvrtc cannot be loaded or the architecture is too
 /// old, [`Error::KernelCompile`] with NVRTC's log when the source does not compile.
 pub fn compile_ptx(arch: &str, variant: &Variant) -> Result<Arc<str>> {
+    Ok(compile(arch, variant)?.ptx.clone())
+}
+
+/// Compiles `variant` for `arch` to PTX and CUBIN, once per process (and, with
+/// `LINATTN_KERNEL_CACHE`, once per cache folder). Errors as [`compile_ptx`].
+pub fn compile(arch: &str, variant: &Variant) -> Result<Arc<Compiled>> {
     check_arch(arch)?;
     let key = (arch.to_string(), variant.clone());
-    if let Some(ptx) = ptx_cache().lock().expect("ptx cache").get(&key) {
-        return Ok(ptx.clone());
+    if let Some(c) = cache().lock().expect("kernel cache").get(&key) {
+        return Ok(c.clone());
     }
     if !super::nvrtc_available() {
         return Err(Error::DeviceUnavailable {
@@ -206,30 +227,191 @@ pub fn compile_ptx(arch: &str, variant: &Variant) -> Result<Arc<str>> {
         });
     }
     let source = variant.source()?;
-    let options = cudarc::nvrtc::CompileOptions {
-        options: nvrtc_options(arch),
-        name: Some(variant.file.to_string()),
-        ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, options).map_err(|e| {
-        let log = match &e {
-            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                log.to_string_lossy().into_owned()
+    let options = nvrtc_options(arch);
+    let disk = DiskCache::from_env(&source, &options);
+    let compiled = match disk.as_ref().and_then(DiskCache::load) {
+        Some(c) => c,
+        None => {
+            let c = nvrtc_compile(&source, variant.file, &options).map_err(|log| {
+                Error::KernelCompile {
+                    kernel: variant.label(),
+                    arch: arch.to_string(),
+                    log,
+                }
+            })?;
+            if let Some(d) = &disk {
+                d.store(&c);
             }
-            other => format!("{other:?}"),
-        };
-        Error::KernelCompile {
-            kernel: variant.label(),
-            arch: arch.to_string(),
-            log,
+            c
         }
-    })?;
-    let text: Arc<str> = Arc::from(ptx.to_src());
-    ptx_cache()
+    };
+    let compiled = Arc::new(compiled);
+    cache()
         .lock()
-        .expect("ptx cache")
-        .insert(key, text.clone());
-    Ok(text)
+        .expect("kernel cache")
+        .insert(key, compiled.clone());
+    Ok(compiled)
+}
+
+/// Compiles every variant of `variants` that is not compiled yet, on up to `threads` threads at
+/// once (NVRTC compiles independent programs concurrently). Returns how many it compiled; the
+/// first error, if any, after every thread has finished.
+pub fn precompile(arch: &str, variants: &[Variant], threads: usize) -> Result<usize> {
+    check_arch(arch)?;
+    let todo: Vec<&Variant> = {
+        let done = cache().lock().expect("kernel cache");
+        variants
+            .iter()
+            .filter(|v| !done.contains_key(&(arch.to_string(), (*v).clone())))
+            .collect()
+    };
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let first_error = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, todo.len().max(1)) {
+            scope.spawn(|| {
+                while let Some(v) =
+                    todo.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                {
+                    if let Err(e) = compile(arch, v) {
+                        first_error.lock().expect("error slot").get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match first_error.into_inner().expect("error slot") {
+        Some(e) => Err(e),
+        None => Ok(todo.len()),
+    }
+}
+
+/// One NVRTC compile: PTX, and the CUBIN when the architecture is a real one; NVRTC's log as the
+/// error.
+fn nvrtc_compile(
+    source: &str,
+    name: &str,
+    options: &[String],
+) -> std::result::Result<Compiled, String> {
+    use std::ffi::CString;
+
+    use cudarc::nvrtc::{result, sys};
+
+    /// Destroys the program on every path out.
+    struct Program(sys::nvrtcProgram);
+    impl Drop for Program {
+        fn drop(&mut self) {
+            // SAFETY: created by `create_program` and destroyed only here.
+            let _ = unsafe { result::destroy_program(self.0) };
+        }
+    }
+    let text = |chars: Vec<std::ffi::c_char>| -> String {
+        let bytes: Vec<u8> = chars
+            .into_iter()
+            .map(|c| c as u8)
+            .take_while(|&b| b != 0)
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+
+    let src = CString::new(source).map_err(|_| "the source holds a NUL byte".to_string())?;
+    let name = CString::new(name).map_err(|_| "the name holds a NUL byte".to_string())?;
+    let prog = Program(
+        result::create_program(&src, Some(&name))
+            .map_err(|e| format!("nvrtcCreateProgram: {e}"))?,
+    );
+    // SAFETY: `prog.0` is a live program for every call below.
+    unsafe {
+        if let Err(e) = result::compile_program(prog.0, options) {
+            let log = result::get_program_log(prog.0)
+                .map(text)
+                .unwrap_or_default();
+            return Err(format!("{e}: {log}"));
+        }
+        let ptx = result::get_ptx(prog.0).map_err(|e| format!("nvrtcGetPTX: {e}"))?;
+        let mut size = 0usize;
+        let cubin = if sys::nvrtcGetCUBINSize(prog.0, &mut size).result().is_ok() && size > 0 {
+            let mut bytes = vec![0u8; size];
+            sys::nvrtcGetCUBIN(prog.0, bytes.as_mut_ptr().cast())
+                .result()
+                .ok()
+                .map(|()| Arc::from(bytes))
+        } else {
+            None
+        };
+        Ok(Compiled {
+            ptx: Arc::from(text(ptx)),
+            cubin,
+        })
+    }
+}
+
+/// The NVRTC version, `major.minor`.
+pub fn nvrtc_version() -> Option<(i32, i32)> {
+    if !super::nvrtc_available() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: libnvrtc is loaded; the call writes two ints.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .ok()
+        .map(|()| (major, minor))
+}
+
+/// The on-disk cache of `LINATTN_KERNEL_CACHE`: `<hash>.ptx` and `<hash>.cubin`, the hash over the
+/// source, the options and the NVRTC version (FNV-1a, stable across processes and builds).
+struct DiskCache {
+    stem: std::path::PathBuf,
+}
+
+impl DiskCache {
+    fn from_env(source: &str, options: &[String]) -> Option<DiskCache> {
+        let dir = std::path::PathBuf::from(std::env::var_os("LINATTN_KERNEL_CACHE")?);
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let version = format!("{:?}", nvrtc_version());
+        for part in std::iter::once(source)
+            .chain(options.iter().map(String::as_str))
+            .chain(std::iter::once(version.as_str()))
+        {
+            for b in part.bytes().chain(std::iter::once(0)) {
+                hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        std::fs::create_dir_all(&dir).ok()?;
+        Some(DiskCache {
+            stem: dir.join(format!("{hash:016x}")),
+        })
+    }
+
+    fn load(&self) -> Option<Compiled> {
+        let ptx = std::fs::read_to_string(self.stem.with_extension("ptx")).ok()?;
+        let cubin = std::fs::read(self.stem.with_extension("cubin"))
+            .ok()
+            .map(Arc::from);
+        Some(Compiled {
+            ptx: Arc::from(ptx),
+            cubin,
+        })
+    }
+
+    /// Writes the entry (each file through a temporary name, so a reader never sees half of
+    /// one; the CUBIN first, so a PTX file means the entry is complete). Failures only cost a
+    /// later recompile.
+    fn store(&self, c: &Compiled) {
+        let write = |ext: &str, bytes: &[u8]| {
+            let tmp = self
+                .stem
+                .with_extension(format!("{ext}.{}.tmp", std::process::id()));
+            if std::fs::write(&tmp, bytes).is_ok() {
+                let _ = std::fs::rename(&tmp, self.stem.with_extension(ext));
+            }
+        };
+        if let Some(cubin) = &c.cubin {
+            write("cubin", cubin);
+        }
+        write("ptx", c.ptx.as_bytes());
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +438,40 @@ mod tests {
         let b = Variant::new("linear_chunk.cu", &[("A", "2".into()), ("B", "1".into())]);
         assert_eq!(a, b);
         assert_eq!(a.label(), "linear_chunk.cu[A=2,B=1]");
+    }
+
+    /// NVRTC gives the CUBIN of the real architecture beside the PTX (the ELF the driver loads),
+    /// and the on-disk cache returns what was compiled.
+    #[test]
+    fn compile_gives_cubin_and_the_disk_cache_returns_it() {
+        if !crate::cuda::nvrtc_available() {
+            println!("skipped: libnvrtc not found");
+            return;
+        }
+        let v = Variant::new("linear_util.cu", &[("LA_DTYPE", "2".into())]);
+        let source = v.source().unwrap();
+        let options = nvrtc_options("sm_90");
+        let c = nvrtc_compile(&source, v.file, &options).unwrap();
+        assert!(c.ptx.contains(".target sm_90"), "{}", &c.ptx[..200]);
+        let cubin = c.cubin.as_ref().expect("a CUBIN for sm_90");
+        assert_eq!(&cubin[..4], b"\x7fELF");
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskCache {
+            stem: dir.path().join("entry"),
+        };
+        assert!(disk.load().is_none());
+        disk.store(&c);
+        let back = disk.load().unwrap();
+        assert_eq!(back.ptx, c.ptx);
+        assert_eq!(back.cubin.as_deref(), c.cubin.as_deref());
+        // A compile error is NVRTC's log.
+        let err = nvrtc_compile(
+            "__global__ void k() { undefined_thing(); }",
+            "bad.cu",
+            &options,
+        )
+        .unwrap_err();
+        assert!(err.contains("undefined_thing"), "{err}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 
 use super::CudaContext;
-use super::compile::{Variant, compile_ptx};
+use super::compile::{Variant, compile};
 use crate::error::{Error, Result};
 
 /// One kernel of a compiled variant.
@@ -114,14 +114,19 @@ impl CudaExec {
         if let Some(m) = cache.modules.lock().expect("module cache").get(variant) {
             return Ok(m.clone());
         }
-        let ptx = compile_ptx(&self.ctx.arch(), variant)?;
+        let compiled = compile(&self.ctx.arch(), variant)?;
+        // The CUBIN when NVRTC produced one (no driver JIT), else the PTX.
+        let image = match &compiled.cubin {
+            Some(cubin) => cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()),
+            None => cudarc::nvrtc::Ptx::from_src(compiled.ptx.to_string()),
+        };
         let module = self
             .ctx
             .driver_context()
-            .load_module(cudarc::nvrtc::Ptx::from_src(ptx.to_string()))
+            .load_module(image)
             .map_err(|e| runtime(format!("loading {}: {e:?}", variant.label())))?;
         // Modules that carve dynamic shared memory report their table through `la_smem_query`.
-        let smem_table = if ptx.contains(".entry la_smem_query(") {
+        let smem_table = if compiled.ptx.contains(".entry la_smem_query(") {
             let f = module
                 .load_function("la_smem_query")
                 .map_err(|e| runtime(format!("la_smem_query of {}: {e:?}", variant.label())))?;

@@ -24,7 +24,7 @@ pub(crate) const NVRTC_MISSING: &str = "libnvrtc not found (install the CUDA too
 /// Whether libnvrtc can be loaded (kernels can be compiled, with or without a GPU).
 ///
 /// cudarc looks for libnvrtc on the dynamic loader's search path only. Before asking it, a copy in
-/// `$LINATTN_NVRTC_DIR`, or else in this checkout's `.tools/cuda` (where
+/// `$LINATTN_NVRTC_DIR` (CUDA 12 or 13), or else in this checkout's `.tools/cuda` (where
 /// scripts/install-cuda-wheels.sh puts the `nvidia-cuda-nvrtc-cu12` wheel), is loaded and kept
 /// loaded: the loader then resolves cudarc's `dlopen("libnvrtc.so.12")` to it by its soname (the
 /// wheel's library finds its builtins next to itself through its `$ORIGIN` runpath).
@@ -45,18 +45,40 @@ fn preload_nvrtc() {
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join(".tools/cuda/nvidia/cuda_nvrtc/lib"),
         );
+        // CUDA 12's wheel ships `libnvrtc.so.12`, CUDA 13's `libnvrtc.so.13` (in `nvidia/cu13/lib`);
+        // cudarc's candidate names cover both sonames, so either one preloaded is the one it uses.
         for dir in dirs {
-            let lib = dir.join("libnvrtc.so.12");
-            if lib.exists() {
-                // SAFETY: loading libnvrtc runs no code beyond its initialisers.
-                if let Ok(l) = unsafe { libloading::Library::new(&lib) } {
-                    // Keep it loaded for the life of the process.
-                    std::mem::forget(l);
-                    return;
+            for name in ["libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc.so"] {
+                let lib = dir.join(name);
+                if lib.exists() {
+                    // SAFETY: loading libnvrtc runs no code beyond its initialisers.
+                    if let Ok(l) = unsafe { libloading::Library::new(&lib) } {
+                        // Keep it loaded for the life of the process.
+                        std::mem::forget(l);
+                        return;
+                    }
                 }
             }
         }
     });
+}
+
+/// Every kernel variant the library can launch (engine, attention, optimizer): what
+/// [`compile::precompile`] warms before a run that uses most of them.
+pub fn all_variants() -> Vec<compile::Variant> {
+    let mut out = crate::linear::cuda::kernels::all_variants();
+    out.extend(crate::attention::cuda::kernels::all_variants());
+    out.extend(crate::optim::cuda::all_variants());
+    out
+}
+
+/// Compiles every variant of [`all_variants`] for this context's architecture on all cores (or
+/// takes them from `LINATTN_KERNEL_CACHE`), so that the launches after it do not wait for NVRTC
+/// one variant at a time. Returns how many were compiled and on how many threads.
+pub fn warm_up_kernels(ctx: &CudaContext) -> Result<(usize, usize)> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let n = compile::precompile(&ctx.arch(), &all_variants(), threads)?;
+    Ok((n, threads))
 }
 
 /// Whether libcuda (the driver) can be loaded.
