@@ -19,6 +19,7 @@ pub mod lightnet;
 pub mod linear;
 pub mod lion;
 pub mod optim;
+pub mod suites;
 pub mod tensor;
 pub(crate) mod validation;
 

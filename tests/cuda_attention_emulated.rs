@@ -7,13 +7,13 @@
 //! The emulation runs one launch at a time per process; the matrix is split into several tests so
 //! that a failure names its group.
 
-#[path = "common/attention_cases.rs"]
-mod attention_cases;
+#![cfg(feature = "cuda")]
 
-use attention_cases::{AttnCase, MaskKind, radial_config, run_all};
 use linattn::DType;
 use linattn::attention::RadialModel;
 use linattn::cuda::emu::EmuExec;
+use linattn::suites::attention::{AttnCase, MaskKind, radial_config, run_cases};
+use linattn::suites::verdict;
 
 fn exec() -> Option<EmuExec> {
     match EmuExec::new() {
@@ -22,6 +22,14 @@ fn exec() -> Option<EmuExec> {
             println!("skipped: {e}");
             None
         }
+    }
+}
+
+/// Runs every case (inputs from seed 7000 + index), printing a line each; fails with the list of
+/// failures.
+fn run_all(exec: &EmuExec, runs: &[(AttnCase, DType)]) {
+    if let Err(e) = verdict(&run_cases(exec, "attention-emulated", runs, 7000, true)) {
+        panic!("{e}");
     }
 }
 

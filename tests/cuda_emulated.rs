@@ -3,14 +3,14 @@
 //! prints `skipped: ...` without them.
 #![cfg(feature = "cuda")]
 
-#[path = "common/cuda_cases.rs"]
-mod cuda_cases;
-
-use cuda_cases::{Case, FORMS, Inputs, SHAPES, full_matrix, ops, run_case, summary, varlen_cases};
 use linattn::DType;
 use linattn::cuda::emu::EmuExec;
 use linattn::linear::cuda::{backward_on, forward_on};
 use linattn::linear::{Form, GateKind};
+use linattn::suites::linear::{
+    Case, FORMS, Inputs, SHAPES, full_matrix, ops, run_cases, varlen_cases,
+};
+use linattn::suites::{Run, verdict};
 
 fn exec() -> Option<EmuExec> {
     match EmuExec::new() {
@@ -22,31 +22,20 @@ fn exec() -> Option<EmuExec> {
     }
 }
 
-fn run(exec: &EmuExec, case: &Case, dtype: DType, form: Form, seed: u64) -> bool {
-    let inputs = Inputs::draw(case, dtype, seed);
-    let checks = run_case(
-        &inputs,
-        dtype,
-        form,
+/// Runs `runs` on the emulation (inputs from seed `seed_base + index`), printing a line each.
+fn run_on(exec: &EmuExec, runs: &[(Case, DType, Form)], seed_base: u64) -> Vec<Run> {
+    run_cases(
+        "engine-emulated",
+        runs,
+        seed_base,
+        true,
         &|s, p, f| forward_on(exec, s, p, f),
         &|s, p, f, d, dh| backward_on(exec, s, p, f, d, dh),
-    );
-    match checks {
-        Ok(c) => {
-            let pass = c.iter().all(|c| c.pass);
-            println!(
-                "{} {}: {}",
-                if pass { "ok  " } else { "FAIL" },
-                case.label(dtype, form),
-                summary(&c)
-            );
-            pass
-        }
-        Err(e) => {
-            println!("FAIL {}: error {e}", case.label(dtype, form));
-            false
-        }
-    }
+    )
+}
+
+fn run(exec: &EmuExec, case: &Case, dtype: DType, form: Form, seed: u64) -> bool {
+    verdict(&run_on(exec, &[(case.clone(), dtype, form)], seed)).is_ok()
 }
 
 #[test]
@@ -71,19 +60,9 @@ fn smoke_chunk_f32() {
 
 /// Runs cases and reports every failure at the end (so one run shows the whole picture).
 fn run_all(exec: &EmuExec, runs: &[(Case, DType, Form)]) {
-    let mut failed = Vec::new();
-    for (i, (case, dtype, form)) in runs.iter().enumerate() {
-        if !run(exec, case, *dtype, *form, 1000 + i as u64) {
-            failed.push(case.label(*dtype, *form));
-        }
+    if let Err(e) = verdict(&run_on(exec, runs, 1000)) {
+        panic!("{e}");
     }
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed:\n{}",
-        failed.len(),
-        runs.len(),
-        failed.join("\n")
-    );
 }
 
 const CHUNK64: Form = Form::Chunkwise { chunk: 64 };
@@ -300,7 +279,7 @@ fn unsupported_inputs_are_typed_errors() {
     use linattn::{Error, Tensor};
     let Some(exec) = exec() else { return };
     let run = |case: &Case, dtype: DType, form: Form| {
-        let inputs = Inputs::draw(case, dtype, 3);
+        let inputs = Inputs::draw(case, dtype, 3).unwrap();
         let p = inputs.problem();
         let spec = p.validate().unwrap();
         forward_on(&exec, &spec, &p, form).map(|_| ())

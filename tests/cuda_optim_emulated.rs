@@ -4,14 +4,20 @@
 //! x86-64 and a C++20 compiler (g++); prints `skipped: ...` without them.
 #![cfg(feature = "cuda")]
 
-#[path = "common/optim_cuda_cases.rs"]
-mod optim_cuda_cases;
-
 use std::sync::Mutex;
 
 use linattn::cuda::emu::EmuExec;
-use linattn::optim::{Method, OptimizerConfig};
-use optim_cuda_cases::*;
+use linattn::suites::optim::{per_step_runs, scalar_and_copy_runs, skip_runs, trajectory_runs};
+use linattn::suites::{Run, verdict};
+
+fn assert_all(runs: Vec<Run>) {
+    for r in &runs {
+        println!("{}", r.line());
+    }
+    if let Err(e) = verdict(&runs) {
+        panic!("{e}");
+    }
+}
 
 fn exec() -> Option<EmuExec> {
     // EmuExec builds a variant's library on first use with no lock inside a process: test threads
@@ -34,67 +40,26 @@ fn exec() -> Option<EmuExec> {
 #[test]
 fn every_method_and_decay_mode_matches_reference_each_step() {
     let Some(exec) = exec() else { return };
-    for (label, config, decay, grad_scale) in per_step_configs() {
-        let worst = per_step_check(&exec, &config, &decay, grad_scale);
-        println!("{label}: worst relative RMS over 5 steps {worst:.2e}");
-    }
+    assert_all(per_step_runs(&exec));
 }
 
 #[test]
 fn multi_step_trajectories_match_reference() {
     let Some(exec) = exec() else { return };
-    let adamw = OptimizerConfig {
-        weight_decay: 0.1,
-        max_grad_norm: Some(5.0),
-        ema_beta: Some(0.9),
-        model_copy: Some((
-            linattn::optim::CopyFormat::Bf16,
-            linattn::optim::Rounding::Nearest,
-        )),
-        ..OptimizerConfig::adamw(0.05)
-    };
-    let worst = multi_step(&exec, &adamw, 100);
-    println!("adamw, 100 steps, schedule + clip + ema + bf16 copy: worst relative RMS {worst:.2e}");
-    let lion = OptimizerConfig {
-        weight_decay: 0.1,
-        max_grad_norm: Some(5.0),
-        ema_beta: Some(0.9),
-        cautious: true,
-        ..OptimizerConfig::lion(0.01)
-    };
-    let worst = multi_step(&exec, &lion, 100);
-    println!("lion cautious, 100 steps, schedule + clip + ema: worst relative RMS {worst:.2e}");
+    assert_all(trajectory_runs(&exec));
 }
 
 #[test]
 fn non_finite_gradient_skips_the_whole_step() {
     let Some(exec) = exec() else { return };
-    non_finite_skip(&exec, Method::adamw());
-    non_finite_skip(&exec, Method::lion());
-    let worst = skipped_steps_match_reference(&exec);
-    println!("run with a skipped call vs reference: relative RMS {worst:.2e}");
-    unchecked_nan_propagates(&exec);
+    assert_all(skip_runs(&exec));
 }
 
+/// Bias corrections, bit-exact 16-bit copies, WSM merging and the 16-bit conversions.
 #[test]
-fn scalars_match_f64() {
+fn scalars_copies_and_merges() {
     let Some(exec) = exec() else { return };
-    let worst = bias_corrections_match_f64(&exec);
-    println!("bias corrections, t up to 400: worst relative error {worst:.2e}");
-}
-
-#[test]
-fn model_copies_are_bit_exact() {
-    let Some(exec) = exec() else { return };
-    model_copies_match_rounding(&exec);
-}
-
-#[test]
-fn wsm_merge_is_correct() {
-    let Some(exec) = exec() else { return };
-    let worst = wsm_merge_matches_reference(&exec);
-    println!("WSM merge of 4 checkpoints: relative RMS {worst:.2e}");
-    nearest_conversions_match_half(&exec);
+    assert_all(scalar_and_copy_runs(&exec));
 }
 
 /// The kernel file compiles with NVRTC for sm_80 and sm_90 and holds every kernel the launcher
