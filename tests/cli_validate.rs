@@ -60,3 +60,41 @@ fn validate_rejects_an_unknown_device() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("unknown device `fpga`"), "{stderr}");
 }
+
+/// `--ops` keeps the ops whose name starts with one of its entries; `--full` on a backend without
+/// GPU suites says so and still validates; `--quick` and `--full` exclude each other.
+#[test]
+fn ops_filter_and_full_without_gpu_suites() {
+    let out = Command::new(env!("CARGO_BIN_EXE_linattn"))
+        .args([
+            "validate",
+            "--full",
+            "--device",
+            "cpu",
+            "--ops",
+            "lion-s,adamw",
+        ])
+        .output()
+        .expect("binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains("| cpu ")).collect();
+    assert!(!rows.is_empty(), "{stdout}");
+    assert!(
+        rows.iter()
+            .all(|r| r.starts_with("| lion-s ") || r.starts_with("| adamw")),
+        "{stdout}"
+    );
+    assert!(rows.iter().any(|r| r.starts_with("| adamw ")), "{stdout}");
+    assert!(
+        stdout.contains("suites: the GPU test suites run on the cuda backend only"),
+        "{stdout}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_linattn"))
+        .args(["validate", "--quick", "--full", "--device", "cpu"])
+        .output()
+        .expect("binary runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+}

@@ -116,9 +116,14 @@ fn build_mask(case: &Case, rng: &mut Rng) -> Result<Option<BlockMask>> {
     })
 }
 
-pub(super) fn rows(backend: &Backend, quick: bool, rng: &mut Rng) -> Vec<Row> {
+pub(super) fn rows(
+    backend: &Backend,
+    quick: bool,
+    keep: &dyn Fn(&str) -> bool,
+    rng: &mut Rng,
+) -> Vec<Row> {
     let mut rows = Vec::new();
-    for case in cases(quick) {
+    for case in cases(quick).into_iter().filter(|c| keep(c.op)) {
         for dtype in dtypes(backend) {
             let (b, t, s, h, d) = case.shape;
             let mut row = Row {

@@ -129,9 +129,14 @@ impl Inputs {
     }
 }
 
-pub(super) fn rows(backend: &Backend, quick: bool, rng: &mut Rng) -> Vec<Row> {
+pub(super) fn rows(
+    backend: &Backend,
+    quick: bool,
+    keep: &dyn Fn(&str) -> bool,
+    rng: &mut Rng,
+) -> Vec<Row> {
     let mut rows = Vec::new();
-    for case in cases(quick) {
+    for case in cases(quick).into_iter().filter(|c| keep(c.op)) {
         for dtype in dtypes(backend) {
             let inputs = Inputs::draw(&case, dtype, rng);
             let problem = inputs.problem(&case);

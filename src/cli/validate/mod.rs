@@ -23,8 +23,19 @@ pub struct ValidateArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// A small matrix that finishes in under a minute on 2 CPU cores.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "full")]
     pub quick: bool,
+    /// The full matrix and, on the cuda backend, every GPU test suite (`tests/cuda_*.rs`: the engine
+    /// in every gate kind, direction, dtype and form, varlen, h0/ht, the decode step, the
+    /// device-slice APIs; attention with dense, causal, random and Radial masks, D 64/128, blocks
+    /// 64/128; the optimizer in every mode), with the tests' case lists and limits.
+    #[arg(long)]
+    pub full: bool,
+    /// Only the ops whose name starts with one of these (comma separated, e.g. `gla,attention`);
+    /// the GPU suites are kept when their group name matches too (`engine`, `attention`, `optim`,
+    /// `lightnet`).
+    #[arg(long, value_delimiter = ',')]
+    pub ops: Vec<String>,
     /// Seed of the random inputs.
     #[arg(long, default_value_t = 20_261_127)]
     pub seed: u64,
@@ -108,10 +119,19 @@ pub fn execute(args: &ValidateArgs) -> Result<ExitCode> {
     println!(
         "linattn validate: seed {} ({}), device {}",
         args.seed,
-        if args.quick { "quick" } else { "full" },
+        if args.quick {
+            "quick"
+        } else if args.full {
+            "full, with the GPU test suites"
+        } else {
+            "full matrix"
+        },
         args.device
     );
+    let keep =
+        |op: &str| args.ops.is_empty() || args.ops.iter().any(|p| op.starts_with(p.as_str()));
     let mut rows = Vec::new();
+    let mut suite_runs = Vec::new();
     for backend in backends(&args.device)? {
         let backend = match backend {
             Ok(b) => b,
@@ -121,26 +141,114 @@ pub fn execute(args: &ValidateArgs) -> Result<ExitCode> {
             }
         };
         println!("backend: {}", backend.description());
+        #[cfg(feature = "cuda")]
+        if let (true, Backend::Cuda(ctx)) = (args.full, &backend) {
+            // The full run launches nearly every variant: compile them on all cores first.
+            let t0 = Instant::now();
+            let (n, threads) = crate::cuda::warm_up_kernels(ctx)?;
+            println!(
+                "compiled {n} kernel variants for {} in {:.1} s on {threads} threads",
+                ctx.arch(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
         let mut rng = Rng::new(args.seed);
-        rows.extend(linear::rows(&backend, args.quick, &mut rng));
-        rows.extend(attention::rows(&backend, args.quick, &mut rng));
-        rows.extend(optim::rows(&backend, args.quick, &mut rng));
-        rows.extend(lightnet::rows(&backend, args.quick, &mut rng));
+        rows.extend(linear::rows(&backend, args.quick, &keep, &mut rng));
+        rows.extend(attention::rows(&backend, args.quick, &keep, &mut rng));
+        rows.extend(optim::rows(&backend, args.quick, &keep, &mut rng));
+        rows.extend(lightnet::rows(&backend, args.quick, &keep, &mut rng));
+        if args.full {
+            suite_runs.extend(gpu_suites(&backend, &keep));
+        }
     }
     print_table(&rows);
-    let failed = rows.iter().filter(|r| !r.pass).count();
+    if !suite_runs.is_empty() {
+        println!();
+        print_suite_table(&suite_runs);
+    }
+    let failed =
+        rows.iter().filter(|r| !r.pass).count() + suite_runs.iter().filter(|r| !r.pass()).count();
+    let total = rows.len() + suite_runs.len();
     println!(
-        "{} rows, {} passed, {} failed, {:.1} s",
-        rows.len(),
-        rows.len() - failed,
-        failed,
+        "{total} rows, {} passed, {failed} failed, {:.1} s",
+        total - failed,
         started.elapsed().as_secs_f64()
     );
-    Ok(if failed == 0 && !rows.is_empty() {
+    Ok(if failed == 0 && total > 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The GPU test suites of `backend` (only cuda has them), printing each run as it ends so that a
+/// long run shows its progress; the groups whose name `keep` accepts.
+fn gpu_suites(backend: &Backend, keep: &dyn Fn(&str) -> bool) -> Vec<crate::suites::Run> {
+    match backend {
+        #[cfg(feature = "cuda")]
+        Backend::Cuda(ctx) => {
+            use crate::suites;
+            println!("GPU test suites on {}:", ctx.device_name());
+            let mut runs = Vec::new();
+            if keep("engine") || keep("lightnet") {
+                runs.extend(suites::linear::gpu::all(ctx, true));
+            }
+            if keep("attention") {
+                runs.extend(suites::attention::gpu::all(ctx, true));
+            }
+            if keep("optim") {
+                runs.extend(suites::optim::gpu::all(ctx, true));
+            }
+            runs
+        }
+        other => {
+            let _ = keep;
+            println!(
+                "suites: the GPU test suites run on the cuda backend only, not on {}",
+                other.kind()
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// The suite runs as a table: one row per run, its worst tensor (by error over limit).
+fn print_suite_table(runs: &[crate::suites::Run]) {
+    println!("| suite | case | worst (tensor) | threshold | seconds | result |");
+    println!("|---|---|---|---|---:|---|");
+    for run in runs {
+        let (worst, threshold, result) = match &run.outcome {
+            Ok(checks) => {
+                let worst = checks.iter().max_by(|a, b| {
+                    let ratio = |c: &crate::suites::Check| {
+                        if c.rel.is_nan() {
+                            f64::INFINITY
+                        } else {
+                            c.rel / c.threshold.max(f64::MIN_POSITIVE)
+                        }
+                    };
+                    ratio(a).total_cmp(&ratio(b))
+                });
+                match worst {
+                    Some(c) => (
+                        format!("{:.2e} ({})", c.rel, c.name),
+                        format!("{:.0e}", c.threshold),
+                        if run.pass() {
+                            "pass".to_string()
+                        } else {
+                            format!("FAIL: {}", crate::suites::summary(checks))
+                        },
+                    ),
+                    None => ("-".into(), "-".into(), "FAIL: no checks".into()),
+                }
+            }
+            Err(e) => ("-".into(), "-".into(), format!("FAIL: {e}")),
+        };
+        println!(
+            "| {} | {} | {worst} | {threshold} | {:.1} | {result} |",
+            run.suite, run.label, run.seconds
+        );
+    }
 }
 
 fn print_table(rows: &[Row]) {

@@ -67,9 +67,14 @@ fn cosine_multiplier(k: usize, warmup: usize, total: usize) -> f64 {
     (0.5 * (1.0 + (std::f64::consts::PI * p).cos())).max(0.0)
 }
 
-pub(super) fn rows(backend: &Backend, quick: bool, rng: &mut Rng) -> Vec<Row> {
+pub(super) fn rows(
+    backend: &Backend,
+    quick: bool,
+    keep: &dyn Fn(&str) -> bool,
+    rng: &mut Rng,
+) -> Vec<Row> {
     let mut rows = Vec::new();
-    for case in cases(quick) {
+    for case in cases(quick).into_iter().filter(|c| keep(c.op)) {
         let dtype = if backend.kind() == BackendKind::Cpu {
             DType::F64
         } else {
