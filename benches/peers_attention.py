@@ -1,34 +1,29 @@
 #!/usr/bin/env python3
-"""Dense FlashAttention-2 on the shapes of benches/cuda_attention.rs, and the side-by-side table.
+"""Dense FlashAttention-2 on the shapes of `linattn bench attention`, and the side-by-side table.
 
 Times `flash_attn_func` (flash-attn, when installed) or else PyTorch's
-`scaled_dot_product_attention` restricted to the flash backend: bf16, B = 1, H = 24, D = 128,
-non-causal, sequence lengths 16K, 64K and 115,200, forward and backward (the backward alone,
-from a stored forward, as linattn's backward launch), with CUDA events around every iteration
-after a warm-up, medians. Writes the JSON schema of `cargo bench --bench cuda_attention`.
-
-One command on a GPU machine (from the repository root):
-
-    python3 benches/peers_attention.py --run-ours
-
-runs `cargo bench --bench cuda_attention -- --json benches/attention_linattn.json` (linattn dense
-and Radial-sparse, forward and backward), times the peer into benches/attention_peers.json, and
-prints (and writes to benches/RESULTS_attention.md) the table with the two targets:
+`scaled_dot_product_attention` restricted to the flash backend (the FlashAttention-2 kernels):
+bf16, B = 1, non-causal, the heads, head dim and sequence lengths of linattn's JSON, forward and
+backward (the backward alone, from a stored forward, as linattn's backward launch), with CUDA
+events after a warm-up, medians. Writes the peer's JSON (after every length) and the table with
+the two targets:
   - dense: linattn throughput >= 0.9x FlashAttention-2 (time ratio FA2 / linattn >= 0.9);
   - sparse: linattn sparse time <= 1.2x (linattn dense time x block density).
-Without `--run-ours`, `--ours PATH` compares an existing linattn JSON.
+
+On the GPU machine `scripts/gpu-run.sh` runs it after the carried binary:
+
+    linattn bench attention --json OUT/attention_linattn.json
+    python3 benches/peers_attention.py --ours OUT/attention_linattn.json --json OUT/attention_peers.json --table OUT/attention.md
+
+With cargo on a GPU machine, `--run-ours` runs `cargo run --release -- bench attention` first.
 """
 
 import argparse
-import json
 import os
-import statistics
 import subprocess
 import sys
 
-SEQS = [16384, 65536, 115200]
-HEADS = 24
-HEAD_DIM = 128
+import peers_common as pc
 
 
 def peer_fns(torch):
@@ -39,187 +34,142 @@ def peer_fns(torch):
         return "flash_attn_func", lambda q, k, v: flash_attn_func(q, k, v, causal=False)
     except ImportError:
         pass
-    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
 
     def sdpa(q, k, v):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False
-            )
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False)
         return out.transpose(1, 2)
 
     return "torch_sdpa_flash", sdpa
 
 
-def time_ms(torch, fn, warmup, iters):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2], times[0]
-
-
-def run_peers(args):
-    import torch  # noqa: PLC0415
-
-    if not torch.cuda.is_available():
-        print("skipped: no CUDA device (torch.cuda.is_available() is false)")
-        return None
+def run_peers(torch, seqs, heads, head_dim, args):
     name, fwd = peer_fns(torch)
-    device = torch.cuda.get_device_name()
-    print(f"peer {name} on {device}, bf16, B=1 H={HEADS} D={HEAD_DIM}")
-    results = []
-    for seq in args.seqs:
-        gen = torch.Generator(device="cuda").manual_seed(seq)
-        shape = (1, seq, HEADS, HEAD_DIM)
-        q, k, v, d_o = (
-            torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4)
-        )
-        q.requires_grad_(True)
-        k.requires_grad_(True)
-        v.requires_grad_(True)
-        with torch.no_grad():
-            f_med, f_min = time_ms(torch, lambda: fwd(q, k, v), args.warmup, args.iters)
-        out = fwd(q, k, v)
-        b_med, b_min = time_ms(
-            torch,
-            lambda: torch.autograd.grad(out, (q, k, v), d_o, retain_graph=True),
-            args.warmup,
-            args.iters,
-        )
-        flops = 4.0 * HEADS * HEAD_DIM * seq * seq
-        for pas, med, mn, fl in (("fwd", f_med, f_min, flops), ("bwd", b_med, b_min, 2.5 * flops)):
-            tflops = fl / (med * 1e-3) / 1e12
-            print(f"T={seq:>6} {name} {pas}: median {med:9.3f} ms (min {mn:9.3f}) {tflops:7.1f} TFLOP/s")
-            results.append(
-                {
-                    "impl": name,
-                    "mode": "dense",
-                    "pass": pas,
-                    "seq": seq,
-                    "batch": 1,
-                    "heads": HEADS,
-                    "head_dim": HEAD_DIM,
-                    "dtype": "bf16",
-                    "causal": False,
-                    "block_q": None,
-                    "block_k": None,
-                    "density": 1.0,
-                    "ms": round(med, 4),
-                    "ms_min": round(mn, 4),
-                    "tflops": round(tflops, 2),
-                    "iters": args.iters,
-                }
+    doc = {"tool": name, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": [],
+           "errors": []}
+    print(f"peer {name} on {doc['device']}, bf16, B=1 H={heads} D={head_dim}", file=sys.stderr)
+    budget = pc.Budget(args.budget_s)
+    for seq in seqs:
+        if not budget.left():
+            doc["errors"].append(f"T={seq}: not timed (time budget of {args.budget_s} s spent)")
+            continue
+        try:
+            gen = torch.Generator(device="cuda").manual_seed(seq)
+            shape = (1, seq, heads, head_dim)
+            q, k, v, d_o = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+            for x in (q, k, v):
+                x.requires_grad_(True)
+            with torch.no_grad():
+                f_med, f_min = pc.time_ms(torch, lambda: fwd(q, k, v), args.warmup, args.iters)
+            out = fwd(q, k, v)
+            b_med, b_min = pc.time_ms(
+                torch, lambda: torch.autograd.grad(out, (q, k, v), d_o, retain_graph=True), args.warmup, args.iters
             )
-        del q, k, v, d_o, out
+            flops = 4.0 * heads * head_dim * seq * seq
+            for pas, med, mn, fl in (("fwd", f_med, f_min, flops), ("bwd", b_med, b_min, 2.5 * flops)):
+                tflops = fl / (med * 1e-3) / 1e12
+                print(f"T={seq:>6} {name} {pas}: median {med:9.3f} ms (min {mn:9.3f}) {tflops:7.1f} TFLOP/s",
+                      file=sys.stderr)
+                doc["results"].append({
+                    "impl": name, "mode": "dense", "pass": pas, "seq": seq, "batch": 1, "heads": heads,
+                    "head_dim": head_dim, "dtype": "bf16", "causal": False, "density": 1.0,
+                    "ms": med, "ms_min": mn, "tflops": tflops, "iters": args.iters,
+                })
+            q = k = v = d_o = out = None  # free before the next length
+        except Exception as e:  # report and go on with the next length
+            doc["errors"].append(f"T={seq}: {type(e).__name__}: {e}")
+            print(doc["errors"][-1], file=sys.stderr)
         torch.cuda.empty_cache()
-    doc = {"tool": name, "device": device, "results": results}
-    with open(args.json, "w") as f:
-        json.dump(doc, f, indent=2)
-    print(f"wrote {args.json}")
+        pc.write_json(args.json, doc)
     return doc
 
 
-def table(ours, peers):
-    """Markdown table: per sequence and pass, linattn dense (best block shape), FA2, the ratio,
-    linattn sparse and the sparse target."""
-    lines = [
-        f"# Block-sparse FlashAttention-2: linattn vs {peers['tool'] if peers else 'peer'}",
+def table(ours, peers, skipped):
+    """Per sequence and pass: linattn dense (best block shape), FA2, the ratio, linattn sparse and the
+    sparse target; TFLOP/s of the visited blocks and % of the bf16 peak."""
+    r0 = ours["results"][0] if ours["results"] else {}
+    peak = ours.get("peak_tflops")
+    lines = pc.header_lines(
+        "Block-sparse FlashAttention-2: linattn vs FlashAttention-2",
+        ours,
+        skipped or f"`{peers['tool']}` (torch {peers.get('torch')}), dense, non-causal",
+    )
+    lines += [
+        f"{r0.get('dtype')}, B = 1, H = {r0.get('heads')}, D = {r0.get('head_dim')}, non-causal; "
+        f"{pc.timing_note(ours)}. Sparse: Radial (`hunyuan`, decay 0.95, blocks of 128).",
+        "Targets: dense throughput >= 0.9x FA2; sparse time <= 1.2x dense time x density. TFLOP/s of the"
+        " visited blocks (4 H D per token pair forward, 2.5x backward); % = of the bf16 peak.",
         "",
-        f"Device: {ours.get('device')} ({ours.get('arch')}); bf16, B = 1, H = {HEADS}, D = {HEAD_DIM},"
-        " non-causal; medians of CUDA-event timings after warm-up.",
-        "Sparse: Radial (`hunyuan`, decay 0.95, blocks of 128). Targets: dense throughput >= 0.9x FA2;"
-        " sparse time <= 1.2x dense time x density.",
-        "",
-        "| T | pass | linattn dense ms (blocks) | FA2 ms | FA2/linattn (>= 0.9) | density |"
-        " linattn sparse ms | sparse / (dense x density) (<= 1.2) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| T | pass | linattn dense ms (blocks) | TFLOP/s | FA2 ms | TFLOP/s | FA2 / linattn (>= 0.9) |"
+        " density | linattn sparse ms | sparse / (dense x density) (<= 1.2) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     verdicts = []
     by = {}
     for r in ours["results"]:
         by.setdefault((r["seq"], r["pass"], r["mode"]), []).append(r)
-    peer_by = {(r["seq"], r["pass"]): r for r in (peers["results"] if peers else [])}
+    peer_by = {(r["seq"], r["pass"]): r for r in (peers or {}).get("results", [])}
     for seq in sorted({r["seq"] for r in ours["results"]}):
         for pas in ("fwd", "bwd"):
             dense = min(by.get((seq, pas, "dense"), []), key=lambda r: r["ms"], default=None)
             sparse = (by.get((seq, pas, "sparse")) or [None])[0]
+            if dense is None:
+                continue
             peer = peer_by.get((seq, pas))
-            ratio = peer["ms"] / dense["ms"] if (peer and dense) else None
-            sp = sparse["ms"] / (dense["ms"] * sparse["density"]) if (sparse and dense) else None
-            if ratio is not None:
-                verdicts.append(ratio >= 0.9)
+            fa_ratio = peer["ms"] / dense["ms"] if peer else None
+            sp = sparse["ms"] / (dense["ms"] * sparse["density"]) if sparse else None
+            if fa_ratio is not None:
+                verdicts.append(fa_ratio >= 0.9)
             if sp is not None:
                 verdicts.append(sp <= 1.2)
-            fmt = lambda x, f="{:.3f}": "-" if x is None else f.format(x)  # noqa: E731
             lines.append(
-                f"| {seq} | {pas} | {fmt(dense and dense['ms'])}"
-                f" ({dense['block_q']}x{dense['block_k']}) | {fmt(peer and peer['ms'])} | {fmt(ratio, '{:.2f}')} |"
-                f" {fmt(sparse and sparse['density'], '{:.3f}')} | {fmt(sparse and sparse['ms'])} |"
-                f" {fmt(sp, '{:.2f}')} |"
-                if dense
-                else f"| {seq} | {pas} | - | {fmt(peer and peer['ms'])} | - | - | - | - |"
+                f"| {seq} | {pas} | {pc.fmt(dense['ms'])} ({dense['block_q']}x{dense['block_k']})"
+                f" | {pc.fmt(dense['tflops'], '{:.1f}')}{pc.pct(dense['tflops'], peak)}"
+                f" | {pc.fmt(peer and peer['ms'])} | {pc.fmt(peer and peer['tflops'], '{:.1f}')}"
+                f" | {pc.fmt(fa_ratio, '{:.2f}')} | {pc.fmt(sparse and sparse['density'], '{:.3f}')}"
+                f" | {pc.fmt(sparse and sparse['ms'])} | {pc.fmt(sp, '{:.2f}')} |"
             )
-    lines.append("")
-    lines.append(f"Targets met: {sum(verdicts)} of {len(verdicts)}.")
-    return "\n".join(lines) + "\n", all(verdicts)
+    for e in (peers or {}).get("errors", []):
+        lines.append(f"\nPeer error: {e}")
+    lines += ["", f"Targets met: {sum(verdicts)} of {len(verdicts)}.", ""]
+    return "\n".join(lines)
 
 
 def main():
+    here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", default="benches/attention_peers.json", help="peer results (written)")
-    p.add_argument("--ours", default=None, help="linattn results to compare (JSON of cargo bench)")
-    p.add_argument("--run-ours", action="store_true", help="run cargo bench --bench cuda_attention first")
-    p.add_argument("--table", default="benches/RESULTS_attention.md")
+    p.add_argument("--json", default=os.path.join(here, "attention_peers.json"), help="peer results (written)")
+    p.add_argument("--ours", default=None, help="JSON of `linattn bench attention --json`")
+    
+    p.add_argument("--run-ours", action="store_true", help="first run `cargo run --release -- bench attention`")
+    p.add_argument("--no-run", action="store_true", help="time nothing: the table from the JSON of --json")
+    p.add_argument("--table", default=os.path.join(here, "RESULTS_attention.md"))
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--seqs", type=lambda s: [int(x) for x in s.split(",")], default=SEQS)
-    p.add_argument("--skip-peers", action="store_true", help="only compare existing JSON files")
+    p.add_argument("--budget-s", type=float, default=None, help="start no new length after this many seconds")
     args = p.parse_args()
 
-    ours_path = args.ours
     if args.run_ours:
-        ours_path = ours_path or "benches/attention_linattn.json"
-        cmd = [
-            "cargo", "bench", "--bench", "cuda_attention", "--",
-            "--json", ours_path, "--iters", str(args.iters), "--warmup", str(args.warmup),
-            "--seqs", ",".join(map(str, args.seqs)),
-        ]
-        env = dict(os.environ)
-        # NVRTC from the wheels of scripts/install-cuda-wheels.sh when present (machines without
-        # a CUDA toolkit); otherwise the system's libnvrtc.
-        wheel_lib = os.path.join(".tools", "cuda", "nvidia", "cuda_nvrtc", "lib")
-        if os.path.exists(os.path.join(wheel_lib, "libnvrtc.so.12")):
-            env["LD_LIBRARY_PATH"] = os.path.abspath(wheel_lib) + (
-                ":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else ""
-            )
-        print("+ " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, env=env)
-    if args.skip_peers:
-        peers = json.load(open(args.json)) if os.path.exists(args.json) else None
-    else:
-        peers = run_peers(args)
-    if ours_path:
-        if not os.path.exists(ours_path):
-            print(f"no linattn results at {ours_path} (no CUDA device?)")
-            return 0
-        ours = json.load(open(ours_path))
-        text, ok = table(ours, peers)
-        print(text)
-        with open(args.table, "w") as f:
-            f.write(text)
-        print(f"wrote {args.table}")
-        return 0 if ok else 2
+        args.ours = args.ours or os.path.join(here, "attention_linattn.json")
+        cmd = ["cargo", "run", "--release", "--", "bench", "attention", "--json", args.ours,
+               "--iters", str(args.iters), "--warmup", str(args.warmup)]
+        print("+ " + " ".join(cmd), file=sys.stderr)
+        subprocess.run(cmd, cwd=os.path.dirname(here), check=True)
+    ours = pc.load_json(args.ours)
+    if not ours or not ours.get("results"):
+        print(f"no linattn results at {args.ours}")
+        return 0
+    seqs = sorted({r["seq"] for r in ours["results"]})
+    heads, head_dim = ours["results"][0]["heads"], ours["results"][0]["head_dim"]
+    torch, why = (None, "--no-run") if args.no_run else pc.load_torch()
+    peers = pc.load_json(args.json) if args.no_run else None
+    if torch is None and peers is None:
+        print(f"skipped: peer (FlashAttention-2): {why}")
+    elif torch is not None:
+        peers = run_peers(torch, seqs, heads, head_dim, args)
+    pc.write_text(args.table, table(ours, peers, None if peers else f"not run ({why})"))
     return 0
 
 

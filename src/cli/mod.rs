@@ -1,5 +1,5 @@
-//! The `linattn` command line: `validate` (the equivalence matrix) and `run OP` (safetensors in,
-//! safetensors out). It lives in the library so that tests can drive it in-process.
+//! The `linattn` command line: `validate` (the equivalence matrix), `run OP` (safetensors in,
+//! safetensors out), `bench` and `devices`. It lives in the library so that tests can drive it in-process.
 
 pub mod bench;
 pub mod io;
@@ -31,8 +31,9 @@ pub enum Command {
         #[command(subcommand)]
         op: run::RunOp,
     },
-    /// Times the CUDA chunkwise engine on flash-linear-attention's benchmark shapes (JSON output
-    /// for benches/peers.py, which adds flash-linear-attention and FlashAttention).
+    /// Times the engine, attention or the fused optimizer on device-resident inputs (cuda, or cube
+    /// on a wgpu adapter); JSON for the peer scripts in benches/ (flash-linear-attention,
+    /// FlashAttention-2, torch's fused AdamW).
     Bench(bench::BenchArgs),
     /// Which backends can run here (cuda, cube, cpu) and, for each that cannot, why.
     Devices,
