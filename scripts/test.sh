@@ -40,3 +40,9 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 echo "== ptxas: registers, spills, shared memory per kernel (kernels/RESOURCES.md); fails on a spill in a hot kernel"
 scripts/ptxas-report.sh .tools/cuda
+
+echo "== the GPU bundle (size bound) and a dry run of the GPU script on this machine"
+scripts/gpu-bundle.sh
+dry_out="$(mktemp -d)"
+OUT="$dry_out" scripts/gpu-run.sh --dry-run
+rm -rf "$dry_out"
