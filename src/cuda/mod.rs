@@ -30,8 +30,22 @@ pub(crate) const NVRTC_MISSING: &str = "libnvrtc not found (install the CUDA too
 /// wheel's library finds its builtins next to itself through its `$ORIGIN` runpath).
 pub fn nvrtc_available() -> bool {
     preload_nvrtc();
-    // SAFETY: only tries to dlopen the library.
-    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+    library_present(|| {
+        // SAFETY: only tries to dlopen the library.
+        #[cfg(not(feature = "cuda-linked"))]
+        unsafe {
+            cudarc::nvrtc::sys::is_culib_present()
+        }
+        #[cfg(feature = "cuda-linked")]
+        true
+    })
+}
+
+/// Whether a CUDA library is there. With `cuda-linked` (cudarc built with `dynamic-linking`, as
+/// candle's `cuda` feature asks), the libraries are linked when the binary is loaded: a running
+/// process has them, and cudarc has no probe to ask.
+fn library_present(probe: impl FnOnce() -> bool) -> bool {
+    probe()
 }
 
 fn preload_nvrtc() {
@@ -83,8 +97,15 @@ pub fn warm_up_kernels(ctx: &CudaContext) -> Result<(usize, usize)> {
 
 /// Whether libcuda (the driver) can be loaded.
 pub fn driver_available() -> bool {
-    // SAFETY: only tries to dlopen the library.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    library_present(|| {
+        // SAFETY: only tries to dlopen the library.
+        #[cfg(not(feature = "cuda-linked"))]
+        unsafe {
+            cudarc::driver::sys::is_culib_present()
+        }
+        #[cfg(feature = "cuda-linked")]
+        true
+    })
 }
 
 /// A CUDA device, its default stream and its architecture.
@@ -99,8 +120,28 @@ struct CudaInner {
     name: String,
     /// Compute capability, e.g. (9, 0).
     capability: (i32, i32),
-    /// Loaded modules of this context, per kernel variant.
-    modules: exec::ModuleCache,
+    /// Loaded modules of the driver context, per kernel variant (shared by every
+    /// [`CudaContext`] on that driver context, whatever its stream).
+    modules: Arc<exec::ModuleCache>,
+}
+
+/// The module cache of a driver context (`CUcontext`): modules are per driver context, so
+/// contexts made from different streams of one device share them.
+fn module_cache_of(context: &DriverContext) -> Arc<exec::ModuleCache> {
+    /// Per `CUcontext` (its address), the module cache of that driver context.
+    type Caches = std::sync::Mutex<Vec<(usize, Arc<exec::ModuleCache>)>>;
+    static CACHES: OnceLock<Caches> = OnceLock::new();
+    let key = context.cu_ctx() as usize;
+    let mut caches = CACHES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some((_, cache)) = caches.iter().find(|(k, _)| *k == key) {
+        return cache.clone();
+    }
+    let cache = Arc::new(exec::ModuleCache::default());
+    caches.push((key, cache.clone()));
+    cache
 }
 
 impl CudaContext {
@@ -139,11 +180,45 @@ impl CudaContext {
         let stream = context.default_stream();
         Ok(CudaContext {
             inner: Arc::new(CudaInner {
+                modules: module_cache_of(&context),
                 context,
                 stream,
                 name,
                 capability,
-                modules: exec::ModuleCache::default(),
+            }),
+        })
+    }
+
+    /// A context that launches on `stream` (a framework's own stream: candle's per-thread stream,
+    /// say), on the device and driver context the stream belongs to. Kernels loaded through any
+    /// context of that driver context are shared. Errors: `DeviceUnavailable` without libnvrtc
+    /// or on a device older than compute capability 8.0.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<CudaContext> {
+        let unavailable = |reason: String| Error::DeviceUnavailable {
+            backend: "cuda".into(),
+            reason,
+        };
+        if !nvrtc_available() {
+            return Err(unavailable(NVRTC_MISSING.into()));
+        }
+        let context = stream.context().clone();
+        let name = context.name().map_err(|e| unavailable(format!("{e:?}")))?;
+        let capability = context
+            .compute_capability()
+            .map_err(|e| unavailable(format!("{e:?}")))?;
+        if capability.0 < 8 {
+            return Err(unavailable(format!(
+                "{name} has compute capability {}.{}; the kernels need 8.0 or newer",
+                capability.0, capability.1
+            )));
+        }
+        Ok(CudaContext {
+            inner: Arc::new(CudaInner {
+                modules: module_cache_of(&context),
+                context,
+                stream,
+                name,
+                capability,
             }),
         })
     }

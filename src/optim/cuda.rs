@@ -281,6 +281,23 @@ impl<E: Executor> CudaOptimizer<E> {
         &self.grad
     }
 
+    /// The gradient arena, to be filled on the device by the caller (a framework adapter copies
+    /// its gradients in at [`CudaOptimizer::layout`] offsets; the padding must stay zero).
+    pub fn grad_buffer_mut(&mut self) -> &mut E::Buffer {
+        &mut self.grad
+    }
+
+    /// The f32 master weights (arena positions of [`CudaOptimizer::layout`]), for device-side
+    /// copies back into a framework's parameters after a step.
+    pub fn param_buffer(&self) -> &E::Buffer {
+        &self.param
+    }
+
+    /// The executor the optimizer launches on.
+    pub fn exec(&self) -> &E {
+        &self.exec
+    }
+
     /// Uploads the gradients of the next step into a fresh gradient arena (the previous one is
     /// released in stream order).
     pub fn set_grads(&mut self, grads: &[&[f32]]) -> Result<()> {

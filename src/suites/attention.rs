@@ -679,9 +679,9 @@ pub mod gpu {
                 let do_dev = upload_bf16(&stream, &d_o)?;
                 let problem = DeviceAttention {
                     dims,
-                    q: DeviceTensor::BF16(&q_dev),
-                    k: DeviceTensor::BF16(&k_dev),
-                    v: DeviceTensor::BF16(&v_dev),
+                    q: DeviceTensor::from(&q_dev),
+                    k: DeviceTensor::from(&k_dev),
+                    v: DeviceTensor::from(&v_dev),
                     scale: None,
                     causal: false,
                     value_check: ValueCheck::On,
@@ -714,8 +714,8 @@ pub mod gpu {
                                 &stream,
                                 &plan,
                                 &problem,
-                                DeviceTensorMut::BF16(&mut o),
-                                &mut lse,
+                                DeviceTensorMut::BF16(o.as_view_mut()),
+                                lse.as_view_mut(),
                             )?;
                         }
                         device::backward(
@@ -724,14 +724,14 @@ pub mod gpu {
                             &plan,
                             &problem,
                             DeviceForwardState {
-                                o: DeviceTensor::BF16(&o),
-                                lse: &lse,
-                                d_o: DeviceTensor::BF16(&do_dev),
+                                o: DeviceTensor::from(&o),
+                                lse: (&lse).into(),
+                                d_o: DeviceTensor::from(&do_dev),
                             },
                             DeviceGrads {
-                                dq: DeviceTensorMut::BF16(&mut gq),
-                                dk: DeviceTensorMut::BF16(&mut gk),
-                                dv: DeviceTensorMut::BF16(&mut gv),
+                                dq: DeviceTensorMut::BF16(gq.as_view_mut()),
+                                dk: DeviceTensorMut::BF16(gk.as_view_mut()),
+                                dv: DeviceTensorMut::BF16(gv.as_view_mut()),
                             },
                         )?;
                     } else {
@@ -739,22 +739,22 @@ pub mod gpu {
                             ctx,
                             &stream,
                             &problem,
-                            DeviceTensorMut::BF16(&mut o),
-                            &mut lse,
+                            DeviceTensorMut::BF16(o.as_view_mut()),
+                            lse.as_view_mut(),
                         )?;
                         device::flash_attention_dense_backward(
                             ctx,
                             &stream,
                             &problem,
                             DeviceForwardState {
-                                o: DeviceTensor::BF16(&o),
-                                lse: &lse,
-                                d_o: DeviceTensor::BF16(&do_dev),
+                                o: DeviceTensor::from(&o),
+                                lse: (&lse).into(),
+                                d_o: DeviceTensor::from(&do_dev),
                             },
                             DeviceGrads {
-                                dq: DeviceTensorMut::BF16(&mut gq),
-                                dk: DeviceTensorMut::BF16(&mut gk),
-                                dv: DeviceTensorMut::BF16(&mut gv),
+                                dq: DeviceTensorMut::BF16(gq.as_view_mut()),
+                                dk: DeviceTensorMut::BF16(gk.as_view_mut()),
+                                dv: DeviceTensorMut::BF16(gv.as_view_mut()),
                             },
                         )?;
                     }
@@ -812,8 +812,8 @@ pub mod gpu {
                     &stream,
                     &other,
                     &problem,
-                    DeviceTensorMut::F32(&mut o),
-                    &mut lse,
+                    DeviceTensorMut::F32(o.as_view_mut()),
+                    lse.as_view_mut(),
                 );
                 ensure!(
                     matches!(r, Err(Error::InvalidArgument(_))),
@@ -830,7 +830,7 @@ pub mod gpu {
                     &AttentionPlan::new(None, dims.t, dims.s, 64, 64, false)?,
                 )?;
                 let bad = DeviceAttention {
-                    v: DeviceTensor::BF16(&v_bad),
+                    v: DeviceTensor::from(&v_bad),
                     ..problem
                 };
                 match device::forward(
@@ -838,8 +838,8 @@ pub mod gpu {
                     &stream,
                     &plan,
                     &bad,
-                    DeviceTensorMut::F32(&mut o),
-                    &mut lse,
+                    DeviceTensorMut::F32(o.as_view_mut()),
+                    lse.as_view_mut(),
                 ) {
                     Err(Error::NonFinite {
                         tensor, index: 7, ..

@@ -517,9 +517,9 @@ pub mod gpu {
 
         fn view(&self) -> DeviceTensor<'_> {
             match self {
-                Typed::BF16(s) => DeviceTensor::BF16(s),
-                Typed::F16(s) => DeviceTensor::F16(s),
-                Typed::F32(s) => DeviceTensor::F32(s),
+                Typed::BF16(s) => DeviceTensor::from(s),
+                Typed::F16(s) => DeviceTensor::from(s),
+                Typed::F32(s) => DeviceTensor::from(s),
             }
         }
     }
@@ -552,9 +552,9 @@ pub mod gpu {
 
         pub fn problem<'a>(&'a self, spec: &Spec, p: &'a LinearAttention) -> DeviceProblem<'a> {
             let gate = |s: Option<&'a CudaSlice<f32>>| match (spec.gate_kind, s) {
-                (GateKind::PerHead, Some(s)) => DeviceGate::PerHead(s),
-                (GateKind::Scalar, Some(s)) => DeviceGate::Scalar(s),
-                (GateKind::Vector, Some(s)) => DeviceGate::Vector(s),
+                (GateKind::PerHead, Some(s)) => DeviceGate::PerHead(s.into()),
+                (GateKind::Scalar, Some(s)) => DeviceGate::Scalar(s.into()),
+                (GateKind::Vector, Some(s)) => DeviceGate::Vector(s.into()),
                 _ => DeviceGate::None,
             };
             DeviceProblem {
@@ -567,7 +567,7 @@ pub mod gpu {
                 direction: spec.direction,
                 scale: Some(spec.scale),
                 normalize: spec.normalize,
-                h0: self.h0.as_ref(),
+                h0: self.h0.as_ref().map(Into::into),
                 cu_seqlens: p.cu_seqlens,
                 value_check: ValueCheck::On,
             }
@@ -595,8 +595,8 @@ pub mod gpu {
             &problem,
             form,
             DeviceForward {
-                o: &mut o,
-                ht: ht.as_mut(),
+                o: o.as_view_mut(),
+                ht: ht.as_mut().map(|s| s.as_view_mut()),
             },
         )?;
         Ok(Output {
@@ -633,14 +633,14 @@ pub mod gpu {
             &problem,
             form,
             d_o_dev.view(),
-            d_ht_dev.as_ref(),
+            d_ht_dev.as_ref().map(Into::into),
             DeviceBackward {
-                dq: &mut dq,
-                dk: &mut dk,
-                dv: &mut dv,
-                dg: dg.as_mut(),
-                dg_bwd: dg_bwd.as_mut(),
-                dh0: dh0.as_mut(),
+                dq: dq.as_view_mut(),
+                dk: dk.as_view_mut(),
+                dv: dv.as_view_mut(),
+                dg: dg.as_mut().map(|s| s.as_view_mut()),
+                dg_bwd: dg_bwd.as_mut().map(|s| s.as_view_mut()),
+                dh0: dh0.as_mut().map(|s| s.as_view_mut()),
             },
         )?;
         let back = |s: Option<CudaSlice<f32>>, t: Option<&Tensor>| -> Result<Option<Tensor>> {
@@ -738,8 +738,8 @@ pub mod gpu {
                 &problem,
                 Form::Chunkwise { chunk: 64 },
                 DeviceForward {
-                    o: &mut o,
-                    ht: Some(&mut ht),
+                    o: o.as_view_mut(),
+                    ht: Some(ht.as_view_mut()),
                 },
             );
             ensure!(
@@ -865,7 +865,7 @@ pub mod gpu {
             }
             let bad_gate = ctx.stream().clone_htod(&gates)?;
             let mut problem = dev_inputs.problem(&spec, &p);
-            problem.gate = DeviceGate::Scalar(&bad_gate);
+            problem.gate = DeviceGate::Scalar((&bad_gate).into());
             let mut o = poisoned(ctx, spec.dims.v_len())?;
             let mut ht = poisoned(ctx, spec.dims.state_len())?;
             let mut run = |problem: &DeviceProblem| {
@@ -875,8 +875,8 @@ pub mod gpu {
                     problem,
                     Form::Chunkwise { chunk: 64 },
                     DeviceForward {
-                        o: &mut o,
-                        ht: Some(&mut ht),
+                        o: o.as_view_mut(),
+                        ht: Some(ht.as_view_mut()),
                     },
                 )
             };
@@ -936,10 +936,10 @@ pub mod gpu {
                 );
                 let token = DeviceProblem {
                     dims: Dims { b, t: 1, h, k, v },
-                    q: DeviceTensor::F32(&qd),
-                    k: DeviceTensor::F32(&kd),
-                    v: DeviceTensor::F32(&vd),
-                    gate: DeviceGate::Scalar(&gd),
+                    q: DeviceTensor::from(&qd),
+                    k: DeviceTensor::from(&kd),
+                    v: DeviceTensor::from(&vd),
+                    gate: DeviceGate::Scalar((&gd).into()),
                     gate_bwd: None,
                     direction: Direction::Causal,
                     scale: None,
@@ -949,7 +949,7 @@ pub mod gpu {
                     value_check: ValueCheck::On,
                 };
                 let mut o = s.alloc_zeros::<f32>(b * h * v)?;
-                dev::decode_step(ctx, s, &token, &mut state, &mut o)?;
+                dev::decode_step(ctx, s, &token, &mut state, o.as_view_mut())?;
                 worst = worst.max(rel_rms(&to64(s.clone_dtoh(&o)?), &cpu.o.to_f64_vec()));
                 state_cpu = cpu.state;
             }

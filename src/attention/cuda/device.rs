@@ -9,10 +9,10 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{CudaStream, CudaViewMut};
 use half::{bf16, f16};
 
-pub use crate::linear::cuda::device::DeviceTensor;
+pub use crate::linear::cuda::device::{DeviceSlice, DeviceTensor};
 
 use super::engine::{self, BackwardAddrs, ForwardAddrs, Problem};
 use super::plan::{CudaAttentionPlan, DeviceAttentionPlan};
@@ -23,15 +23,16 @@ use crate::backend::ValueCheck;
 use crate::cuda::CudaContext;
 use crate::cuda::exec::CudaExec;
 use crate::error::{Error, Result};
-use crate::linear::cuda::device::{Source, check_values};
+use crate::linear::cuda::device::{Pointers, Source, check_values};
 use crate::linear::cuda::values::CheckedBuffer;
 use crate::tensor::DType;
 
-/// A device output of one of the supported element types.
+/// A device output of one of the supported element types (a whole slice through `as_view_mut`,
+/// or a part of one buffer through `split_at_mut`).
 pub enum DeviceTensorMut<'a> {
-    BF16(&'a mut CudaSlice<bf16>),
-    F16(&'a mut CudaSlice<f16>),
-    F32(&'a mut CudaSlice<f32>),
+    BF16(CudaViewMut<'a, bf16>),
+    F16(CudaViewMut<'a, f16>),
+    F32(CudaViewMut<'a, f32>),
 }
 
 impl DeviceTensorMut<'_> {
@@ -169,40 +170,12 @@ impl DeviceAttention<'_> {
     }
 }
 
-/// Raw device addresses of the slices, with cudarc's stream-ordering guards kept alive until the
-/// launches are issued.
-struct Pointers<'a> {
-    stream: &'a Arc<CudaStream>,
-    guards: Vec<SyncOnDrop<'a>>,
-}
-
-impl<'a> Pointers<'a> {
-    fn read<T>(&mut self, s: &'a CudaSlice<T>) -> u64 {
-        let (ptr, guard) = s.device_ptr(self.stream);
-        self.guards.push(guard);
-        ptr
-    }
-
-    fn write<T>(&mut self, s: &'a mut CudaSlice<T>) -> u64 {
-        let (ptr, guard) = s.device_ptr_mut(self.stream);
-        self.guards.push(guard);
-        ptr
-    }
-
-    fn tensor(&mut self, t: DeviceTensor<'a>) -> u64 {
-        match t {
-            DeviceTensor::BF16(s) => self.read(s),
-            DeviceTensor::F16(s) => self.read(s),
-            DeviceTensor::F32(s) => self.read(s),
-        }
-    }
-
-    fn tensor_mut(&mut self, t: DeviceTensorMut<'a>) -> u64 {
-        match t {
-            DeviceTensorMut::BF16(s) => self.write(s),
-            DeviceTensorMut::F16(s) => self.write(s),
-            DeviceTensorMut::F32(s) => self.write(s),
-        }
+/// The address of an output, its guard kept by `ptrs`.
+fn write_tensor<'p>(ptrs: &mut Pointers<'p>, t: &'p mut DeviceTensorMut<'_>) -> u64 {
+    match t {
+        DeviceTensorMut::BF16(s) => ptrs.write(s),
+        DeviceTensorMut::F16(s) => ptrs.write(s),
+        DeviceTensorMut::F32(s) => ptrs.write(s),
     }
 }
 
@@ -223,7 +196,7 @@ pub fn forward<'a>(
     plan: &CudaAttentionPlan,
     problem: &DeviceAttention<'a>,
     o: DeviceTensorMut<'a>,
-    lse: &'a mut CudaSlice<f32>,
+    lse: CudaViewMut<'a, f32>,
 ) -> Result<()> {
     let prob = problem.validate()?;
     let d = prob.dims;
@@ -231,17 +204,16 @@ pub fn forward<'a>(
     expect_len("lse", lse.len(), d.lse_len(), "B*H*T")?;
     let o_f32 = output_is_f32("o", o.dtype(), prob.dtype)?;
     let exec = CudaExec::on_stream(ctx, stream.clone());
-    let mut ptrs = Pointers {
-        stream,
-        guards: Vec::new(),
-    };
+    // The outputs outlive the guards of `ptrs` (declared after them, dropped before).
+    let (mut o, mut lse) = (o, lse);
+    let mut ptrs = Pointers::new(stream);
     let addrs = ForwardAddrs {
         q: ptrs.tensor(problem.q),
         k: ptrs.tensor(problem.k),
         v: ptrs.tensor(problem.v),
-        o: ptrs.tensor_mut(o),
+        o: write_tensor(&mut ptrs, &mut o),
         o_f32,
-        lse: ptrs.write(lse),
+        lse: ptrs.write(&mut lse),
     };
     check_inputs(&exec, stream, problem, [addrs.q, addrs.k, addrs.v], None)?;
     engine::forward(&exec, plan, &prob, &addrs)
@@ -254,7 +226,7 @@ pub struct DeviceForwardState<'a> {
     /// `[B, T, H, D]`, f32 or the inputs' dtype.
     pub o: DeviceTensor<'a>,
     /// `[B, H, T]`.
-    pub lse: &'a CudaSlice<f32>,
+    pub lse: DeviceSlice<'a, f32>,
     /// `[B, T, H, D]`, the inputs' dtype.
     pub d_o: DeviceTensor<'a>,
 }
@@ -310,10 +282,9 @@ pub fn backward<'a>(
             message: format!("allocating the delta workspace: {e:?}"),
         })?;
     let exec = CudaExec::on_stream(ctx, stream.clone());
-    let mut ptrs = Pointers {
-        stream,
-        guards: Vec::new(),
-    };
+    // The outputs outlive the guards of `ptrs` (declared after them, dropped before).
+    let mut grads = grads;
+    let mut ptrs = Pointers::new(stream);
     let addrs = BackwardAddrs {
         q: ptrs.tensor(problem.q),
         k: ptrs.tensor(problem.k),
@@ -322,10 +293,10 @@ pub fn backward<'a>(
         o_f32,
         lse: ptrs.read(state.lse),
         d_o: ptrs.tensor(state.d_o),
-        delta: ptrs.write(&mut delta),
-        dq: ptrs.tensor_mut(grads.dq),
-        dk: ptrs.tensor_mut(grads.dk),
-        dv: ptrs.tensor_mut(grads.dv),
+        delta: ptrs.write_slice(&mut delta),
+        dq: write_tensor(&mut ptrs, &mut grads.dq),
+        dk: write_tensor(&mut ptrs, &mut grads.dk),
+        dv: write_tensor(&mut ptrs, &mut grads.dv),
         grad_f32,
     };
     let result = check_inputs(
@@ -353,7 +324,7 @@ pub fn flash_attention_dense_forward<'a>(
     stream: &'a Arc<CudaStream>,
     problem: &DeviceAttention<'a>,
     o: DeviceTensorMut<'a>,
-    lse: &'a mut CudaSlice<f32>,
+    lse: CudaViewMut<'a, f32>,
 ) -> Result<()> {
     forward(ctx, stream, &dense_plan(problem)?, problem, o, lse)
 }

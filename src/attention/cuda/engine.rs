@@ -20,7 +20,7 @@ pub(crate) struct Problem {
 }
 
 /// Checks dtype and head dim.
-pub(crate) fn check_support(dtype: DType, head_dim: usize) -> Result<()> {
+pub fn check_support(dtype: DType, head_dim: usize) -> Result<()> {
     if kernels::dtype_code(dtype).is_none() {
         return Err(Error::UnsupportedDtype {
             tensor: "q".into(),

@@ -19,6 +19,7 @@ pub mod kernels;
 mod params;
 pub mod plan;
 
+pub use engine::check_support;
 pub use plan::{CudaAttentionPlan, DeviceAttentionPlan, PlanGeometry};
 
 use self::engine::{BackwardAddrs, ForwardAddrs, Problem};

@@ -233,9 +233,9 @@ mod cuda {
             .map_err(cuda_error)?;
         let problem = DeviceAttention {
             dims,
-            q: DeviceTensor::BF16(&q),
-            k: DeviceTensor::BF16(&k),
-            v: DeviceTensor::BF16(&v),
+            q: DeviceTensor::from(&q),
+            k: DeviceTensor::from(&k),
+            v: DeviceTensor::from(&v),
             scale: None,
             causal: false,
             value_check: crate::ValueCheck::Off,
@@ -261,8 +261,8 @@ mod cuda {
                     &stream,
                     plan,
                     &problem,
-                    DeviceTensorMut::BF16(&mut o),
-                    &mut lse,
+                    DeviceTensorMut::BF16(o.as_view_mut()),
+                    lse.as_view_mut(),
                 )
             })?;
             let bwd = if args.forward_only {
@@ -275,14 +275,14 @@ mod cuda {
                         plan,
                         &problem,
                         DeviceForwardState {
-                            o: DeviceTensor::BF16(&o),
-                            lse: &lse,
-                            d_o: DeviceTensor::BF16(&d_o),
+                            o: DeviceTensor::from(&o),
+                            lse: (&lse).into(),
+                            d_o: DeviceTensor::from(&d_o),
                         },
                         DeviceGrads {
-                            dq: DeviceTensorMut::BF16(&mut dq),
-                            dk: DeviceTensorMut::BF16(&mut dk),
-                            dv: DeviceTensorMut::BF16(&mut dv),
+                            dq: DeviceTensorMut::BF16(dq.as_view_mut()),
+                            dk: DeviceTensorMut::BF16(dk.as_view_mut()),
+                            dv: DeviceTensorMut::BF16(dv.as_view_mut()),
                         },
                     )
                 })?)

@@ -264,9 +264,9 @@ mod cuda {
 
         fn view(&self) -> DeviceTensor<'_> {
             match self {
-                Typed::BF16(s) => DeviceTensor::BF16(s),
-                Typed::F16(s) => DeviceTensor::F16(s),
-                Typed::F32(s) => DeviceTensor::F32(s),
+                Typed::BF16(s) => DeviceTensor::from(s),
+                Typed::F16(s) => DeviceTensor::from(s),
+                Typed::F32(s) => DeviceTensor::from(s),
             }
         }
     }
@@ -301,7 +301,7 @@ mod cuda {
             q: q.view(),
             k: k.view(),
             v: v.view(),
-            gate: DeviceGate::Vector(&g),
+            gate: DeviceGate::Vector((&g).into()),
             gate_bwd: None,
             direction: Direction::Causal,
             scale: None,
@@ -320,7 +320,7 @@ mod cuda {
                 &problem,
                 form,
                 DeviceForward {
-                    o: &mut o,
+                    o: o.as_view_mut(),
                     ht: None,
                 },
             )
@@ -335,7 +335,7 @@ mod cuda {
                     &problem,
                     form,
                     DeviceForward {
-                        o: &mut o,
+                        o: o.as_view_mut(),
                         ht: None,
                     },
                 )?;
@@ -347,10 +347,10 @@ mod cuda {
                     d_o.view(),
                     None,
                     DeviceBackward {
-                        dq: &mut dq,
-                        dk: &mut dk,
-                        dv: &mut dv,
-                        dg: Some(&mut dg),
+                        dq: dq.as_view_mut(),
+                        dk: dk.as_view_mut(),
+                        dv: dv.as_view_mut(),
+                        dg: Some(dg.as_view_mut()),
                         dg_bwd: None,
                         dh0: None,
                     },

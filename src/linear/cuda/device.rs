@@ -1,6 +1,8 @@
-//! Device-resident API: inputs and outputs are cudarc device slices, launches go to the caller's
-//! stream, nothing is copied to the host (except the tiny chunk tables built from `cu_seqlens`,
-//! which is a host slice because the launch grids depend on it).
+//! Device-resident API: inputs are [`DeviceSlice`]s (a whole cudarc slice, or a run of one at an
+//! offset, as a framework's tensor is a view into its storage), outputs are cudarc mutable views
+//! (`CudaSlice::as_view_mut`, or disjoint parts of one buffer from `split_at_mut`), launches go to
+//! the caller's stream, nothing is copied to the host (except the tiny chunk tables built from
+//! `cu_seqlens`, which is a host slice because the launch grids depend on it).
 //!
 //! Sizes are checked against `dims` and typed errors returned. Values are checked on the device by
 //! default ([`DeviceProblem::value_check`], [`ValueCheck::On`]): one `la_value_flags` pass per input
@@ -10,7 +12,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop,
+};
 use half::{bf16, f16};
 use linattn_reference::linear::{Dims, Direction, Form, GateKind};
 
@@ -24,12 +28,101 @@ use crate::error::{Error, Result};
 use crate::tensor::DType;
 use crate::validation::parse_cu_seqlens;
 
-/// A device input of one of the supported element types, `[B, T, H, D]` row-major.
+/// `len` elements of a device slice from `offset` on: a whole [`CudaSlice`] (`From`), or a run of
+/// one ([`DeviceSlice::range`]), such as a framework tensor's elements inside its storage (candle
+/// hands out its storage and the layout's start offset). Read-only, `Copy`.
+pub struct DeviceSlice<'a, T> {
+    slice: &'a CudaSlice<T>,
+    offset: usize,
+    len: usize,
+}
+
+impl<T> Clone for DeviceSlice<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for DeviceSlice<'_, T> {}
+
+impl<'a, T> From<&'a CudaSlice<T>> for DeviceSlice<'a, T> {
+    fn from(slice: &'a CudaSlice<T>) -> Self {
+        DeviceSlice {
+            slice,
+            offset: 0,
+            len: slice.len(),
+        }
+    }
+}
+
+impl<'a, T: DeviceRepr> DeviceSlice<'a, T> {
+    /// Elements `offset..offset + len` of `slice`; an error when they are not all in it.
+    pub fn range(slice: &'a CudaSlice<T>, offset: usize, len: usize) -> Result<Self> {
+        if offset.checked_add(len).is_none_or(|end| end > slice.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "elements {offset}..{} of a device slice of {}",
+                offset.saturating_add(len),
+                slice.len()
+            )));
+        }
+        Ok(DeviceSlice { slice, offset, len })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The device address of the first element, with cudarc's stream-ordering guard of the whole
+    /// slice (the stream waits for its last write; the guard records this read).
+    pub(crate) fn device_ptr<'s>(&self, stream: &'s CudaStream) -> (u64, SyncOnDrop<'s>)
+    where
+        'a: 's,
+    {
+        let (base, guard) = self.slice.device_ptr(stream);
+        (
+            base + (self.offset * std::mem::size_of::<T>()) as u64,
+            guard,
+        )
+    }
+
+    /// A copy on the host (the value check's error path).
+    pub(crate) fn download(
+        &self,
+        stream: &Arc<CudaStream>,
+    ) -> std::result::Result<Vec<T>, cudarc::driver::DriverError> {
+        stream.clone_dtoh(&self.slice.slice(self.offset..self.offset + self.len))
+    }
+}
+
+/// A device input of one of the supported element types, `[B, T, H, D]` row-major. `From` a
+/// `&CudaSlice` of bf16, f16 or f32 for a whole slice.
 #[derive(Clone, Copy)]
 pub enum DeviceTensor<'a> {
-    BF16(&'a CudaSlice<bf16>),
-    F16(&'a CudaSlice<f16>),
-    F32(&'a CudaSlice<f32>),
+    BF16(DeviceSlice<'a, bf16>),
+    F16(DeviceSlice<'a, f16>),
+    F32(DeviceSlice<'a, f32>),
+}
+
+impl<'a> From<&'a CudaSlice<bf16>> for DeviceTensor<'a> {
+    fn from(s: &'a CudaSlice<bf16>) -> Self {
+        DeviceTensor::BF16(s.into())
+    }
+}
+
+impl<'a> From<&'a CudaSlice<f16>> for DeviceTensor<'a> {
+    fn from(s: &'a CudaSlice<f16>) -> Self {
+        DeviceTensor::F16(s.into())
+    }
+}
+
+impl<'a> From<&'a CudaSlice<f32>> for DeviceTensor<'a> {
+    fn from(s: &'a CudaSlice<f32>) -> Self {
+        DeviceTensor::F32(s.into())
+    }
 }
 
 impl DeviceTensor<'_> {
@@ -59,11 +152,11 @@ impl DeviceTensor<'_> {
 pub enum DeviceGate<'a> {
     None,
     /// `[H]`.
-    PerHead(&'a CudaSlice<f32>),
+    PerHead(DeviceSlice<'a, f32>),
     /// `[B, T, H]`.
-    Scalar(&'a CudaSlice<f32>),
+    Scalar(DeviceSlice<'a, f32>),
     /// `[B, T, H, K]`.
-    Vector(&'a CudaSlice<f32>),
+    Vector(DeviceSlice<'a, f32>),
 }
 
 impl<'a> DeviceGate<'a> {
@@ -76,7 +169,7 @@ impl<'a> DeviceGate<'a> {
         }
     }
 
-    fn slice(&self) -> Option<&'a CudaSlice<f32>> {
+    fn slice(&self) -> Option<DeviceSlice<'a, f32>> {
         match *self {
             DeviceGate::None => None,
             DeviceGate::PerHead(s) | DeviceGate::Scalar(s) | DeviceGate::Vector(s) => Some(s),
@@ -99,7 +192,7 @@ pub struct DeviceProblem<'a> {
     pub scale: Option<f64>,
     pub normalize: Option<f64>,
     /// `[N, H, K, V]`, causal only.
-    pub h0: Option<&'a CudaSlice<f32>>,
+    pub h0: Option<DeviceSlice<'a, f32>>,
     /// Packed offsets `[N + 1]` (host).
     pub cu_seqlens: Option<&'a [i64]>,
     /// [`ValueCheck::On`] (the default of [`ValueCheck`]): the input values (and the cotangents
@@ -107,20 +200,21 @@ pub struct DeviceProblem<'a> {
     pub value_check: ValueCheck,
 }
 
-/// Forward results, written in place (f32): `o: [B, T, H, V]`, `ht: [N, H, K, V]`.
+/// Forward results, written in place (f32): `o: [B, T, H, V]`, `ht: [N, H, K, V]` (whole slices
+/// through `as_view_mut`, or parts of one buffer through `split_at_mut`).
 pub struct DeviceForward<'a> {
-    pub o: &'a mut CudaSlice<f32>,
-    pub ht: Option<&'a mut CudaSlice<f32>>,
+    pub o: CudaViewMut<'a, f32>,
+    pub ht: Option<CudaViewMut<'a, f32>>,
 }
 
 /// Gradients, written in place (f32), shaped like their inputs.
 pub struct DeviceBackward<'a> {
-    pub dq: &'a mut CudaSlice<f32>,
-    pub dk: &'a mut CudaSlice<f32>,
-    pub dv: &'a mut CudaSlice<f32>,
-    pub dg: Option<&'a mut CudaSlice<f32>>,
-    pub dg_bwd: Option<&'a mut CudaSlice<f32>>,
-    pub dh0: Option<&'a mut CudaSlice<f32>>,
+    pub dq: CudaViewMut<'a, f32>,
+    pub dk: CudaViewMut<'a, f32>,
+    pub dv: CudaViewMut<'a, f32>,
+    pub dg: Option<CudaViewMut<'a, f32>>,
+    pub dg_bwd: Option<CudaViewMut<'a, f32>>,
+    pub dh0: Option<CudaViewMut<'a, f32>>,
 }
 
 fn expect_len(name: &str, len: usize, want: usize, what: &str) -> Result<()> {
@@ -222,7 +316,7 @@ impl DeviceProblem<'_> {
 #[derive(Clone, Copy)]
 pub(crate) enum Source<'a> {
     Tensor(DeviceTensor<'a>),
-    F32(&'a CudaSlice<f32>),
+    F32(DeviceSlice<'a, f32>),
 }
 
 /// Runs the device-side value check over `checked` (addresses already taken) and turns a flag
@@ -240,20 +334,20 @@ pub(crate) fn check_values<'a>(
     };
     values::first_error(checked, &flags, |i| {
         Ok(match sources[i] {
-            Source::Tensor(DeviceTensor::BF16(s)) => stream
-                .clone_dtoh(s)
+            Source::Tensor(DeviceTensor::BF16(s)) => s
+                .download(stream)
                 .map_err(runtime)?
                 .iter()
                 .map(|x| x.to_f64())
                 .collect(),
-            Source::Tensor(DeviceTensor::F16(s)) => stream
-                .clone_dtoh(s)
+            Source::Tensor(DeviceTensor::F16(s)) => s
+                .download(stream)
                 .map_err(runtime)?
                 .iter()
                 .map(|x| x.to_f64())
                 .collect(),
-            Source::Tensor(DeviceTensor::F32(s)) | Source::F32(s) => stream
-                .clone_dtoh(s)
+            Source::Tensor(DeviceTensor::F32(s)) | Source::F32(s) => s
+                .download(stream)
                 .map_err(runtime)?
                 .iter()
                 .map(|&x| x as f64)
@@ -304,25 +398,39 @@ fn input_checks<'a>(
 
 /// Raw device addresses of the slices, with cudarc's stream-ordering guards kept alive until the
 /// launches are issued.
-struct Pointers<'a> {
-    stream: &'a Arc<CudaStream>,
-    guards: Vec<SyncOnDrop<'a>>,
+pub(crate) struct Pointers<'a> {
+    pub(crate) stream: &'a Arc<CudaStream>,
+    pub(crate) guards: Vec<SyncOnDrop<'a>>,
 }
 
 impl<'a> Pointers<'a> {
-    fn read<T>(&mut self, s: &'a CudaSlice<T>) -> u64 {
+    pub(crate) fn new(stream: &'a Arc<CudaStream>) -> Self {
+        Pointers {
+            stream,
+            guards: Vec::new(),
+        }
+    }
+
+    pub(crate) fn read<T: DeviceRepr>(&mut self, s: DeviceSlice<'a, T>) -> u64 {
         let (ptr, guard) = s.device_ptr(self.stream);
         self.guards.push(guard);
         ptr
     }
 
-    fn write<T>(&mut self, s: &'a mut CudaSlice<T>) -> u64 {
+    pub(crate) fn write<T>(&mut self, s: &'a mut CudaViewMut<'_, T>) -> u64 {
         let (ptr, guard) = s.device_ptr_mut(self.stream);
         self.guards.push(guard);
         ptr
     }
 
-    fn tensor(&mut self, t: DeviceTensor<'a>) -> u64 {
+    /// A whole owned slice (a workspace of the call).
+    pub(crate) fn write_slice<T>(&mut self, s: &'a mut CudaSlice<T>) -> u64 {
+        let (ptr, guard) = s.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        ptr
+    }
+
+    pub(crate) fn tensor(&mut self, t: DeviceTensor<'a>) -> u64 {
         match t {
             DeviceTensor::BF16(s) => self.read(s),
             DeviceTensor::F16(s) => self.read(s),
@@ -373,18 +481,17 @@ pub fn forward<'a>(
         (None, _) => {}
     }
     let exec = CudaExec::on_stream(ctx, stream.clone());
-    let mut ptrs = Pointers {
-        stream,
-        guards: Vec::new(),
-    };
+    // The outputs outlive the guards of `ptrs` (declared after them, dropped before).
+    let mut out = out;
+    let mut ptrs = Pointers::new(stream);
     let inp = ptrs.inputs(problem);
     if problem.value_check == ValueCheck::On {
         let (checked, sources) = input_checks(problem, &inp, &[]);
         check_values(&exec, stream, &checked, &sources)?;
     }
     let targets = ForwardTargets {
-        o: ptrs.write(out.o),
-        ht: out.ht.map_or(0, |s| ptrs.write(s)),
+        o: ptrs.write(&mut out.o),
+        ht: out.ht.as_mut().map_or(0, |s| ptrs.write(s)),
     };
     engine::forward(&exec, &cfg, &inp, &targets)
 }
@@ -397,7 +504,7 @@ pub fn backward<'a>(
     problem: &DeviceProblem<'a>,
     form: Form,
     d_o: DeviceTensor<'a>,
-    d_ht: Option<&'a CudaSlice<f32>>,
+    d_ht: Option<DeviceSlice<'a, f32>>,
     out: DeviceBackward<'a>,
 ) -> Result<()> {
     let spec = problem.validate()?;
@@ -426,8 +533,8 @@ pub fn backward<'a>(
     expect_len("dv", out.dv.len(), d.v_len(), "B*T*H*V")?;
     let gate_len = spec.gate_kind.len(&d);
     for (name, s, wanted) in [
-        ("dg", out.dg.as_deref(), spec.gate_kind != GateKind::None),
-        ("dg_bwd", out.dg_bwd.as_deref(), spec.has_gate_bwd),
+        ("dg", out.dg.as_ref(), spec.gate_kind != GateKind::None),
+        ("dg_bwd", out.dg_bwd.as_ref(), spec.has_gate_bwd),
     ] {
         match (s, wanted) {
             (Some(s), true) => expect_len(name, s.len(), gate_len, "the gate's element count")?,
@@ -439,7 +546,7 @@ pub fn backward<'a>(
             (None, _) => {}
         }
     }
-    if let Some(dh0) = out.dh0.as_deref() {
+    if let Some(dh0) = out.dh0.as_ref() {
         if !spec.has_h0 {
             return Err(Error::InvalidArgument(
                 "`dh0` given but the problem has no h0".into(),
@@ -448,10 +555,9 @@ pub fn backward<'a>(
         expect_len("dh0", dh0.len(), state_len, "N*H*K*V")?;
     }
     let exec = CudaExec::on_stream(ctx, stream.clone());
-    let mut ptrs = Pointers {
-        stream,
-        guards: Vec::new(),
-    };
+    // The outputs outlive the guards of `ptrs` (declared after them, dropped before).
+    let mut out = out;
+    let mut ptrs = Pointers::new(stream);
     let inp = ptrs.inputs(problem);
     let cot = Cotangents {
         d_o: ptrs.tensor(d_o),
@@ -467,12 +573,12 @@ pub fn backward<'a>(
         check_values(&exec, stream, &checked, &sources)?;
     }
     let targets = BackwardTargets {
-        dq: ptrs.write(out.dq),
-        dk: ptrs.write(out.dk),
-        dv: ptrs.write(out.dv),
-        dg: out.dg.map_or(0, |s| ptrs.write(s)),
-        dg_bwd: out.dg_bwd.map_or(0, |s| ptrs.write(s)),
-        dh0: out.dh0.map_or(0, |s| ptrs.write(s)),
+        dq: ptrs.write(&mut out.dq),
+        dk: ptrs.write(&mut out.dk),
+        dv: ptrs.write(&mut out.dv),
+        dg: out.dg.as_mut().map_or(0, |s| ptrs.write(s)),
+        dg_bwd: out.dg_bwd.as_mut().map_or(0, |s| ptrs.write(s)),
+        dh0: out.dh0.as_mut().map_or(0, |s| ptrs.write(s)),
     };
     engine::backward(&exec, &cfg, &inp, &cot, &targets)
 }
@@ -488,7 +594,7 @@ pub fn decode_step<'a>(
     stream: &'a Arc<CudaStream>,
     token: &DeviceProblem<'a>,
     state: &mut CudaSlice<f32>,
-    o: &'a mut CudaSlice<f32>,
+    o: CudaViewMut<'a, f32>,
 ) -> Result<()> {
     let d = token.dims;
     if d.t != 1 {
@@ -515,11 +621,11 @@ pub fn decode_step<'a>(
         })?;
     {
         let problem = DeviceProblem {
-            h0: Some(&*state),
+            h0: Some(DeviceSlice::from(&*state)),
             ..*token
         };
         // The borrows of `state` and `next` end with this block's launches (stream-ordered).
-        forward_one(ctx, stream, &problem, o, &mut next)?;
+        forward_one(ctx, stream, &problem, o, next.as_view_mut())?;
     }
     std::mem::swap(state, &mut next);
     Ok(())
@@ -531,8 +637,8 @@ fn forward_one(
     ctx: &CudaContext,
     stream: &Arc<CudaStream>,
     problem: &DeviceProblem,
-    o: &mut CudaSlice<f32>,
-    ht: &mut CudaSlice<f32>,
+    o: CudaViewMut<'_, f32>,
+    ht: CudaViewMut<'_, f32>,
 ) -> Result<()> {
     forward(
         ctx,
