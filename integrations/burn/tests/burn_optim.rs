@@ -209,3 +209,94 @@ fn wsm_merge_matches_on_wgpu() {
 fn wsm_merge_matches_on_ndarray() {
     wsm_merge_matches(&ndarray());
 }
+
+/// A module of one 16-bit weight matrix (rank 2: weight decay applies): the loss `sum(w * c)`
+/// gives the gradient `c` exactly.
+#[derive(Module, Debug)]
+struct Half {
+    w: Param<Tensor<2>>,
+}
+
+/// 16-bit module parameters: the optimizer keeps f32 masters (created from the parameter's
+/// values widened) and writes each step's weights back in the parameter's dtype, rounded to
+/// nearest from the f32 master. Checked step by step against linattn's reference step on the
+/// same (16-bit) gradients: every weight is the 16-bit neighbour of the reference's, within one
+/// 16-bit spacing of it (a near-tie of f32 vs f64 may round either way), and the dtype stays.
+fn half_params_follow_the_f32_masters(device: &Device, dtype: burn::tensor::DType) {
+    use half::f16;
+    let dev = device.clone().autodiff();
+    if !dev.supports_dtype(dtype) {
+        println!("skipped: {dtype:?} parameters on {dev:?} (the device does not hold {dtype:?})");
+        return;
+    }
+    let (rows, cols) = (6, 7);
+    let n = rows * cols;
+    let mut rng = StdRng::seed_from_u64(16);
+    let to_dtype = |v: &[f64]| -> Vec<f64> {
+        v.iter()
+            .map(|&x| match dtype {
+                burn::tensor::DType::F16 => f16::from_f64(x).to_f64(),
+                _ => half::bf16::from_f64(x).to_f64(),
+            })
+            .collect()
+    };
+    let w0 = to_dtype(&values(&mut rng, n, -1.0, 1.0));
+    let c = to_dtype(&values(&mut rng, n, -0.5, 0.5));
+    let mut model = Half {
+        w: Param::from_tensor(tensor(&w0, [rows, cols], &dev).cast(dtype).require_grad()),
+    };
+    let config = OptimizerConfig {
+        weight_decay: 0.1,
+        ..OptimizerConfig::adamw(5e-2)
+    };
+    let schedule = Schedule::Constant { warmup: 0 };
+    let steps = 6;
+    let mut opt = FusedOptimizer::new(&model, &config, &schedule, steps).unwrap();
+    let mut reference =
+        linattn::optim::CpuOptimizer::new(&config, &schedule, &[&w0], &[true]).unwrap();
+    for step in 0..steps {
+        let w = model.w.val();
+        assert_eq!(w.dtype(), dtype, "step {step}: the parameter's dtype");
+        let loss = (w * tensor(&c, [rows, cols], &dev).cast(dtype)).sum();
+        let grads = loss.backward();
+        model = opt.step(model, &grads).unwrap();
+        reference.step(&[&c]).unwrap();
+        let got = to_vec(&model.w.val());
+        let want = reference.params()[0].to_vec();
+        assert_eq!(model.w.val().dtype(), dtype);
+        for (i, (&g, &m)) in got.iter().zip(&want).enumerate() {
+            // The 16-bit spacing at the reference value.
+            let ulp = match dtype {
+                burn::tensor::DType::F16 => {
+                    let h = f16::from_f64(m);
+                    (f16::from_bits(h.to_bits() + 1).to_f64() - h.to_f64()).abs()
+                }
+                _ => {
+                    let h = half::bf16::from_f64(m);
+                    (half::bf16::from_bits(h.to_bits() + 1).to_f64() - h.to_f64()).abs()
+                }
+            };
+            assert_eq!(
+                to_dtype(&[g])[0],
+                g,
+                "step {step} [{i}]: not a 16-bit value"
+            );
+            assert!(
+                (g - m).abs() <= ulp,
+                "step {step} [{i}]: {g} vs the reference master {m} (spacing {ulp})"
+            );
+        }
+    }
+}
+
+#[test]
+fn f16_parameters_on_wgpu() {
+    let Some(device) = wgpu() else { return };
+    half_params_follow_the_f32_masters(&device, burn::tensor::DType::F16);
+}
+
+#[test]
+fn half_parameters_on_ndarray() {
+    half_params_follow_the_f32_masters(&ndarray(), burn::tensor::DType::F16);
+    half_params_follow_the_f32_masters(&ndarray(), burn::tensor::DType::BF16);
+}
