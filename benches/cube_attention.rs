@@ -11,6 +11,9 @@
 //! Issue shapes: 16K = 64 x 256; 64K = 64 x 1024 (or 16 x 4096); HunyuanVideo 115,200 =
 //! 30 x 3840 with `LINATTN_BENCH_H=24 LINATTN_BENCH_D=128`.
 //!
+//! Under `cargo test --all-targets` (no `--bench` argument) it runs once on 4 x 128 tokens, as a
+//! smoke test of the same code.
+//!
 //! `cargo bench --bench cube_attention` prints, per pass, the dense time, the sparse time, the
 //! mask density and `sparse / (dense x density)` (1.0 = time exactly proportional to the visited
 //! blocks).
@@ -84,13 +87,19 @@ fn main() {
         }
     };
     linattn::attention::cube::set_poison_outputs(false);
-    let frames = env_usize("LINATTN_BENCH_FRAMES", 16);
-    let tpf = env_usize("LINATTN_BENCH_TOKENS_PER_FRAME", 256);
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it, as
+    // a smoke test: then the default sizes are small (4 frames of 128 tokens) and one iteration.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let frames = env_usize("LINATTN_BENCH_FRAMES", if smoke { 4 } else { 16 });
+    let tpf = env_usize(
+        "LINATTN_BENCH_TOKENS_PER_FRAME",
+        if smoke { 128 } else { 256 },
+    );
     let b = env_usize("LINATTN_BENCH_B", 1);
     let h = env_usize("LINATTN_BENCH_H", 1);
     let d = env_usize("LINATTN_BENCH_D", 64);
     let block = env_usize("LINATTN_BENCH_BLOCK", 128);
-    let iters = env_usize("LINATTN_BENCH_ITERS", 3).max(1);
+    let iters = env_usize("LINATTN_BENCH_ITERS", if smoke { 1 } else { 3 }).max(1);
     let backward = env_usize("LINATTN_BENCH_BACKWARD", 1) != 0;
     let model = match std::env::var("LINATTN_BENCH_MODEL").as_deref() {
         Ok("wan") => RadialModel::Wan,
