@@ -5,7 +5,9 @@
 #  - Mesa's software Vulkan driver (llvmpipe) and the Vulkan loader, so the CubeCL kernels really run
 #    on the CPU (apt, only when running as root; otherwise those tests print `skipped: no wgpu adapter`);
 #  - the NVRTC and ptxas wheels from PyPI into .tools/cuda, so every CUDA kernel is compiled for
-#    sm_80 and sm_90 and checked for register spills, without a GPU.
+#    sm_80 and sm_90 and checked for register spills, without a GPU;
+#  - CUDA 13's nvcc wheels into .tools/cuda13 (scripts/candle-cuda-check.sh), for the compile
+#    check of linattn-candle's `cuda` feature (candle's own kernels are built with nvcc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,8 +34,22 @@ echo "== cargo test"
 LINATTN_PTX_DIR="$(mktemp -d)"
 export LINATTN_PTX_DIR
 trap 'rm -rf "$LINATTN_PTX_DIR"' EXIT
+cargo test --workspace --all-targets --no-run
+# While the tests run (mostly one core), the compile check of linattn-candle's `cuda` feature
+# builds candle's kernels with nvcc on the other core, in its own target folder.
+candle_log="$(mktemp)"
+scripts/candle-cuda-check.sh >"$candle_log" 2>&1 &
+candle_pid=$!
 cargo test --workspace --all-targets
 cargo test --workspace --doc
+echo "== linattn-candle --features cuda (compile check, scripts/candle-cuda-check.sh)"
+if wait "$candle_pid"; then
+  tail -n 3 "$candle_log"
+else
+  cat "$candle_log"
+  echo "error: the compile check of linattn-candle's cuda feature failed" >&2
+  exit 1
+fi
 
 echo "== cargo doc (zero warnings)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
