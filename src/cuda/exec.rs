@@ -216,6 +216,7 @@ impl Executor for CudaExec {
 
     fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
         let mut buf = self.alloc(bytes.len())?;
+        super::count_host_transfer(bytes.len());
         if !bytes.is_empty() {
             let mut view = buf.slice_mut(0..bytes.len());
             self.stream
@@ -229,6 +230,7 @@ impl Executor for CudaExec {
         if out.is_empty() {
             return Ok(());
         }
+        super::count_host_transfer(out.len());
         let view = buf.slice(0..out.len());
         self.stream
             .memcpy_dtoh(&view, out)

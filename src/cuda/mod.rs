@@ -95,6 +95,23 @@ pub fn warm_up_kernels(ctx: &CudaContext) -> Result<(usize, usize)> {
     Ok((n, threads))
 }
 
+static HOST_TRANSFER_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes linattn's CUDA tier has copied between host and device in this process: every upload
+/// and read-back of [`exec::CudaExec`] (the host-tensor API's inputs and outputs, variable-length
+/// chunk tables, uploaded attention plans, the value check's flags) and the value check's
+/// read-back of a flagged input. The device-resident APIs add nothing for fixed-length problems
+/// with the value check off: a framework adapter asserts that its device path keeps this
+/// constant (the cube tier's twin is [`crate::cube::host_transfer_bytes`]).
+pub fn host_transfer_bytes() -> u64 {
+    HOST_TRANSFER_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Adds `bytes` to [`host_transfer_bytes`].
+pub(crate) fn count_host_transfer(bytes: usize) {
+    HOST_TRANSFER_BYTES.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether libcuda (the driver) can be loaded.
 pub fn driver_available() -> bool {
     library_present(|| {

@@ -38,3 +38,12 @@ pub use linattn::linear::{Direction, Form};
 pub use linattn::{Error, Result};
 pub use linear::{DEFAULT_FORM, Gate, LinearAttention, LinearOutput, Lion, gla};
 pub use optim::FusedOptimizer;
+
+/// Bytes linattn's CUDA tier copied between host and device (see
+/// [`linattn::cuda::host_transfer_bytes`]): the CUDA path of these ops adds nothing to it for
+/// the engine, dense attention and the optimizer's steps (a block mask's lists are uploaded per
+/// call; LightNet goes through the host).
+#[cfg(feature = "cuda")]
+pub fn host_transfer_bytes() -> u64 {
+    linattn::cuda::host_transfer_bytes()
+}

@@ -94,6 +94,7 @@ impl<'a, T: DeviceRepr> DeviceSlice<'a, T> {
         &self,
         stream: &Arc<CudaStream>,
     ) -> std::result::Result<Vec<T>, cudarc::driver::DriverError> {
+        crate::cuda::count_host_transfer(self.len * std::mem::size_of::<T>());
         stream.clone_dtoh(&self.slice.slice(self.offset..self.offset + self.len))
     }
 }
