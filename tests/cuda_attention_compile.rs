@@ -11,7 +11,7 @@
 use std::sync::Mutex;
 
 use linattn::attention::cuda::kernels::{KERNELS, all_variants};
-use linattn::cuda::compile::{Variant, compile_ptx};
+use linattn::cuda::compile::{Variant, compile_ptx_virtual};
 
 const ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 
@@ -91,7 +91,7 @@ fn every_attention_variant_compiles_for_sm80_and_sm90() {
                             .unwrap()
                             .push(format!("{arch} {}: {msg}", variant.label()))
                     };
-                    let ptx = match compile_ptx(arch, &variant) {
+                    let ptx = match compile_ptx_virtual(arch, &variant) {
                         Ok(ptx) => ptx,
                         Err(e) => {
                             fail(e.to_string());
