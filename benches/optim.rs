@@ -37,17 +37,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// `count` tensor sizes summing to about `total`, deliberately uneven and odd.
-fn sizes(total: usize, count: usize) -> Vec<usize> {
-    let base = total / count;
-    (0..count)
-        .map(|i| {
-            let wobble = (i * 7919 % 101) as f64 / 100.0 - 0.5; // in [-0.5, 0.5]
-            ((base as f64 * (1.0 + 0.5 * wobble)) as usize) | 1
-        })
-        .collect()
-}
-
 fn bench(c: &mut Criterion) {
     let ctx = match CubeContext::shared() {
         Ok(ctx) => ctx,
@@ -58,7 +47,8 @@ fn bench(c: &mut Criterion) {
     };
     let total = env_usize("LINATTN_OPTIM_BENCH_PARAMS", 4_000_000);
     let count = env_usize("LINATTN_OPTIM_BENCH_TENSORS", 200);
-    let sizes = sizes(total, count);
+    // The uneven, odd split `linattn bench optim` and benches/peers_optim.py use.
+    let sizes = linattn::cli::bench::optim_sizes(total, count);
     let n: usize = sizes.iter().sum();
     println!(
         "optim bench on {}: {n} parameters in {count} tensors",

@@ -1,5 +1,5 @@
 """What the three peer scripts share: loading torch (or saying why not), CUDA-event timing,
-device peaks, a time budget, JSON and markdown output.
+a time budget, JSON and markdown output.
 
 The peer scripts time the peers of `linattn bench` on the same shapes and write the side-by-side
 tables. They never build or run cargo on the GPU machine: `scripts/gpu-run.sh` runs the carried
@@ -14,30 +14,6 @@ import os
 import statistics
 import sys
 import time
-
-# Dense bf16 tensor-core peaks (TFLOP/s) and memory bandwidth (GB/s), as in src/cli/bench/mod.rs.
-PEAKS = [
-    ("GB200", 2500.0, 8000.0),
-    ("B200", 2250.0, 8000.0),
-    ("H200", 989.4, 4800.0),
-    ("H100 PCIE", 756.0, 2000.0),
-    ("H100 NVL", 835.0, 3900.0),
-    ("H100", 989.4, 3350.0),
-    ("A100-SXM4-80GB", 312.0, 2039.0),
-    ("A100", 312.0, 1555.0),
-    ("L40S", 362.0, 864.0),
-    ("A10G", 70.0, 600.0),
-]
-
-
-def peaks_of(device):
-    """(bf16 TFLOP/s, GB/s) of a device name, or (None, None)."""
-    d = (device or "").upper()
-    for key, tflops, gbs in PEAKS:
-        if key in d:
-            return tflops, gbs
-    return None, None
-
 
 def load_torch():
     """(torch, None) when torch sees a CUDA device, else (None, why)."""
@@ -122,7 +98,8 @@ def timing_note(ours):
 
 
 def header_lines(title, ours, peer_note):
-    """The title and the provenance lines every table starts with."""
+    """The title and the provenance lines every table starts with (the device's peaks come from
+    linattn's JSON: src/cli/bench/mod.rs `peaks`)."""
     tflops, gbs = ours.get("peak_tflops"), ours.get("peak_gb_s")
     return [
         f"# {title}",

@@ -290,6 +290,41 @@ pub fn verdict(runs: &[Run]) -> Outcome<()> {
     }
 }
 
+/// The optimizer configurations the framework adapters' tests step through against the reference
+/// (one list for linattn-burn's and linattn-candle's): AdamW (lr 3e-2) and Lion (lr 3e-3) with
+/// weight decay 0.1 in each decay mode (decoupled, fully decoupled, cautious), and AdamW with
+/// global-norm clipping (0.05) and an EMA (0.9). The label names the decay mode.
+pub fn adapter_optimizer_configs() -> Vec<(&'static str, crate::optim::OptimizerConfig)> {
+    use crate::optim::{DecayMode, OptimizerConfig};
+    let mut out = Vec::new();
+    for (name, mode, cautious) in [
+        ("decoupled", DecayMode::Decoupled, false),
+        ("fully decoupled", DecayMode::FullyDecoupled, false),
+        ("cautious", DecayMode::Decoupled, true),
+    ] {
+        for base in [OptimizerConfig::adamw(3e-2), OptimizerConfig::lion(3e-3)] {
+            out.push((
+                name,
+                OptimizerConfig {
+                    weight_decay: 0.1,
+                    decay_mode: mode,
+                    cautious,
+                    ..base
+                },
+            ));
+        }
+    }
+    out.push((
+        "clip + ema",
+        OptimizerConfig {
+            max_grad_norm: Some(0.05),
+            ema_beta: Some(0.9),
+            ..OptimizerConfig::adamw(3e-2)
+        },
+    ));
+    out
+}
+
 /// Every GPU suite (engine, attention, optimizer) on `ctx`: what `linattn validate --device cuda
 /// --full` adds to the matrix, and what the `tests/cuda_*.rs` suites assert group by group.
 #[cfg(feature = "cuda")]

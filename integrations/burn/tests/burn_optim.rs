@@ -8,7 +8,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Gradients, Tensor, activation::tanh};
 use common::*;
-use linattn::optim::{self, DecayMode, OptimizerConfig, Params, Schedule};
+use linattn::optim::{self, OptimizerConfig, Params, Schedule};
 use linattn_burn::FusedOptimizer;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -53,29 +53,10 @@ fn read(model: &Mlp, grads: Option<&Gradients>) -> Vec<Vec<f64>> {
     param_values(model, grads)
 }
 
+/// AdamW and Lion in every decay mode, and AdamW with clipping and EMA (shared with the other
+/// framework adapter's tests).
 fn configs() -> Vec<(&'static str, OptimizerConfig)> {
-    let mut out = Vec::new();
-    for (name, mode, cautious) in [
-        ("decoupled", DecayMode::Decoupled, false),
-        ("fully decoupled", DecayMode::FullyDecoupled, false),
-        ("cautious", DecayMode::Decoupled, true),
-    ] {
-        let mut adamw = OptimizerConfig::adamw(3e-2);
-        adamw.weight_decay = 0.1;
-        adamw.decay_mode = mode;
-        adamw.cautious = cautious;
-        out.push((name, adamw.clone()));
-        let mut lion = OptimizerConfig::lion(3e-3);
-        lion.weight_decay = 0.1;
-        lion.decay_mode = mode;
-        lion.cautious = cautious;
-        out.push((name, lion));
-    }
-    let mut clip = OptimizerConfig::adamw(3e-2);
-    clip.max_grad_norm = Some(0.05);
-    clip.ema_beta = Some(0.9);
-    out.push(("clip + ema", clip));
-    out
+    linattn::suites::adapter_optimizer_configs()
 }
 
 fn train_and_compare(device: &Device, what: &str) {

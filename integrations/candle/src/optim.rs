@@ -27,7 +27,7 @@ pub struct FusedOptimizer {
 enum Inner {
     Cpu(CpuOptimizer),
     #[cfg(feature = "cuda")]
-    Cuda(crate::cuda::optim::CudaState),
+    Cuda(Box<crate::cuda::optim::CudaState>),
 }
 
 impl FusedOptimizer {
@@ -86,9 +86,9 @@ impl FusedOptimizer {
                 Inner::Cpu(CpuOptimizer::new(config, schedule, &refs, decay)?)
             }
             #[cfg(feature = "cuda")]
-            Device::Cuda(dev) => Inner::Cuda(crate::cuda::optim::CudaState::new(
+            Device::Cuda(dev) => Inner::Cuda(Box::new(crate::cuda::optim::CudaState::new(
                 dev, &vars, decay, config, schedule, capacity,
-            )?),
+            )?)),
             other => {
                 return Err(Error::DeviceUnavailable {
                     backend: format!("candle {:?}", other.location()),

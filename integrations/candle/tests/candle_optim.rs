@@ -6,32 +6,13 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use linattn::optim::{self, DecayMode, OptimizerConfig, Params, Schedule};
+use linattn::optim::{self, OptimizerConfig, Params, Schedule};
 use linattn_candle::FusedOptimizer;
 
+/// AdamW and Lion in every decay mode, and AdamW with clipping and EMA (shared with the other
+/// framework adapter's tests).
 fn configs() -> Vec<(&'static str, OptimizerConfig)> {
-    let mut out = Vec::new();
-    for (name, mode, cautious) in [
-        ("decoupled", DecayMode::Decoupled, false),
-        ("fully decoupled", DecayMode::FullyDecoupled, false),
-        ("cautious", DecayMode::Decoupled, true),
-    ] {
-        let mut adamw = OptimizerConfig::adamw(3e-2);
-        adamw.weight_decay = 0.1;
-        adamw.decay_mode = mode;
-        adamw.cautious = cautious;
-        out.push((name, adamw.clone()));
-        let mut lion = OptimizerConfig::lion(3e-3);
-        lion.weight_decay = 0.1;
-        lion.decay_mode = mode;
-        lion.cautious = cautious;
-        out.push((name, lion));
-    }
-    let mut clip = OptimizerConfig::adamw(3e-2);
-    clip.max_grad_norm = Some(0.05);
-    clip.ema_beta = Some(0.9);
-    out.push(("clip + ema", clip));
-    out
+    linattn::suites::adapter_optimizer_configs()
 }
 
 /// A two-layer tanh model `y = tanh(x W1 + b1) W2`, its loss against targets, trained with the
