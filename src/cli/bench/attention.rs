@@ -9,7 +9,6 @@
 use std::time::Instant;
 
 use clap::Args;
-use linattn_reference::testing::Rng;
 
 use super::Common;
 #[cfg(any(feature = "cuda", feature = "cube"))]
@@ -82,10 +81,10 @@ pub(super) struct Point {
     seq: usize,
     heads: usize,
     head_dim: usize,
-    q: Vec<f64>,
-    k: Vec<f64>,
-    v: Vec<f64>,
-    d_o: Vec<f64>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    d_o: Vec<f32>,
     sparse: AttentionPlan,
     plan_ms: f64,
 }
@@ -118,15 +117,15 @@ pub(super) fn execute(args: &AttentionArgs) -> Result<()> {
         let sparse = AttentionPlan::new(Some(&mask), seq, seq, 128, 128, false)?;
         let plan_ms = planned.elapsed().as_secs_f64() * 1e3;
         let n = seq * args.heads * args.head_dim;
-        let mut rng = Rng::new(seq as u64);
+        let draw = |i: u64| super::normal_f32(n, seq as u64 * 4 + i);
         let point = Point {
             seq,
             heads: args.heads,
             head_dim: args.head_dim,
-            q: rng.randn(n),
-            k: rng.randn(n),
-            v: rng.randn(n),
-            d_o: rng.randn(n),
+            q: draw(0),
+            k: draw(1),
+            v: draw(2),
+            d_o: draw(3),
             sparse,
             plan_ms,
         };
@@ -221,8 +220,8 @@ mod cuda {
             d: p.head_dim,
         };
         let n = dims.q_len();
-        let upload = |x: &[f64]| -> Result<CudaSlice<bf16>> {
-            let h: Vec<bf16> = x.iter().map(|&v| bf16::from_f64(v)).collect();
+        let upload = |x: &[f32]| -> Result<CudaSlice<bf16>> {
+            let h: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
             stream.clone_htod(&h).map_err(cuda_error)
         };
         let (q, k, v, d_o) = (upload(&p.q)?, upload(&p.k)?, upload(&p.v)?, upload(&p.d_o)?);
@@ -328,13 +327,12 @@ mod cube {
     ) -> Result<Vec<Measured>> {
         ctx.check_dtype("q", dtype)?;
         let shape = vec![1, p.seq, p.heads, p.head_dim];
-        let upload = |name: &str, x: &[f64]| -> Result<Handle> {
-            let host = Tensor::from_f64(shape.clone(), x.to_vec())?.to_dtype(dtype);
+        let upload = |name: &str, x: &[f32]| -> Result<Handle> {
+            let host = Tensor::from_f32(shape.clone(), x.to_vec())?.to_dtype(dtype);
             Ok(ctx.upload(name, &host)?.into_handle())
         };
         let (q, k, v) = (upload("q", &p.q)?, upload("k", &p.k)?, upload("v", &p.v)?);
-        let d_o_f32: Vec<f32> = p.d_o.iter().map(|&x| x as f32).collect();
-        let d_o = upload_f32(ctx, &d_o_f32);
+        let d_o = upload_f32(ctx, &p.d_o);
         let problem = DeviceAttention {
             q: &q,
             k: &k,

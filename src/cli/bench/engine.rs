@@ -6,7 +6,6 @@
 //! D^-0.5, no initial or final state. The JSON is the schema `benches/peers.py` reads.
 
 use clap::Args;
-use linattn_reference::testing::Rng;
 
 use super::Common;
 #[cfg(any(feature = "cuda", feature = "cube"))]
@@ -175,26 +174,30 @@ fn to_json(bench: &Bench, dtype: DType, chunk: usize, rows: &[Row]) -> serde_jso
     serde_json::Value::Object(doc)
 }
 
-/// The drawn inputs of one shape (f64; each backend rounds them to its dtype).
+/// The drawn inputs of one shape (f32; each backend rounds them to its dtype).
 struct Drawn {
-    q: Vec<f64>,
-    k: Vec<f64>,
-    v: Vec<f64>,
-    d_o: Vec<f64>,
-    g: Vec<f64>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    d_o: Vec<f32>,
+    g: Vec<f32>,
 }
 
 impl Drawn {
     fn new(n: usize) -> Drawn {
-        let mut rng = Rng::new(20_261_127);
-        let (q, k, v, d_o) = (rng.randn(n), rng.randn(n), rng.randn(n), rng.randn(n));
+        let draw = |i: u64| super::normal_f32(n, 20_261_127 + i);
         // logsigmoid(x).clamp_min(-5), as flash-linear-attention's benchmarks draw GLA gates.
-        let g = rng
-            .randn(n)
-            .into_iter()
-            .map(|x: f64| (-(-x).exp().ln_1p()).max(-5.0))
-            .collect();
-        Drawn { q, k, v, d_o, g }
+        let mut g = draw(4);
+        for x in &mut g {
+            *x = (-(-*x).exp().ln_1p()).max(-5.0);
+        }
+        Drawn {
+            q: draw(0),
+            k: draw(1),
+            v: draw(2),
+            d_o: draw(3),
+            g,
+        }
     }
 }
 
@@ -236,21 +239,18 @@ mod cuda {
     }
 
     impl Typed {
-        fn upload(ctx: &CudaContext, dtype: DType, x: &[f64]) -> Result<Typed> {
+        fn upload(ctx: &CudaContext, dtype: DType, x: &[f32]) -> Result<Typed> {
             let s = ctx.stream();
             Ok(match dtype {
                 DType::BF16 => {
-                    let h: Vec<bf16> = x.iter().map(|&v| bf16::from_f64(v)).collect();
+                    let h: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
                     Typed::BF16(s.clone_htod(&h).map_err(cuda_error)?)
                 }
                 DType::F16 => {
-                    let h: Vec<f16> = x.iter().map(|&v| f16::from_f64(v)).collect();
+                    let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
                     Typed::F16(s.clone_htod(&h).map_err(cuda_error)?)
                 }
-                DType::F32 => {
-                    let h: Vec<f32> = x.iter().map(|&v| v as f32).collect();
-                    Typed::F32(s.clone_htod(&h).map_err(cuda_error)?)
-                }
+                DType::F32 => Typed::F32(s.clone_htod(x).map_err(cuda_error)?),
                 DType::F64 => {
                     return Err(Error::UnsupportedDtype {
                         tensor: "q".into(),
@@ -285,8 +285,7 @@ mod cuda {
         let v = Typed::upload(ctx, dtype, &drawn.v)?;
         let d_o = Typed::upload(ctx, dtype, &drawn.d_o)?;
         let s = ctx.stream();
-        let g: Vec<f32> = drawn.g.iter().map(|&x| x as f32).collect();
-        let g = s.clone_htod(&g).map_err(cuda_error)?;
+        let g = s.clone_htod(&drawn.g).map_err(cuda_error)?;
         let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(cuda_error);
         let (mut o, mut dq, mut dk, mut dv, mut dg) =
             (zeros(n)?, zeros(n)?, zeros(n)?, zeros(n)?, zeros(n)?);
@@ -386,8 +385,8 @@ mod cube {
     ) -> Result<Row> {
         ctx.check_dtype("q", dtype)?;
         let shape = vec![b, t, h, d];
-        let upload = |name: &str, x: &[f64], dtype: DType| -> Result<_> {
-            let host = Tensor::from_f64(shape.clone(), x.to_vec())?.to_dtype(dtype);
+        let upload = |name: &str, x: &[f32], dtype: DType| -> Result<_> {
+            let host = Tensor::from_f32(shape.clone(), x.to_vec())?.to_dtype(dtype);
             ctx.upload(name, &host)
         };
         let q = upload("q", &drawn.q, dtype)?;

@@ -317,6 +317,38 @@ pub(crate) fn header(bench: &Bench, what: &str) -> serde_json::Map<String, serde
     m
 }
 
+/// `n` standard-normal f32 values from `seed`, drawn on every core: the benchmarks' inputs run to
+/// hundreds of millions of values (fla's largest shape is 134M per tensor), which one core draws
+/// in most of a minute. Chunks of 2^20 values each have their own seed, so the values depend on
+/// `(n, seed)` only, not on the thread count.
+pub(crate) fn normal_f32(n: usize, seed: u64) -> Vec<f32> {
+    use rand::SeedableRng;
+    use rand::rngs::SmallRng;
+    use rand_distr::{Distribution, StandardNormal};
+    const CHUNK: usize = 1 << 20;
+    let mut out = vec![0f32; n];
+    let mut chunks: Vec<(usize, &mut [f32])> = out.chunks_mut(CHUNK).enumerate().collect();
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let per_thread = chunks.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        while !chunks.is_empty() {
+            let batch: Vec<(usize, &mut [f32])> =
+                chunks.drain(..per_thread.min(chunks.len())).collect();
+            scope.spawn(move || {
+                for (i, chunk) in batch {
+                    let mut rng = SmallRng::seed_from_u64(
+                        seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    );
+                    for x in chunk.iter_mut() {
+                        *x = StandardNormal.sample(&mut rng);
+                    }
+                }
+            });
+        }
+    });
+    out
+}
+
 /// `count` tensor sizes summing to about `total`, deliberately uneven and odd (the optimizer
 /// benchmark's group; `benches/peers_optim.py` splits its group the same way).
 pub fn optim_sizes(total: usize, count: usize) -> Vec<usize> {
@@ -339,6 +371,19 @@ mod tests {
         assert_eq!(peaks("NVIDIA H100 80GB HBM3").unwrap().memory_gb_s, 3350.0);
         assert_eq!(peaks("NVIDIA H200").unwrap().memory_gb_s, 4800.0);
         assert_eq!(peaks("llvmpipe (LLVM 15.0.6, 256 bits)"), None);
+    }
+
+    #[test]
+    fn normal_values_are_standard_and_reproducible() {
+        let a = normal_f32(3_000_000, 7);
+        assert_eq!(a, normal_f32(3_000_000, 7));
+        assert_ne!(a[..100], normal_f32(100, 8)[..]);
+        let mean = a.iter().map(|&x| x as f64).sum::<f64>() / a.len() as f64;
+        let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!(
+            mean.abs() < 1e-2 && (var - 1.0).abs() < 1e-2,
+            "{mean} {var}"
+        );
     }
 
     #[test]
