@@ -419,6 +419,109 @@ impl<E: Executor> CudaOptimizer<E> {
         Ok(self.layout.unpack(&arena))
     }
 
+    /// The whole state by tensor (synchronises): the backend-neutral form that
+    /// [`crate::optim::Optimizer::save`] writes.
+    pub fn state(&self) -> Result<super::OptimizerState> {
+        let wide = |v: Vec<Vec<f32>>| -> Vec<Vec<f64>> {
+            v.into_iter()
+                .map(|t| t.into_iter().map(f64::from).collect())
+                .collect()
+        };
+        let status = self.status()?;
+        Ok(super::OptimizerState {
+            params: wide(self.read_params()?),
+            exp_avg: wide(self.read_exp_avg()?),
+            exp_avg_sq: self.read_exp_avg_sq()?.map(wide),
+            ema: self.read_ema()?.map(wide),
+            model_copy: self.read_model_copy()?,
+            calls: status.calls,
+            steps: status.steps,
+            skipped: status.skipped,
+            last_skipped: status.last_skipped,
+            history: self.history()?,
+        })
+    }
+
+    /// Replaces this optimizer's buffers with a state by tensor (values rounded to f32; a missing
+    /// 16-bit copy is rebuilt as the weights' nearest image; history past the capacity is
+    /// dropped). The next call continues from `state.calls`.
+    pub fn set_state(&mut self, state: &super::OptimizerState) -> Result<()> {
+        state.check_fits(&self.config, &self.layout.sizes)?;
+        let narrow = |v: &[Vec<f64>]| -> Vec<f32> {
+            let narrowed: Vec<Vec<f32>> = v
+                .iter()
+                .map(|t| t.iter().map(|&x| x as f32).collect())
+                .collect();
+            let refs: Vec<&[f32]> = narrowed.iter().map(Vec::as_slice).collect();
+            self.layout.pack(&refs)
+        };
+        let params = narrow(&state.params);
+        if let Some(i) = params.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                tensor: "optimizer state params".into(),
+                index: i,
+                value: params[i] as f64,
+            });
+        }
+        let floats = |v: &[f32]| self.exec.upload(bytemuck::cast_slice(v));
+        let param = floats(&params)?;
+        let exp_avg = floats(&narrow(&state.exp_avg))?;
+        let exp_avg_sq = match &state.exp_avg_sq {
+            Some(v) => Some(floats(&narrow(v))?),
+            None => None,
+        };
+        let ema = match &state.ema {
+            Some(v) => Some(floats(&narrow(v))?),
+            None => None,
+        };
+        let copy = match self.config.model_copy {
+            None => None,
+            Some((format, _)) => {
+                let halves: Vec<u16> = match &state.model_copy {
+                    Some(bits) => {
+                        let mut halves = vec![0u16; self.layout.total as usize];
+                        for ((b, &offset), &n) in bits
+                            .iter()
+                            .zip(&self.layout.offsets)
+                            .zip(&self.layout.sizes)
+                        {
+                            halves[offset as usize..offset as usize + n].copy_from_slice(&b[..n]);
+                        }
+                        halves
+                    }
+                    None => pack_halves(&params, format),
+                };
+                Some(self.exec.upload(bytemuck::cast_slice(&halves))?)
+            }
+        };
+        let old = self.read_bytes(&self.counters, COUNTERS_WORDS * 8)?;
+        let mut counters: Vec<u64> = old
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        counters[0] = state.calls;
+        counters[1] = state.steps;
+        counters[2] = state.skipped;
+        counters[3] = u64::from(state.last_skipped);
+        let mut history = vec![0.0f64; self.capacity * HISTORY_WORDS];
+        for (k, r) in state.history.iter().take(self.capacity).enumerate() {
+            let flags = u32::from(r.skipped) | if r.grad_norm.is_some() { 2 } else { 0 };
+            history[k * HISTORY_WORDS] = r.lr;
+            history[k * HISTORY_WORDS + 1] = r.grad_norm.unwrap_or(0.0);
+            history[k * HISTORY_WORDS + 2] = flags as f64;
+        }
+        let counters = self.exec.upload(bytemuck::cast_slice(&counters))?;
+        let history = self.exec.upload(bytemuck::cast_slice(&history))?;
+        self.param = param;
+        self.exp_avg = exp_avg;
+        self.exp_avg_sq = exp_avg_sq;
+        self.ema = ema;
+        self.copy = copy;
+        self.counters = counters;
+        self.history = history;
+        Ok(())
+    }
+
     /// The f32 master weights, tensor by tensor (synchronises).
     pub fn read_params(&self) -> Result<Vec<Vec<f32>>> {
         self.read_arena(&self.param)
@@ -499,6 +602,77 @@ impl<E: Executor> CudaOptimizer<E> {
     /// Waits until every enqueued step has finished.
     pub fn synchronize(&self) -> Result<()> {
         self.exec.synchronize()
+    }
+}
+
+impl CudaOptimizer<CudaExec> {
+    /// Copies the next step's gradient of tensor `i` from an f32 device slice with its element
+    /// count, device to device on the optimizer's stream (16-bit gradients: widen them first).
+    pub fn set_grad_device(
+        &mut self,
+        i: usize,
+        grad: crate::linear::cuda::device::DeviceSlice<'_, f32>,
+    ) -> Result<()> {
+        let Some(&n) = self.layout.sizes.get(i) else {
+            return Err(Error::InvalidArgument(format!(
+                "gradient {i} of an optimizer over {} tensors",
+                self.layout.sizes.len()
+            )));
+        };
+        if grad.len() != n {
+            return Err(Error::shape(
+                &format!("grads[{i}]"),
+                format!("{n} elements (params[{i}])"),
+                &[grad.len()],
+            ));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let stream = self.exec.stream().clone();
+        let offset = self.layout.offsets[i] * 4;
+        let (src, _read) = grad.device_ptr(&stream);
+        let (dst, _write) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut self.grad, &stream);
+        // SAFETY: the source holds `n` f32 (its length was checked) and the arena holds tensor
+        // `i`'s `n` f32 from `offset`; both are ordered on this stream by cudarc's guards.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst + offset, src, n * 4, stream.cu_stream())
+        }
+        .map_err(|e| Error::Runtime {
+            backend: "cuda".into(),
+            message: format!("copying gradient {i}: {e}"),
+        })
+    }
+
+    /// The master weights of tensor `i` as a new f32 device slice (a device copy).
+    pub fn param_slice(&self, i: usize) -> Result<cudarc::driver::CudaSlice<f32>> {
+        let Some(&n) = self.layout.sizes.get(i) else {
+            return Err(Error::InvalidArgument(format!(
+                "parameter {i} of an optimizer over {} tensors",
+                self.layout.sizes.len()
+            )));
+        };
+        let stream = self.exec.stream().clone();
+        let runtime = |e: cudarc::driver::DriverError| Error::Runtime {
+            backend: "cuda".into(),
+            message: format!("copying parameter {i}: {e}"),
+        };
+        let mut out = stream.alloc_zeros::<f32>(n.max(1)).map_err(runtime)?;
+        if n > 0 {
+            let (src, _read) = cudarc::driver::DevicePtr::device_ptr(&self.param, &stream);
+            let (dst, _write) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut out, &stream);
+            // SAFETY: `out` holds `n` f32, the arena tensor `i`'s `n` f32 from its offset.
+            unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    dst,
+                    src + self.layout.offsets[i] * 4,
+                    n * 4,
+                    stream.cu_stream(),
+                )
+            }
+            .map_err(runtime)?;
+        }
+        Ok(out)
     }
 }
 

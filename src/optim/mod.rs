@@ -16,7 +16,9 @@
 //!   cube backend; the cuda backend accumulates it in f64) leaves every parameter, moment, EMA,
 //!   copy and `t` untouched and is reported as skipped.
 
+mod optimizer;
 mod reference;
+mod state;
 
 #[cfg(feature = "cube")]
 pub mod cube;
@@ -25,6 +27,8 @@ pub mod cuda;
 
 pub use linattn_reference::optim::schedule::{Anneal, RefineFor, Schedule, Shape};
 pub use linattn_reference::optim::step::{DecayMode, Method};
+pub use optimizer::{Gradient, GradientRef, Optimizer, OptimizerStatus};
+pub use state::OptimizerState;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -627,6 +631,49 @@ impl CpuOptimizer {
             .collect();
         self.states = states;
         self.steps = steps;
+        Ok(())
+    }
+
+    /// The whole state by tensor (the backend-neutral form of [`Optimizer::state`]).
+    pub fn state(&self) -> OptimizerState {
+        let adamw = self.config.method.has_second_moment();
+        OptimizerState {
+            params: self.states.iter().map(|s| s.param.clone()).collect(),
+            exp_avg: self.states.iter().map(|s| s.exp_avg.clone()).collect(),
+            exp_avg_sq: adamw.then(|| self.states.iter().map(|s| s.exp_avg_sq.clone()).collect()),
+            ema: self.states.iter().map(|s| s.ema.clone()).collect(),
+            model_copy: None,
+            calls: self.history.len() as u64,
+            steps: self.steps,
+            skipped: self.history.iter().filter(|r| r.skipped).count() as u64,
+            last_skipped: self.history.last().is_some_and(|r| r.skipped),
+            history: self.history.clone(),
+        }
+    }
+
+    /// Replaces the state with `state` (checked to fit: sizes, method, EMA). Every call must be
+    /// in its history (the CPU records all); a 16-bit copy in it is ignored (the CPU keeps none).
+    pub fn set_state(&mut self, state: &OptimizerState) -> Result<()> {
+        let sizes: Vec<usize> = self.states.iter().map(|s| s.param.len()).collect();
+        state.check_fits(&self.config, &sizes)?;
+        if state.history.len() as u64 != state.calls {
+            return Err(Error::InvalidArgument(format!(
+                "optimizer state: the CPU optimizer needs the record of every call (it derives \
+                 the next call's schedule index from them), the state has {} of {} calls",
+                state.history.len(),
+                state.calls
+            )));
+        }
+        for (i, s) in self.states.iter_mut().enumerate() {
+            s.param = state.params[i].clone();
+            s.exp_avg = state.exp_avg[i].clone();
+            if let Some(v) = &state.exp_avg_sq {
+                s.exp_avg_sq = v[i].clone();
+            }
+            s.ema = state.ema.as_ref().map(|e| e[i].clone());
+        }
+        self.steps = state.steps;
+        self.history = state.history.clone();
         Ok(())
     }
 

@@ -855,6 +855,93 @@ pub mod gpu {
         )
     }
 
+    /// The stateful `optim::Optimizer` on `Backend::Cuda`: host gradients give `optimize`'s
+    /// steps bit for bit, device gradients (f32 slices) the same steps, and a state saved after
+    /// 4 calls and loaded into a fresh optimizer continues the run bit for bit.
+    pub fn stateful_optimizer(ctx: &CudaContext) -> Run {
+        Run::exact(
+            SUITE,
+            "Optimizer on Backend::Cuda: steps, device grads, save/load",
+            || {
+                let cuda = Backend::Cuda(ctx.clone());
+                let mut rng = Rng::new(2);
+                let sizes = [5usize, 0, 1000, 3];
+                let tensors = |rng: &mut Rng, scale: f64| {
+                    super::tensors_1d(random_tensors(rng, &sizes, scale))
+                };
+                let params = tensors(&mut rng, 1.0)?;
+                let grads: Vec<Vec<Tensor>> = (0..10)
+                    .map(|_| tensors(&mut rng, 0.3))
+                    .collect::<crate::Result<_>>()?;
+                fn refs(v: &[Tensor]) -> Vec<&Tensor> {
+                    v.iter().collect()
+                }
+                let grad_refs: Vec<Vec<&Tensor>> = grads.iter().map(|s| refs(s)).collect();
+                let param_refs = refs(&params);
+                let group = Params::new(&param_refs);
+                let schedule = Schedule::Constant { warmup: 2 };
+                let config = OptimizerConfig {
+                    ema_beta: Some(0.9),
+                    model_copy: Some((CopyFormat::Bf16, Rounding::Stochastic { seed: 5 })),
+                    ..adamw(0.05)
+                };
+                let bits = |ts: &[Tensor]| -> Vec<u64> {
+                    ts.iter()
+                        .flat_map(|t| t.to_f64_vec())
+                        .map(f64::to_bits)
+                        .collect()
+                };
+                let expected = optim::optimize(&cuda, &config, &schedule, &group, &grad_refs)?;
+                let mut host = optim::Optimizer::new(&cuda, &group, &config, &schedule)?;
+                let mut device = optim::Optimizer::new(&cuda, &group, &config, &schedule)?;
+                let mut first = optim::Optimizer::new(&cuda, &group, &config, &schedule)?;
+                let stream = ctx.stream().clone();
+                for (k, g) in grads.iter().enumerate() {
+                    host.step(&refs(g))?;
+                    let slices = g
+                        .iter()
+                        .map(|t| stream.clone_htod(&t.to_f32_vec()))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let views: Vec<crate::linear::cuda::device::DeviceTensor> =
+                        slices.iter().map(Into::into).collect();
+                    device.step(&views.iter().collect::<Vec<_>>())?;
+                    if k < 4 {
+                        first.step(&refs(g))?;
+                    }
+                }
+                ensure_eq!(bits(&host.params()?), bits(&expected.params));
+                ensure_eq!(bits(&device.params()?), bits(&expected.params));
+                let saved = first.to_safetensors()?;
+                let mut resumed = optim::Optimizer::new(&cuda, &group, &config, &schedule)?;
+                resumed.load_safetensors(&saved)?;
+                for g in &grads[4..] {
+                    resumed.step(&refs(g))?;
+                }
+                ensure_eq!(bits(&resumed.params()?), bits(&expected.params));
+                let (a, b) = (resumed.state()?, host.state()?);
+                ensure_eq!(a.model_copy, b.model_copy);
+                ensure_eq!(a.ema, b.ema);
+                ensure_eq!(a.steps, 10);
+                let w = host
+                    .as_cuda()
+                    .ok_or_else(|| crate::suites::Failure("not a cuda optimizer".into()))?
+                    .param_slice(2)?;
+                let w = stream.clone_dtoh(&w)?;
+                ensure_eq!(
+                    w.iter()
+                        .map(|&x| f64::from(x).to_bits())
+                        .collect::<Vec<_>>(),
+                    expected.params[2]
+                        .to_f64_vec()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect::<Vec<_>>()
+                );
+                Ok(())
+            },
+        )
+    }
+
     /// Every GPU group of the optimizer suite, in order.
     pub fn all(ctx: &CudaContext, print: bool) -> Vec<Run> {
         let exec = CudaExec::new(ctx);
@@ -875,6 +962,7 @@ pub mod gpu {
             .into_iter()
             .for_each(&mut push);
         push(public_api(ctx));
+        push(stateful_optimizer(ctx));
         runs
     }
 }

@@ -334,6 +334,11 @@ impl FusedOptimizer {
         })
     }
 
+    /// The context the optimizer launches on.
+    pub fn context(&self) -> &CubeContext {
+        &self.ctx
+    }
+
     /// Where each tensor lives in the group's arena.
     pub fn layout(&self) -> &ArenaLayout {
         &self.layout
@@ -648,6 +653,218 @@ impl FusedOptimizer {
                     .client()
                     .write(h, Bytes::from_bytes_vec(bytes.to_vec()));
             }
+            Ok(())
+        })
+    }
+
+    /// The pieces of tensor `i` in the buckets: `(bucket, offset in the tensor, offset in the
+    /// bucket, length)`, in order (a tensor may straddle buckets).
+    fn tensor_pieces(&self, i: usize) -> Vec<(usize, usize, usize, usize)> {
+        let (start, n) = (self.layout.offsets[i] as usize, self.layout.sizes[i]);
+        let end = start + n;
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter_map(|(j, b)| {
+                let b0 = (b.first_quad * 4) as usize;
+                let b1 = b0 + b.quads * 4;
+                let (s, e) = (start.max(b0), end.min(b1));
+                (s < e).then(|| (j, s - start, s - b0, e - s))
+            })
+            .collect()
+    }
+
+    /// Copies the next step's gradient of tensor `i` from a device tensor with its element
+    /// count (any shape; f32, or f16 / bf16 widened on the device): device copies only.
+    pub fn set_grad_device(&mut self, i: usize, grad: &crate::cube::DeviceTensor) -> Result<()> {
+        let Some(&n) = self.layout.sizes.get(i) else {
+            return Err(Error::InvalidArgument(format!(
+                "gradient {i} of an optimizer over {} tensors",
+                self.layout.sizes.len()
+            )));
+        };
+        if grad.numel() != n {
+            return Err(Error::shape(
+                &format!("grads[{i}]"),
+                format!("{n} elements (params[{i}])"),
+                grad.shape(),
+            ));
+        }
+        let src = grad.to_f32(&self.ctx, &format!("grads[{i}]"))?;
+        let pieces = self.tensor_pieces(i);
+        guarded("copying a gradient", || {
+            for (j, from, to, len) in pieces {
+                // SAFETY: `src` holds the tensor's `n` f32 and `[from, from + len)` lies inside
+                // it; `[to, to + len)` lies inside bucket `j` (tensor_pieces intersects ranges).
+                unsafe {
+                    crate::cube::kernels::copy_range(
+                        &self.ctx,
+                        &src,
+                        from,
+                        &self.buckets[j].grad,
+                        to,
+                        len,
+                    )
+                };
+            }
+            Ok(())
+        })
+    }
+
+    /// The master weights of tensor `i` as a new f32 device tensor of `shape` (device copies).
+    pub fn param_tensor(&self, i: usize, shape: Vec<usize>) -> Result<crate::cube::DeviceTensor> {
+        let Some(&n) = self.layout.sizes.get(i) else {
+            return Err(Error::InvalidArgument(format!(
+                "parameter {i} of an optimizer over {} tensors",
+                self.layout.sizes.len()
+            )));
+        };
+        if shape.iter().product::<usize>() != n {
+            return Err(Error::shape(
+                &format!("params[{i}]"),
+                format!("{n} elements"),
+                &shape,
+            ));
+        }
+        let out = crate::cube::kernels::alloc_f32(&self.ctx, n.max(1));
+        let pieces = self.tensor_pieces(i);
+        guarded("copying a parameter", || {
+            for (j, from, to, len) in pieces {
+                // SAFETY: as in `set_grad_device`, the other way round.
+                unsafe {
+                    crate::cube::kernels::copy_range(
+                        &self.ctx,
+                        &self.buckets[j].param,
+                        to,
+                        &out,
+                        from,
+                        len,
+                    )
+                };
+            }
+            Ok(())
+        })?;
+        crate::cube::DeviceTensor::from_handle(out, shape, DType::F32)
+    }
+
+    /// The whole state by tensor (synchronises): the backend-neutral form that
+    /// [`crate::optim::Optimizer::save`] writes.
+    pub fn state(&self) -> Result<super::OptimizerState> {
+        let wide = |v: Vec<Vec<f32>>| -> Vec<Vec<f64>> {
+            v.into_iter()
+                .map(|t| t.into_iter().map(f64::from).collect())
+                .collect()
+        };
+        let status = self.status()?;
+        Ok(super::OptimizerState {
+            params: wide(self.read_params()?),
+            exp_avg: wide(self.read_exp_avg()?),
+            exp_avg_sq: self.read_exp_avg_sq()?.map(wide),
+            ema: self.read_ema()?.map(wide),
+            model_copy: self.read_model_copy()?,
+            calls: status.calls,
+            steps: status.steps,
+            skipped: status.skipped,
+            last_skipped: status.last_skipped,
+            history: self.history()?,
+        })
+    }
+
+    /// Writes a state by tensor into this optimizer's buffers (values rounded to f32; a missing
+    /// 16-bit copy is rebuilt as the weights' nearest image; history past the capacity is
+    /// dropped). The next call continues from `state.calls`.
+    pub fn set_state(&mut self, state: &super::OptimizerState) -> Result<()> {
+        state.check_fits(&self.config, &self.layout.sizes)?;
+        let narrow = |v: &[Vec<f64>]| -> Vec<f32> {
+            let narrowed: Vec<Vec<f32>> = v
+                .iter()
+                .map(|t| t.iter().map(|&x| x as f32).collect())
+                .collect();
+            let refs: Vec<&[f32]> = narrowed.iter().map(Vec::as_slice).collect();
+            self.layout.pack(&refs)
+        };
+        let params = narrow(&state.params);
+        if let Some(i) = params.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                tensor: "optimizer state params".into(),
+                index: i,
+                value: params[i] as f64,
+            });
+        }
+        let exp_avg = narrow(&state.exp_avg);
+        let exp_avg_sq = state.exp_avg_sq.as_deref().map(narrow);
+        let ema = state.ema.as_deref().map(narrow);
+        let copy: Option<Vec<u32>> =
+            self.config
+                .model_copy
+                .map(|(format, _)| match &state.model_copy {
+                    Some(bits) => {
+                        let mut halves = vec![0u16; self.layout.total as usize];
+                        for ((b, &offset), &n) in bits
+                            .iter()
+                            .zip(&self.layout.offsets)
+                            .zip(&self.layout.sizes)
+                        {
+                            halves[offset as usize..offset as usize + n].copy_from_slice(&b[..n]);
+                        }
+                        halves
+                            .chunks_exact(2)
+                            .map(|p| p[0] as u32 | ((p[1] as u32) << 16))
+                            .collect()
+                    }
+                    None => pack_halves(&params, format),
+                });
+        let mut counters = self.read_words(&self.counters)?;
+        let narrow_count = |what: &str, c: u64| -> Result<u32> {
+            u32::try_from(c).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "optimizer state: {c} {what} exceed the cube backend's 32-bit counters"
+                ))
+            })
+        };
+        counters[C_CALLS] = narrow_count("calls", state.calls)?;
+        counters[C_STEPS] = narrow_count("steps", state.steps)?;
+        counters[C_SKIPPED] = narrow_count("skipped calls", state.skipped)?;
+        counters[C_LAST_SKIPPED] = u32::from(state.last_skipped);
+        // The record of call k sits at entry k; the state holds calls 0.. in order.
+        let mut history = vec![0.0f32; self.capacity * HISTORY_WORDS];
+        for (k, r) in state.history.iter().take(self.capacity).enumerate() {
+            let flags = if r.skipped { HISTORY_SKIPPED } else { 0 }
+                | if r.grad_norm.is_some() {
+                    HISTORY_NORM
+                } else {
+                    0
+                };
+            history[k * HISTORY_WORDS] = r.lr as f32;
+            history[k * HISTORY_WORDS + 1] = r.grad_norm.unwrap_or(0.0) as f32;
+            history[k * HISTORY_WORDS + 2] = flags as f32;
+        }
+        guarded("writing the optimizer state", || {
+            let client = self.ctx.client();
+            let write = |h: &Handle, bytes: &[u8]| {
+                crate::cube::count_upload(bytes.len());
+                client.write(h, Bytes::from_bytes_vec(bytes.to_vec()));
+            };
+            for b in &self.buckets {
+                let range =
+                    (b.first_quad * 4) as usize..((b.first_quad + b.quads as u64) * 4) as usize;
+                write(&b.param, f32::as_bytes(&params[range.clone()]));
+                write(&b.exp_avg, f32::as_bytes(&exp_avg[range.clone()]));
+                if let Some(v) = &exp_avg_sq {
+                    write(&b.exp_avg_sq, f32::as_bytes(&v[range.clone()]));
+                }
+                if let Some(v) = &ema {
+                    write(&b.ema, f32::as_bytes(&v[range.clone()]));
+                }
+                if let Some(words) = &copy {
+                    write(
+                        &b.copy,
+                        u32::as_bytes(&words[range.start / 2..range.end / 2]),
+                    );
+                }
+            }
+            write(&self.counters, u32::as_bytes(&counters));
+            write(&self.history, f32::as_bytes(&history));
             Ok(())
         })
     }
