@@ -425,3 +425,92 @@ fn device_decode_step_keeps_the_state_on_the_device() {
         "{err}"
     );
 }
+
+/// One builder for host and device tensors: the same generic function builds a GLA problem over
+/// host `Tensor`s and over cube `DeviceTensor`s (`LinearAttention<'_, T>` for any `Shaped` T),
+/// both validate to the same spec, and the host API and the device API compute the same
+/// outputs; attention likewise (`Attention<'_, T>`, the device call planning its mask itself).
+#[test]
+fn one_builder_over_host_and_device_tensors() {
+    use linattn::Shaped;
+    use linattn::attention::{self, Attention, BlockMask};
+    let Some((cube, ctx)) = cube() else { return };
+
+    fn gla<'a, T: Shaped>(q: &'a T, k: &'a T, v: &'a T, g: &'a T) -> LinearAttention<'a, T> {
+        LinearAttention::causal(q, k, v)
+            .with_gate(Gate::Scalar(g))
+            .with_scale(0.3)
+    }
+    fn masked<'a, T: Shaped>(q: &'a T, kv: &'a T, mask: &'a BlockMask) -> Attention<'a, T> {
+        Attention::dense(q, kv, kv)
+            .with_mask(mask)
+            .with_causal(true)
+    }
+
+    let (b, t, h, k, v) = (1, 40, 2, 16, 8);
+    let mut rng = Rng::new(31);
+    let q = f32t(vec![b, t, h, k], rng.randn(b * t * h * k));
+    let kk = f32t(vec![b, t, h, k], rng.randn(b * t * h * k));
+    let vv = f32t(vec![b, t, h, v], rng.randn(b * t * h * v));
+    let g = f32t(vec![b, t, h], logsigmoid_gates(&mut rng, b * t * h, 1.0));
+    let up = |name: &str, x: &Tensor| ctx.upload(name, x).unwrap();
+    let (qd, kd, vd, gd) = (up("q", &q), up("k", &kk), up("v", &vv), up("g", &g));
+
+    let host = gla(&q, &kk, &vv, &g);
+    let device: DeviceLinearAttention = gla(&qd, &kd, &vd, &gd);
+    assert_eq!(
+        host.validate_layout().unwrap(),
+        device.validate_layout().unwrap()
+    );
+    let form = Form::Chunkwise { chunk: 16 };
+    let want = linear::forward(&cube, &host, form).unwrap();
+    let got = forward_device(&ctx, &device, form).unwrap();
+    assert_close("o", &ctx.download(&got.o).unwrap(), &want.o, 1e-6);
+
+    // Attention: T = S = 128 in blocks of 64, the lower-left block and the diagonal.
+    let (t, d) = (128, 64);
+    let mask = BlockMask::from_dense(2, 2, 64, 64, &[1, 0, 1, 1]).unwrap();
+    let aq = f32t(vec![1, t, 1, d], rng.randn(t * d));
+    let akv = f32t(vec![1, t, 1, d], rng.randn(t * d));
+    let (aqd, akvd) = (up("q", &aq), up("kv", &akv));
+    let host = masked(&aq, &akv, &mask);
+    let device = masked(&aqd, &akvd, &mask);
+    assert_eq!(
+        host.validate_layout().unwrap(),
+        device.validate_layout().unwrap()
+    );
+    let want = attention::forward(&cube, &host).unwrap();
+    let got = attention::cube::forward_device(&ctx, &device).unwrap();
+    assert_close("attention o", &ctx.download(&got.o).unwrap(), &want.o, 1e-6);
+    assert_close(
+        "attention lse",
+        &ctx.download(&got.lse).unwrap(),
+        &want.lse,
+        1e-6,
+    );
+    // Its backward through the same builder, against the host API's.
+    let d_o = f32t(vec![1, t, 1, d], rng.randn(t * d));
+    let grads =
+        attention::cube::backward_device(&ctx, &device, &got.o, &got.lse, &up("do", &d_o)).unwrap();
+    let want = attention::backward(&cube, &host, &d_o).unwrap();
+    assert_close(
+        "attention dq",
+        &ctx.download(&grads.dq).unwrap(),
+        &want.dq,
+        1e-6,
+    );
+    assert_close(
+        "attention dk",
+        &ctx.download(&grads.dk).unwrap(),
+        &want.dk,
+        1e-6,
+    );
+    // A device problem whose mask does not fit its plan's blocks is refused, not misread.
+    let dense_128 = attention::AttentionPlan::new(None, t, t, 128, 128, true).unwrap();
+    let plan = attention::cube::CubeAttentionPlan::new(&ctx, &dense_128).unwrap();
+    let err = plan.forward(&device).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument(m) if m.contains("blocks")),
+        "{err}"
+    );
+}

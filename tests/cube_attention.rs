@@ -15,9 +15,7 @@
 
 use std::time::Instant;
 
-use linattn::attention::cube::{
-    AttnKernel, CubeAttentionPlan, DeviceAttention, download_f32, upload_f32,
-};
+use linattn::attention::cube::{AttnKernel, CubeAttentionPlan};
 use linattn::attention::{self, Attention, BlockMask, RadialConfig, RadialModel};
 use linattn::cube::CubeContext;
 use linattn::{Backend, DType, Error, Tensor};
@@ -511,21 +509,28 @@ fn unsupported_inputs_are_refused_with_typed_errors() {
             "D {d}: {err}"
         );
     }
-    // Device API: a buffer smaller than the problem.
+    // Device API: tensors for other sequence lengths than the plan's, and a buffer too small
+    // for the shape it is given.
     let plan = CubeAttentionPlan::from_mask(&ctx, None, 64, 64, false).unwrap();
-    let small = upload_f32(&ctx, &[0.0; 64]);
+    let short = ctx
+        .upload(
+            "q",
+            &Tensor::from_f32(vec![1, 32, 1, 64], vec![0.0; 32 * 64]).unwrap(),
+        )
+        .unwrap();
     let err = plan
-        .forward(&DeviceAttention {
-            q: &small,
-            k: &small,
-            v: &small,
-            dtype: DType::F32,
-            batch: 1,
-            heads: 1,
-            head_dim: 64,
-            scale: None,
-        })
+        .forward(&Attention::dense(&short, &short, &short))
         .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument(m) if m.contains("T = 32")),
+        "{err}"
+    );
+    let err = linattn::cube::DeviceTensor::from_handle(
+        short.handle().clone(),
+        vec![1, 64, 1, 64],
+        DType::F32,
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 }
 
@@ -549,40 +554,36 @@ fn device_plan_is_reused_across_problems() {
     for (b, h, d, scale) in [(1, 2, 64, None), (2, 1, 128, Some(0.3))] {
         let case = Case::new("plan-reuse", (b, t, s, h, d));
         let inp = inputs(&case);
-        let problem = Attention {
-            q: &inp.q,
-            k: &inp.k,
-            v: &inp.v,
-            scale,
-            causal: true,
-            mask: Some(&mask),
-        };
+        let mut problem = Attention::dense(&inp.q, &inp.k, &inp.v)
+            .with_causal(true)
+            .with_mask(&mask);
+        if let Some(scale) = scale {
+            problem = problem.with_scale(scale);
+        }
+        let up = |name: &str, x: &Tensor| ctx.upload(name, &x.to_dtype(DType::F32)).unwrap();
         let (q, k, v, d_o) = (
-            upload_f32(&ctx, &inp.q.to_f32_vec()),
-            upload_f32(&ctx, &inp.k.to_f32_vec()),
-            upload_f32(&ctx, &inp.v.to_f32_vec()),
-            upload_f32(&ctx, &inp.d_o.to_f32_vec()),
+            up("q", &inp.q),
+            up("k", &inp.k),
+            up("v", &inp.v),
+            up("do", &inp.d_o),
         );
-        let args = DeviceAttention {
-            q: &q,
-            k: &k,
-            v: &v,
-            dtype: DType::F32,
-            batch: b,
-            heads: h,
-            head_dim: d,
-            scale,
-        };
+        // The host API's builder over the device tensors.
+        let mut args = Attention::dense(&q, &k, &v)
+            .with_causal(true)
+            .with_mask(&mask);
+        if let Some(scale) = scale {
+            args = args.with_scale(scale);
+        }
         let out = plan.forward(&args).unwrap();
         let grads = plan.backward(&args, &out.o, &out.lse, &d_o).unwrap();
+        assert_eq!(out.o.shape(), [b, t, h, d]);
+        assert_eq!(grads.dk.shape(), [b, s, h, d]);
         let want = attention::forward(&Backend::Cpu, &problem).unwrap();
         let want_grads = attention::backward(&Backend::Cpu, &problem, &inp.d_o).unwrap();
-        let read = |handle, n| -> Vec<f64> {
-            download_f32(&ctx, handle, n)
-                .unwrap()
-                .into_iter()
-                .map(f64::from)
-                .collect()
+        let read = |tensor: &linattn::cube::DeviceTensor, n: usize| -> Vec<f64> {
+            let values = ctx.download(tensor).unwrap().to_f64_vec();
+            assert_eq!(values.len(), n);
+            values
         };
         let (q_len, kv_len) = (b * t * h * d, b * s * h * d);
         let name = if d == 64 {
@@ -633,17 +634,12 @@ fn device_api_checks_values_by_default() {
     let good: Vec<f32> = rng.randn(t * d).iter().map(|&x| x as f32).collect();
     let mut bad = good.clone();
     bad[1000] = f32::NAN;
-    let (good, bad) = (upload_f32(&ctx, &good), upload_f32(&ctx, &bad));
-    let args = |q, k, v| DeviceAttention {
-        q,
-        k,
-        v,
-        dtype: DType::F32,
-        batch: 1,
-        heads: 1,
-        head_dim: d,
-        scale: None,
+    let up = |x: Vec<f32>| {
+        ctx.upload("x", &Tensor::from_f32(vec![1, t, 1, d], x).unwrap())
+            .unwrap()
     };
+    let (good, bad) = (up(good), up(bad));
+    let args = |q, k, v| Attention::dense(q, k, v);
     let plan = CubeAttentionPlan::from_mask(&ctx, None, t, t, false).unwrap();
     let out = plan.forward(&args(&good, &good, &good)).unwrap();
     let err = plan.forward(&args(&good, &good, &bad)).unwrap_err();
@@ -658,6 +654,8 @@ fn device_api_checks_values_by_default() {
         matches!(&err, Error::NonFinite { tensor, index: 1000, .. } if tensor == "do"),
         "{err}"
     );
-    let unchecked = plan.with_value_check(ValueCheck::Off);
-    assert!(unchecked.forward(&args(&bad, &good, &good)).is_ok());
+    assert!(
+        plan.forward(&args(&bad, &good, &good).with_value_check(ValueCheck::Off))
+            .is_ok()
+    );
 }

@@ -17,7 +17,7 @@ pub use linattn_reference::block_mask::{BlockLists, BlockMask};
 pub use linattn_reference::radial::{RadialConfig, RadialModel};
 pub use plan::{AttentionPlan, PlanLists};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ValueCheck};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Shaped, Tensor, narrowed_all};
 use crate::validation::*;
@@ -39,6 +39,10 @@ pub struct Attention<'a, T = Tensor> {
     pub causal: bool,
     /// Allowed blocks over the `ceil(T / block_q) x ceil(S / block_k)` grid; `None` = dense.
     pub mask: Option<&'a BlockMask>,
+    /// Over device tensors: whether `q`, `k`, `v` (and `do` in the backward pass) are checked
+    /// for NaN and infinities on the device first ([`ValueCheck::On`], the default). Host
+    /// tensors are always checked on the host.
+    pub value_check: ValueCheck,
 }
 
 impl<T> Clone for Attention<'_, T> {
@@ -59,6 +63,7 @@ impl<'a, T: Shaped> Attention<'a, T> {
             scale: None,
             causal: false,
             mask: None,
+            value_check: ValueCheck::On,
         }
     }
 
@@ -74,6 +79,14 @@ impl<'a, T: Shaped> Attention<'a, T> {
 
     pub fn with_scale(mut self, scale: f64) -> Self {
         self.scale = Some(scale);
+        self
+    }
+
+    /// Over device tensors: [`ValueCheck::On`] (the default) checks the values on the device
+    /// first (one pass per input and a small read-back, which waits for the device once);
+    /// [`ValueCheck::Off`] skips it and keeps the call asynchronous.
+    pub fn with_value_check(mut self, check: ValueCheck) -> Self {
+        self.value_check = check;
         self
     }
 

@@ -324,6 +324,8 @@ impl Uploaded {
             bidirectional: args.bidirectional,
             initial_state: self.state.as_ref().map(|(s, z)| LightNetStateRef { s, z }),
             cu_seqlens: args.cu_seqlens,
+            // The host API validated every value before the upload: no second check.
+            value_check: ValueCheck::Off,
         }
     }
 }
@@ -441,19 +443,19 @@ pub struct DeviceLightNetGrads {
 }
 
 /// LightNet's forward pass over device tensors (the transform and the engine both on the
-/// device; nothing is copied to the host). With [`ValueCheck::On`] the inputs are checked on the
-/// device first (finite `q, k, v, s0`), giving the host API's typed errors; the `z0` and `s0`
-/// consistency rule of [`LightNet::validate`] is the caller's to keep.
+/// device; nothing is copied to the host). With the builder's value check on (the default,
+/// [`LightNet::with_value_check`]) the inputs are checked on the device first (finite
+/// `q, k, v, s0`), giving the host API's typed errors; the `z0` and `s0` consistency rule of
+/// [`LightNet::validate`] is the caller's to keep.
 pub fn forward_device(
     ctx: &CubeContext,
     args: &LightNet<'_, DeviceTensor>,
     form: Form,
-    value_check: ValueCheck,
 ) -> Result<DeviceLightNetOutput> {
     let spec = args.validate_layout()?;
     super::check_form(&form)?;
     let inputs = DeviceInputs::new(ctx, args)?;
-    if value_check == ValueCheck::On {
+    if args.value_check == ValueCheck::On {
         inputs.check(ctx, &spec, None)?;
     }
     let seqs = Sequences::new(ctx, spec.dims.b, spec.dims.t, spec.cu_seqlens.as_deref());
@@ -487,7 +489,7 @@ pub(super) fn forward(
     form: Form,
 ) -> Result<LightNetOutput> {
     let uploaded = Uploaded::new(ctx, args)?;
-    let out = forward_device(ctx, &uploaded.problem(args), form, ValueCheck::Off)?;
+    let out = forward_device(ctx, &uploaded.problem(args), form)?;
     Ok(LightNetOutput {
         o: ctx.download(&out.o)?,
         state: out
@@ -511,7 +513,7 @@ pub(super) fn backward(
 ) -> Result<LightNetGrads> {
     let uploaded = Uploaded::new(ctx, args)?;
     let d_o = ctx.upload("do", d_o)?;
-    let grads = backward_device(ctx, &uploaded.problem(args), form, &d_o, ValueCheck::Off)?;
+    let grads = backward_device(ctx, &uploaded.problem(args), form, &d_o)?;
     Ok(LightNetGrads {
         dq: ctx.download(&grads.dq)?,
         dk: ctx.download(&grads.dk)?,
@@ -525,7 +527,6 @@ pub fn backward_device(
     args: &LightNet<'_, DeviceTensor>,
     form: Form,
     d_o: &DeviceTensor,
-    value_check: ValueCheck,
 ) -> Result<DeviceLightNetGrads> {
     let spec = args.validate_layout()?;
     super::check_form(&form)?;
@@ -540,7 +541,7 @@ pub fn backward_device(
     let d = spec.dims;
     let inputs = DeviceInputs::new(ctx, args)?;
     let d_o = d_o.to_f32(ctx, "do")?;
-    if value_check == ValueCheck::On {
+    if args.value_check == ValueCheck::On {
         inputs.check(ctx, spec, Some(&d_o))?;
     }
     let seqs = Sequences::new(ctx, d.b, d.t, spec.cu_seqlens.as_deref());

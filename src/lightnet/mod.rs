@@ -14,7 +14,7 @@ mod reference;
 #[cfg(feature = "cube")]
 pub mod cube;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ValueCheck};
 use crate::error::{Error, Result};
 use crate::linear::{Dims, Form};
 use crate::tensor::{DType, Shaped, Tensor, narrowed_all};
@@ -58,6 +58,10 @@ pub struct LightNet<'a, T = Tensor> {
     pub initial_state: Option<LightNetStateRef<'a, T>>,
     /// Packed variable-length offsets `[N + 1]` (with `B = 1`).
     pub cu_seqlens: Option<&'a [i64]>,
+    /// Over device tensors: whether `q, k, v, s0` (and `do` in the backward pass) are checked
+    /// for finite values on the device first ([`ValueCheck::On`], the default). Host tensors
+    /// are always checked on the host.
+    pub value_check: ValueCheck,
 }
 
 impl<T> Clone for LightNet<'_, T> {
@@ -78,6 +82,7 @@ impl<'a, T: Shaped> LightNet<'a, T> {
             bidirectional: false,
             initial_state: None,
             cu_seqlens: None,
+            value_check: ValueCheck::On,
         }
     }
 
@@ -101,6 +106,13 @@ impl<'a, T: Shaped> LightNet<'a, T> {
 
     pub fn with_cu_seqlens(mut self, cu_seqlens: &'a [i64]) -> Self {
         self.cu_seqlens = Some(cu_seqlens);
+        self
+    }
+
+    /// Over device tensors: [`ValueCheck::On`] (the default) checks the values on the device
+    /// first; [`ValueCheck::Off`] skips that pass (the caller vouches for finite inputs).
+    pub fn with_value_check(mut self, check: ValueCheck) -> Self {
+        self.value_check = check;
         self
     }
 

@@ -16,7 +16,7 @@ pub mod cuda;
 pub use frontends::{gla, mamba2_gate, retnet_gates};
 pub use linattn_reference::linear::{Dims, Direction, Form, GateKind};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ValueCheck};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Shaped, Tensor};
 use crate::validation::*;
@@ -84,6 +84,10 @@ pub struct LinearAttention<'a, T = Tensor> {
     pub h0: Option<&'a T>,
     /// Packed variable-length offsets `[N + 1]` (with `B = 1`).
     pub cu_seqlens: Option<&'a [i64]>,
+    /// Over device tensors: whether the inputs' values (finite, gates `<= 0`; and the
+    /// cotangents' in the backward pass) are checked on the device before any launch
+    /// ([`ValueCheck::On`], the default). Host tensors are always checked on the host.
+    pub value_check: ValueCheck,
 }
 
 impl<T> Clone for LinearAttention<'_, T> {
@@ -107,6 +111,7 @@ impl<'a, T: Shaped> LinearAttention<'a, T> {
             normalize: None,
             h0: None,
             cu_seqlens: None,
+            value_check: ValueCheck::On,
         }
     }
 
@@ -144,6 +149,15 @@ impl<'a, T: Shaped> LinearAttention<'a, T> {
 
     pub fn with_cu_seqlens(mut self, cu_seqlens: &'a [i64]) -> Self {
         self.cu_seqlens = Some(cu_seqlens);
+        self
+    }
+
+    /// Over device tensors: [`ValueCheck::On`] (the default) checks the values on the device
+    /// first (one pass per input and a small read-back, which waits for the device once);
+    /// [`ValueCheck::Off`] skips it and keeps the call asynchronous (the caller vouches for
+    /// finite inputs and gates `<= 0`: a positive gate overflows).
+    pub fn with_value_check(mut self, check: ValueCheck) -> Self {
+        self.value_check = check;
         self
     }
 

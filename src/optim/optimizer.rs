@@ -30,11 +30,11 @@ pub enum GradientRef<'a> {
     Cube(&'a crate::cube::DeviceTensor),
     /// A CUDA device tensor (f32), of a cuda optimizer.
     #[cfg(feature = "cuda")]
-    Cuda(crate::linear::cuda::device::DeviceTensor<'a>),
+    Cuda(&'a crate::linear::cuda::device::CudaTensor<'a>),
 }
 
-/// What [`Optimizer::step`] takes a gradient from: [`Tensor`], `cube::DeviceTensor` and the CUDA
-/// `DeviceTensor`.
+/// What [`Optimizer::step`] takes a gradient from: [`Tensor`], `cube::DeviceTensor` and
+/// `CudaTensor`.
 pub trait Gradient {
     fn gradient(&self) -> GradientRef<'_>;
 }
@@ -53,9 +53,9 @@ impl Gradient for crate::cube::DeviceTensor {
 }
 
 #[cfg(feature = "cuda")]
-impl Gradient for crate::linear::cuda::device::DeviceTensor<'_> {
+impl Gradient for crate::linear::cuda::device::CudaTensor<'_> {
     fn gradient(&self) -> GradientRef<'_> {
-        GradientRef::Cuda(*self)
+        GradientRef::Cuda(self)
     }
 }
 
@@ -194,8 +194,7 @@ impl Optimizer {
         &self.config
     }
 
-    /// Checks one gradient per tensor, each with its parameter's shape (a CUDA device tensor,
-    /// which carries no shape, with its element count).
+    /// Checks one gradient per tensor, each with its parameter's shape.
     fn check_grads(&self, grads: &[GradientRef]) -> Result<()> {
         if grads.len() != self.shapes.len() {
             return Err(Error::InvalidArgument(format!(
@@ -217,9 +216,8 @@ impl Optimizer {
                 }
                 #[cfg(feature = "cuda")]
                 GradientRef::Cuda(t) => {
-                    let n: usize = shape.iter().product();
-                    if t.len() != n {
-                        return Err(Error::shape(&name, expected(), &[t.len()]));
+                    if t.shape() != shape.as_slice() {
+                        return Err(Error::shape(&name, expected(), t.shape()));
                     }
                     if t.dtype() != DType::F32 {
                         return Err(Error::UnsupportedDtype {
@@ -308,9 +306,10 @@ impl Optimizer {
                 } else {
                     for (i, g) in grads.iter().enumerate() {
                         match g {
-                            GradientRef::Cuda(crate::linear::cuda::device::DeviceTensor::F32(
-                                s,
-                            )) => opt.set_grad_device(i, *s)?,
+                            GradientRef::Cuda(t) => opt.set_grad_device(
+                                i,
+                                t.f32_slice(&format!("grads[{i}]"), "gradients")?,
+                            )?,
                             GradientRef::Host(t) => {
                                 let values = t.to_f32_vec();
                                 let stream = opt.exec().stream().clone();
@@ -322,6 +321,7 @@ impl Optimizer {
                                     })?;
                                 opt.set_grad_device(i, (&device).into())?;
                             }
+                            #[allow(unreachable_patterns)]
                             other => return Err(wrong_place(i, other, backend)),
                         }
                     }

@@ -327,6 +327,7 @@ pub fn check<E: Executor>(exec: &E, case: &AttnCase, prepared: &Prepared) -> Out
         scale: None,
         causal: case.causal,
         mask: mask.as_ref(),
+        value_check: crate::ValueCheck::On,
     };
     let spec = args.validate()?;
     ensure!(
@@ -439,7 +440,7 @@ pub mod gpu {
 
     use super::{AttnCase, MaskKind, radial_config, run_cases};
     use crate::attention::cuda::device::{
-        self, DeviceAttention, DeviceForwardState, DeviceGrads, DeviceTensor, DeviceTensorMut,
+        self, CudaTensor, DeviceForwardState, DeviceGrads, DeviceTensorMut,
     };
     use crate::attention::plan::AttentionPlan;
     use crate::attention::{self, Attention, AttnDims, RadialModel};
@@ -677,15 +678,15 @@ pub mod gpu {
                     upload_bf16(&stream, &v)?,
                 );
                 let do_dev = upload_bf16(&stream, &d_o)?;
-                let problem = DeviceAttention {
-                    dims,
-                    q: DeviceTensor::from(&q_dev),
-                    k: DeviceTensor::from(&k_dev),
-                    v: DeviceTensor::from(&v_dev),
-                    scale: None,
-                    causal: false,
-                    value_check: ValueCheck::On,
-                };
+                let (qt, kt, vt, do_t) = (
+                    CudaTensor::new(&q_dev, shape.to_vec())?,
+                    CudaTensor::new(&k_dev, shape.to_vec())?,
+                    CudaTensor::new(&v_dev, shape.to_vec())?,
+                    CudaTensor::new(&do_dev, shape.to_vec())?,
+                );
+                // The host API's builder over device tensors; the value check is on by default.
+                let problem = Attention::dense(&qt, &kt, &vt);
+                let lse_shape = vec![b, h, t];
                 let mut checks: Vec<Check> = Vec::new();
                 for masked in [true, false] {
                     let host_args = Attention {
@@ -695,6 +696,7 @@ pub mod gpu {
                         scale: None,
                         causal: false,
                         mask: masked.then_some(&mask),
+                        value_check: ValueCheck::On,
                     };
                     let cuda = Backend::Cuda(ctx.clone());
                     let want = attention::forward(&cuda, &host_args)?;
@@ -707,6 +709,7 @@ pub mod gpu {
                     if masked {
                         let plan = AttentionPlan::new(Some(&mask), t, t, 128, 128, false)?;
                         let plan = device::upload_plan(ctx, &stream, &plan)?;
+                        let problem = problem.with_mask(&mask);
                         // The same plan serves repeated calls.
                         for _ in 0..2 {
                             device::forward(
@@ -724,9 +727,9 @@ pub mod gpu {
                             &plan,
                             &problem,
                             DeviceForwardState {
-                                o: DeviceTensor::from(&o),
-                                lse: (&lse).into(),
-                                d_o: DeviceTensor::from(&do_dev),
+                                o: &CudaTensor::new(&o, shape.to_vec())?,
+                                lse: &CudaTensor::new(&lse, lse_shape.clone())?,
+                                d_o: &do_t,
                             },
                             DeviceGrads {
                                 dq: DeviceTensorMut::BF16(gq.as_view_mut()),
@@ -747,9 +750,9 @@ pub mod gpu {
                             &stream,
                             &problem,
                             DeviceForwardState {
-                                o: DeviceTensor::from(&o),
-                                lse: (&lse).into(),
-                                d_o: DeviceTensor::from(&do_dev),
+                                o: &CudaTensor::new(&o, shape.to_vec())?,
+                                lse: &CudaTensor::new(&lse, lse_shape.clone())?,
+                                d_o: &do_t,
                             },
                             DeviceGrads {
                                 dq: DeviceTensorMut::BF16(gq.as_view_mut()),
@@ -829,8 +832,9 @@ pub mod gpu {
                     &stream,
                     &AttentionPlan::new(None, dims.t, dims.s, 64, 64, false)?,
                 )?;
-                let bad = DeviceAttention {
-                    v: DeviceTensor::from(&v_bad),
+                let v_bad = CudaTensor::new(&v_bad, shape.to_vec())?;
+                let bad = Attention {
+                    v: &v_bad,
                     ..problem
                 };
                 match device::forward(

@@ -399,11 +399,11 @@ pub mod gpu {
 
     use super::{BwdFn, Case, FORMS, FwdFn, Inputs, full_matrix, ops, run_cases, varlen_cases};
     use crate::cuda::CudaContext;
+    use crate::linear::Spec;
     use crate::linear::cuda::device::{
-        self as dev, DeviceBackward, DeviceForward, DeviceGate, DeviceProblem, DeviceTensor,
+        self as dev, CudaLinearAttention, CudaTensor, DeviceBackward, DeviceForward, TypedSlice,
     };
     use crate::linear::{self, Direction, Form, Gate, GateKind, Grads, LinearAttention, Output};
-    use crate::linear::{Dims, Spec};
     use crate::reference::testing::{Rng, logsigmoid_gates};
     use crate::reference::{self as reference, rel_rms};
     use crate::suites::{Failure, Run, ensure, ensure_eq};
@@ -515,12 +515,16 @@ pub mod gpu {
             })
         }
 
-        fn view(&self) -> DeviceTensor<'_> {
+        fn view(&self) -> TypedSlice<'_> {
             match self {
-                Typed::BF16(s) => DeviceTensor::from(s),
-                Typed::F16(s) => DeviceTensor::from(s),
-                Typed::F32(s) => DeviceTensor::from(s),
+                Typed::BF16(s) => TypedSlice::from(s),
+                Typed::F16(s) => TypedSlice::from(s),
+                Typed::F32(s) => TypedSlice::from(s),
             }
+        }
+
+        fn tensor(&self, shape: &[usize]) -> Result<CudaTensor<'_>> {
+            CudaTensor::new(self.view(), shape.to_vec())
         }
     }
 
@@ -550,24 +554,54 @@ pub mod gpu {
             })
         }
 
-        pub fn problem<'a>(&'a self, spec: &Spec, p: &'a LinearAttention) -> DeviceProblem<'a> {
-            let gate = |s: Option<&'a CudaSlice<f32>>| match (spec.gate_kind, s) {
-                (GateKind::PerHead, Some(s)) => DeviceGate::PerHead(s.into()),
-                (GateKind::Scalar, Some(s)) => DeviceGate::Scalar(s.into()),
-                (GateKind::Vector, Some(s)) => DeviceGate::Vector(s.into()),
-                _ => DeviceGate::None,
+        /// The uploaded inputs as CUDA tensors in the host problem's shapes.
+        pub fn views<'a>(&'a self, p: &LinearAttention) -> Result<DeviceViews<'a>> {
+            let f32_tensor = |s: &'a Option<CudaSlice<f32>>, t: Option<&Tensor>| {
+                s.as_ref()
+                    .zip(t)
+                    .map(|(s, t)| CudaTensor::new(s, t.shape().to_vec()))
+                    .transpose()
             };
-            DeviceProblem {
-                dims: spec.dims,
-                q: self.q.view(),
-                k: self.k.view(),
-                v: self.v.view(),
-                gate: gate(self.g.as_ref()),
-                gate_bwd: self.g_bwd.as_ref().map(|s| gate(Some(s))),
-                direction: spec.direction,
-                scale: Some(spec.scale),
-                normalize: spec.normalize,
-                h0: self.h0.as_ref().map(Into::into),
+            Ok(DeviceViews {
+                q: self.q.tensor(p.q.shape())?,
+                k: self.k.tensor(p.k.shape())?,
+                v: self.v.tensor(p.v.shape())?,
+                g: f32_tensor(&self.g, p.gate.tensor())?,
+                g_bwd: f32_tensor(&self.g_bwd, p.gate_bwd.as_ref().and_then(Gate::tensor))?,
+                h0: f32_tensor(&self.h0, p.h0)?,
+            })
+        }
+    }
+
+    /// A host problem's inputs on the device, as [`CudaTensor`]s.
+    pub struct DeviceViews<'a> {
+        q: CudaTensor<'a>,
+        k: CudaTensor<'a>,
+        v: CudaTensor<'a>,
+        g: Option<CudaTensor<'a>>,
+        g_bwd: Option<CudaTensor<'a>>,
+        h0: Option<CudaTensor<'a>>,
+    }
+
+    impl<'a> DeviceViews<'a> {
+        /// The host problem `p` over these device tensors: the same builder, the same options.
+        pub fn problem<'b>(&'b self, p: &'b LinearAttention) -> CudaLinearAttention<'b, 'a> {
+            let gate = |g: &Gate, t: Option<&'b CudaTensor<'a>>| match (g, t) {
+                (Gate::PerHead(_), Some(t)) => Gate::PerHead(t),
+                (Gate::Scalar(_), Some(t)) => Gate::Scalar(t),
+                (Gate::Vector(_), Some(t)) => Gate::Vector(t),
+                _ => Gate::None,
+            };
+            LinearAttention {
+                q: &self.q,
+                k: &self.k,
+                v: &self.v,
+                gate: gate(&p.gate, self.g.as_ref()),
+                gate_bwd: p.gate_bwd.map(|gb| gate(&gb, self.g_bwd.as_ref())),
+                direction: p.direction,
+                scale: p.scale,
+                normalize: p.normalize,
+                h0: self.h0.as_ref(),
                 cu_seqlens: p.cu_seqlens,
                 value_check: ValueCheck::On,
             }
@@ -581,7 +615,8 @@ pub mod gpu {
         form: Form,
     ) -> Result<Output> {
         let inputs = DeviceInputs::new(ctx, p)?;
-        let problem = inputs.problem(spec, p);
+        let views = inputs.views(p)?;
+        let problem = views.problem(p);
         let mut o = poisoned(ctx, spec.dims.v_len())?;
         let state_len: usize = spec.state_shape().iter().product();
         let mut ht = if spec.has_final_state() {
@@ -616,9 +651,16 @@ pub mod gpu {
         d_ht: Option<&Tensor>,
     ) -> Result<Grads> {
         let inputs = DeviceInputs::new(ctx, p)?;
-        let problem = inputs.problem(spec, p);
+        let views = inputs.views(p)?;
+        let problem = views.problem(p);
         let d_o_dev = Typed::upload(ctx, d_o)?;
+        let d_o_view = d_o_dev.tensor(d_o.shape())?;
         let d_ht_dev = d_ht.map(|t| f32_slice(ctx, t)).transpose()?;
+        let d_ht_view = d_ht_dev
+            .as_ref()
+            .zip(d_ht)
+            .map(|(s, t)| CudaTensor::new(s, t.shape().to_vec()))
+            .transpose()?;
         let like = |t: Option<&Tensor>| t.map(|t| poisoned(ctx, t.numel())).transpose();
         let mut dq = poisoned(ctx, spec.dims.qk_len())?;
         let mut dk = poisoned(ctx, spec.dims.qk_len())?;
@@ -632,8 +674,8 @@ pub mod gpu {
             ctx.stream(),
             &problem,
             form,
-            d_o_dev.view(),
-            d_ht_dev.as_ref().map(Into::into),
+            &d_o_view,
+            d_ht_view.as_ref(),
             DeviceBackward {
                 dq: dq.as_view_mut(),
                 dk: dk.as_view_mut(),
@@ -729,7 +771,8 @@ pub mod gpu {
             let spec = p.validate()?;
             ensure_eq!(spec.direction, Direction::Bidirectional);
             let dev_inputs = DeviceInputs::new(ctx, &p)?;
-            let problem = dev_inputs.problem(&spec, &p);
+            let views = dev_inputs.views(&p)?;
+            let problem = views.problem(&p);
             let mut o = poisoned(ctx, spec.dims.v_len())?;
             let mut ht = poisoned(ctx, spec.dims.state_len())?;
             let r = dev::forward(
@@ -864,11 +907,13 @@ pub mod gpu {
                 *g = 30.0;
             }
             let bad_gate = ctx.stream().clone_htod(&gates)?;
-            let mut problem = dev_inputs.problem(&spec, &p);
-            problem.gate = DeviceGate::Scalar((&bad_gate).into());
+            let bad_gate = CudaTensor::new(&bad_gate, gate.shape().to_vec())?;
+            let views = dev_inputs.views(&p)?;
+            let mut problem = views.problem(&p);
+            problem.gate = Gate::Scalar(&bad_gate);
             let mut o = poisoned(ctx, spec.dims.v_len())?;
             let mut ht = poisoned(ctx, spec.dims.state_len())?;
-            let mut run = |problem: &DeviceProblem| {
+            let mut run = |problem: &CudaLinearAttention| {
                 dev::forward(
                     ctx,
                     ctx.stream(),
@@ -934,20 +979,13 @@ pub mod gpu {
                     s.clone_htod(&vv)?,
                     s.clone_htod(&g)?,
                 );
-                let token = DeviceProblem {
-                    dims: Dims { b, t: 1, h, k, v },
-                    q: DeviceTensor::from(&qd),
-                    k: DeviceTensor::from(&kd),
-                    v: DeviceTensor::from(&vd),
-                    gate: DeviceGate::Scalar((&gd).into()),
-                    gate_bwd: None,
-                    direction: Direction::Causal,
-                    scale: None,
-                    normalize: None,
-                    h0: None,
-                    cu_seqlens: None,
-                    value_check: ValueCheck::On,
-                };
+                let (qt, kt, vt, gt) = (
+                    CudaTensor::new(&qd, vec![b, 1, h, k])?,
+                    CudaTensor::new(&kd, vec![b, 1, h, k])?,
+                    CudaTensor::new(&vd, vec![b, 1, h, v])?,
+                    CudaTensor::new(&gd, vec![b, 1, h])?,
+                );
+                let token = LinearAttention::causal(&qt, &kt, &vt).with_gate(Gate::Scalar(&gt));
                 let mut o = s.alloc_zeros::<f32>(b * h * v)?;
                 dev::decode_step(ctx, s, &token, &mut state, o.as_view_mut())?;
                 worst = worst.max(rel_rms(&to64(s.clone_dtoh(&o)?), &cpu.o.to_f64_vec()));

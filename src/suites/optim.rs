@@ -902,8 +902,13 @@ pub mod gpu {
                         .iter()
                         .map(|t| stream.clone_htod(&t.to_f32_vec()))
                         .collect::<Result<Vec<_>, _>>()?;
-                    let views: Vec<crate::linear::cuda::device::DeviceTensor> =
-                        slices.iter().map(Into::into).collect();
+                    let views = slices
+                        .iter()
+                        .zip(g)
+                        .map(|(s, t)| {
+                            crate::linear::cuda::device::CudaTensor::new(s, t.shape().to_vec())
+                        })
+                        .collect::<crate::Result<Vec<_>>>()?;
                     device.step(&views.iter().collect::<Vec<_>>())?;
                     if k < 4 {
                         first.step(&refs(g))?;

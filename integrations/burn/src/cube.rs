@@ -306,12 +306,7 @@ pub(crate) fn lightnet_forward(
     let (s0, z0) = (device_tensor(s0), device_tensor(z0));
     let cu = config.cu_seqlens();
     let p = lightnet_problem(&q, &k, &v, &s0, &z0, cu.as_deref(), config);
-    let out = expect_ok(lightnet_cube::forward_device(
-        &ctx,
-        &p,
-        config.form,
-        ValueCheck::Off,
-    ));
+    let out = expect_ok(lightnet_cube::forward_device(&ctx, &p, config.form));
     let state = match (config.final_state, out.state) {
         (true, Some((s, z))) => {
             let handle = linattn::cube::kernels::concat_f32(
@@ -341,7 +336,9 @@ fn lightnet_problem<'a>(
     } else {
         LightNet::causal(q, k, v)
     }
-    .with_scale(config.spec.scale);
+    .with_scale(config.spec.scale)
+    // Values were checked with burn ops before the op was queued (or the caller opted out).
+    .with_value_check(ValueCheck::Off);
     if config.spec.has_initial_state {
         p = p.with_initial_state(s0, z0);
     }
@@ -367,13 +364,7 @@ pub(crate) fn lightnet_backward(
     let (s0, z0, d_o) = (device_tensor(s0), device_tensor(z0), device_tensor(d_o));
     let cu = config.cu_seqlens();
     let p = lightnet_problem(&q, &k, &v, &s0, &z0, cu.as_deref(), config);
-    let g = expect_ok(lightnet_cube::backward_device(
-        &ctx,
-        &p,
-        config.form,
-        &d_o,
-        ValueCheck::Off,
-    ));
+    let g = expect_ok(lightnet_cube::backward_device(&ctx, &p, config.form, &d_o));
     (
         wrap(&ctx, &like, g.dq, dtypes[0]),
         wrap(&ctx, &like, g.dk, dtypes[1]),
@@ -450,8 +441,7 @@ fn attention_plan(
         d.t,
         d.s,
         config.spec.causal,
-    ))
-    .with_value_check(ValueCheck::Off);
+    ));
     let plan = Arc::new(plan);
     if plans.len() >= PLAN_CACHE {
         plans.remove(0);
@@ -467,23 +457,22 @@ fn attention_plan(
     plan
 }
 
+/// The problem over the tensors' device buffers: the values were checked with burn ops before
+/// the op was queued (or the caller opted out), so no device-side value check here.
 fn device_attention<'a>(
     q: &'a DeviceTensor,
     k: &'a DeviceTensor,
     v: &'a DeviceTensor,
-    config: &AttentionConfig,
+    config: &'a AttentionConfig,
 ) -> DeviceAttention<'a> {
-    let d = config.spec.dims;
-    DeviceAttention {
-        q: q.handle(),
-        k: k.handle(),
-        v: v.handle(),
-        dtype: q.dtype(),
-        batch: d.b,
-        heads: d.h,
-        head_dim: d.d,
-        scale: Some(config.spec.scale),
+    let mut args = DeviceAttention::dense(q, k, v)
+        .with_causal(config.spec.causal)
+        .with_scale(config.spec.scale)
+        .with_value_check(ValueCheck::Off);
+    if let Some(mask) = config.mask.as_deref() {
+        args = args.with_mask(mask);
     }
+    args
 }
 
 pub(crate) fn attention_forward(
@@ -497,16 +486,9 @@ pub(crate) fn attention_forward(
     let plan = attention_plan(&ctx, &like, config);
     let (q, k, v) = (device_tensor(q), device_tensor(k), device_tensor(v));
     let out = expect_ok(plan.forward(&device_attention(&q, &k, &v, config)));
-    let spec = &config.spec;
-    let o = expect_ok(DeviceTensor::from_handle(out.o, spec.o_shape(), DType::F32));
-    let lse = expect_ok(DeviceTensor::from_handle(
-        out.lse,
-        spec.lse_shape(),
-        DType::F32,
-    ));
     (
-        wrap(&ctx, &like, o, dtype),
-        wrap(&ctx, &like, lse, BurnDType::F32),
+        wrap(&ctx, &like, out.o, dtype),
+        wrap(&ctx, &like, out.lse, BurnDType::F32),
     )
 }
 
@@ -524,33 +506,13 @@ pub(crate) fn attention_backward(
     let dtypes = [&q, &k, &v].map(|t| t.dtype);
     let plan = attention_plan(&ctx, &like, config);
     let (q, k, v) = (device_tensor(q), device_tensor(k), device_tensor(v));
-    // The backward kernels read f32 `o`, `lse` and `do` (widened on the device if 16-bit).
-    let o = expect_ok(device_tensor(o).to_f32(&ctx, "o"));
-    let lse = expect_ok(device_tensor(lse).to_f32(&ctx, "lse"));
-    let d_o = expect_ok(device_tensor(d_o).to_f32(&ctx, "do"));
+    // The backward widens 16-bit `o`, `lse` and `do` to f32 on the device.
+    let (o, lse, d_o) = (device_tensor(o), device_tensor(lse), device_tensor(d_o));
     let g = expect_ok(plan.backward(&device_attention(&q, &k, &v, config), &o, &lse, &d_o));
-    let d = config.spec.dims;
-    let f32_tensor =
-        |h, shape: Vec<usize>| expect_ok(DeviceTensor::from_handle(h, shape, DType::F32));
     (
-        wrap(
-            &ctx,
-            &like,
-            f32_tensor(g.dq, vec![d.b, d.t, d.h, d.d]),
-            dtypes[0],
-        ),
-        wrap(
-            &ctx,
-            &like,
-            f32_tensor(g.dk, vec![d.b, d.s, d.h, d.d]),
-            dtypes[1],
-        ),
-        wrap(
-            &ctx,
-            &like,
-            f32_tensor(g.dv, vec![d.b, d.s, d.h, d.d]),
-            dtypes[2],
-        ),
+        wrap(&ctx, &like, g.dq, dtypes[0]),
+        wrap(&ctx, &like, g.dk, dtypes[1]),
+        wrap(&ctx, &like, g.dv, dtypes[2]),
     )
 }
 

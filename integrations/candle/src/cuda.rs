@@ -15,10 +15,10 @@ use candle_core::{CudaStorage, DType as CDType, Layout, Shape};
 use cudarc::driver::{CudaSlice, CudaViewMut};
 use half::{bf16, f16};
 use linattn::cuda::CudaContext;
-use linattn::linear::GateKind;
 use linattn::linear::cuda::device::{
-    self, DeviceBackward, DeviceForward, DeviceGate, DeviceProblem, DeviceSlice, DeviceTensor,
+    self, CudaLinearAttention, CudaTensor, DeviceBackward, DeviceForward, DeviceSlice, TypedSlice,
 };
+use linattn::linear::{Gate, GateKind, LinearAttention};
 use linattn::{Error, Result, ValueCheck};
 
 use crate::convert::{from_candle, ranges};
@@ -51,25 +51,28 @@ impl<'a> DeviceRun<'a> {
         })
     }
 
-    /// Elements `range` of the run, in its dtype.
-    pub(crate) fn tensor(&self, range: Range<usize>) -> Result<DeviceTensor<'a>> {
-        Ok(match *self {
+    /// Elements `range` of the run, in its dtype, seen with `shape`.
+    pub(crate) fn tensor(&self, range: Range<usize>, shape: Vec<usize>) -> Result<CudaTensor<'a>> {
+        let slice = match *self {
             DeviceRun::BF16(s, at) => {
-                DeviceTensor::BF16(DeviceSlice::range(s, at + range.start, range.len())?)
+                TypedSlice::BF16(DeviceSlice::range(s, at + range.start, range.len())?)
             }
             DeviceRun::F16(s, at) => {
-                DeviceTensor::F16(DeviceSlice::range(s, at + range.start, range.len())?)
+                TypedSlice::F16(DeviceSlice::range(s, at + range.start, range.len())?)
             }
             DeviceRun::F32(s, at) => {
-                DeviceTensor::F32(DeviceSlice::range(s, at + range.start, range.len())?)
+                TypedSlice::F32(DeviceSlice::range(s, at + range.start, range.len())?)
             }
-        })
+        };
+        CudaTensor::new(slice, shape)
     }
 
-    /// Elements `range` of an f32 run.
-    pub(crate) fn f32(&self, range: Range<usize>) -> Result<DeviceSlice<'a, f32>> {
+    /// Elements `range` of an f32 run, seen with `shape`.
+    pub(crate) fn f32(&self, range: Range<usize>, shape: Vec<usize>) -> Result<CudaTensor<'a>> {
         match *self {
-            DeviceRun::F32(s, at) => DeviceSlice::range(s, at + range.start, range.len()),
+            DeviceRun::F32(s, at) => {
+                CudaTensor::new(DeviceSlice::range(s, at + range.start, range.len())?, shape)
+            }
             _ => Err(Error::InvalidArgument(
                 "an f32 packed argument is of another dtype".into(),
             )),
@@ -89,48 +92,64 @@ fn runtime(e: cudarc::driver::DriverError) -> Error {
     }
 }
 
-/// The device problem of the packed arguments.
-fn device_problem<'a>(
-    p: &'a Problem,
-    qkv: &DeviceRun<'a>,
-    params: &DeviceRun<'a>,
-) -> Result<DeviceProblem<'a>> {
-    let r = ranges(&p.qkv_lens());
-    let pr = ranges(&p.param_lens());
-    let gate = |range: &Range<usize>| -> Result<DeviceGate<'a>> {
-        if range.is_empty() {
-            return Ok(DeviceGate::None);
-        }
-        let s = params.f32(range.clone())?;
-        Ok(match p.spec.gate_kind {
-            GateKind::PerHead => DeviceGate::PerHead(s),
-            GateKind::Scalar => DeviceGate::Scalar(s),
-            GateKind::Vector => DeviceGate::Vector(s),
-            GateKind::None => DeviceGate::None,
+/// The packed arguments as CUDA tensors in the problem's shapes.
+struct LinearViews<'a> {
+    q: CudaTensor<'a>,
+    k: CudaTensor<'a>,
+    v: CudaTensor<'a>,
+    g: Option<CudaTensor<'a>>,
+    g_bwd: Option<CudaTensor<'a>>,
+    h0: Option<CudaTensor<'a>>,
+}
+
+impl<'a> LinearViews<'a> {
+    fn of(p: &Problem, qkv: &DeviceRun<'a>, params: &DeviceRun<'a>) -> Result<Self> {
+        let r = ranges(&p.qkv_lens());
+        let pr = ranges(&p.param_lens());
+        let d = p.spec.dims;
+        let gate_shape = match p.spec.gate_kind {
+            GateKind::PerHead => vec![d.h],
+            GateKind::Scalar => vec![d.b, d.t, d.h],
+            _ => vec![d.b, d.t, d.h, d.k],
+        };
+        let f32_part = |range: &Range<usize>, shape: Vec<usize>| {
+            (!range.is_empty())
+                .then(|| params.f32(range.clone(), shape))
+                .transpose()
+        };
+        Ok(LinearViews {
+            q: qkv.tensor(r[0].clone(), vec![d.b, d.t, d.h, d.k])?,
+            k: qkv.tensor(r[1].clone(), vec![d.b, d.t, d.h, d.k])?,
+            v: qkv.tensor(r[2].clone(), vec![d.b, d.t, d.h, d.v])?,
+            g: f32_part(&pr[0], gate_shape.clone())?,
+            g_bwd: f32_part(&pr[1], gate_shape)?,
+            h0: f32_part(&pr[2], p.spec.state_shape())?,
         })
-    };
-    Ok(DeviceProblem {
-        dims: p.spec.dims,
-        q: qkv.tensor(r[0].clone())?,
-        k: qkv.tensor(r[1].clone())?,
-        v: qkv.tensor(r[2].clone())?,
-        gate: gate(&pr[0])?,
-        gate_bwd: if pr[1].is_empty() {
-            None
-        } else {
-            Some(gate(&pr[1])?)
-        },
-        direction: p.spec.direction,
-        scale: Some(p.spec.scale),
-        normalize: p.spec.normalize,
-        h0: if pr[2].is_empty() {
-            None
-        } else {
-            Some(params.f32(pr[2].clone())?)
-        },
-        cu_seqlens: p.cu_seqlens.as_deref(),
-        value_check: ValueCheck::Off,
-    })
+    }
+
+    /// linattn's builder over these tensors. The values were checked with candle ops before the
+    /// op ran: no device-side check.
+    fn problem<'b>(&'b self, p: &'b Problem) -> CudaLinearAttention<'b, 'a> {
+        let gate = |t: Option<&'b CudaTensor<'a>>| match (p.spec.gate_kind, t) {
+            (GateKind::PerHead, Some(t)) => Gate::PerHead(t),
+            (GateKind::Scalar, Some(t)) => Gate::Scalar(t),
+            (GateKind::Vector, Some(t)) => Gate::Vector(t),
+            _ => Gate::None,
+        };
+        LinearAttention {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            gate: gate(self.g.as_ref()),
+            gate_bwd: self.g_bwd.as_ref().map(|g| gate(Some(g))),
+            direction: p.spec.direction,
+            scale: Some(p.spec.scale),
+            normalize: p.spec.normalize,
+            h0: self.h0.as_ref(),
+            cu_seqlens: p.cu_seqlens.as_deref(),
+            value_check: ValueCheck::Off,
+        }
+    }
 }
 
 /// The engine forward on candle's buffers: packed f32 `o|ht`.
@@ -144,7 +163,8 @@ pub(crate) fn linear_forward(
     let ctx = context(s1)?;
     let stream = ctx.stream().clone();
     let (qkv, params) = (DeviceRun::of(s1, l1)?, DeviceRun::of(s2, l2)?);
-    let problem = device_problem(p, &qkv, &params)?;
+    let views = LinearViews::of(p, &qkv, &params)?;
+    let problem = views.problem(p);
     let [o_len, ht_len] = p.out_lens();
     let mut out = stream.alloc_zeros::<f32>(o_len + ht_len).map_err(runtime)?;
     {
@@ -176,13 +196,14 @@ pub(crate) fn linear_backward(
         DeviceRun::of(s2, l2)?,
         DeviceRun::of(s3, l3)?,
     );
-    let problem = device_problem(p, &qkv, &params)?;
+    let views = LinearViews::of(p, &qkv, &params)?;
+    let problem = views.problem(p);
     let co = ranges(&p.out_lens());
-    let d_o = cot.tensor(co[0].clone())?;
+    let d_o = cot.tensor(co[0].clone(), p.spec.o_shape())?;
     let d_ht = if co[1].is_empty() {
         None
     } else {
-        Some(cot.f32(co[1].clone())?)
+        Some(cot.f32(co[1].clone(), p.spec.state_shape())?)
     };
     let lens: Vec<usize> = p.qkv_lens().into_iter().chain(p.param_lens()).collect();
     let total: usize = lens.iter().sum();
@@ -203,8 +224,8 @@ pub(crate) fn linear_backward(
             &stream,
             &problem,
             p.form,
-            d_o,
-            d_ht,
+            &d_o,
+            d_ht.as_ref(),
             DeviceBackward {
                 dq,
                 dk,
@@ -236,26 +257,52 @@ fn attention_plan(
     linattn::attention::cuda::plan_for(&exec, &p.spec, p.mask.as_deref())
 }
 
+/// The packed `q|k|v` of an attention problem as CUDA tensors.
+struct AttentionViews<'a> {
+    q: CudaTensor<'a>,
+    k: CudaTensor<'a>,
+    v: CudaTensor<'a>,
+}
+
+impl<'a> AttentionViews<'a> {
+    fn of(p: &crate::attention::Problem, qkv: &DeviceRun<'a>) -> Result<Self> {
+        let r = ranges(&p.qkv_lens());
+        let d = p.spec.dims;
+        Ok(AttentionViews {
+            q: qkv.tensor(r[0].clone(), vec![d.b, d.t, d.h, d.d])?,
+            k: qkv.tensor(r[1].clone(), vec![d.b, d.s, d.h, d.d])?,
+            v: qkv.tensor(r[2].clone(), vec![d.b, d.s, d.h, d.d])?,
+        })
+    }
+
+    /// linattn's builder over these tensors (values checked with candle ops before the op ran).
+    fn problem<'b>(
+        &'b self,
+        p: &'b crate::attention::Problem,
+    ) -> linattn::attention::cuda::device::CudaAttention<'b, 'a> {
+        let mut args = linattn::attention::Attention::dense(&self.q, &self.k, &self.v)
+            .with_scale(p.spec.scale)
+            .with_causal(p.spec.causal)
+            .with_value_check(ValueCheck::Off);
+        if let Some(mask) = p.mask.as_deref() {
+            args = args.with_mask(mask);
+        }
+        args
+    }
+}
+
 /// Attention forward on candle's buffers: packed f32 `o|lse`.
 pub(crate) fn attention_forward(
     p: &crate::attention::Problem,
     s: &CudaStorage,
     l: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    use linattn::attention::cuda::device::{self as attn, DeviceAttention, DeviceTensorMut};
+    use linattn::attention::cuda::device::{self as attn, DeviceTensorMut};
     let ctx = context(s)?;
     let stream = ctx.stream().clone();
     let qkv = DeviceRun::of(s, l)?;
-    let r = ranges(&p.qkv_lens());
-    let problem = DeviceAttention {
-        dims: p.spec.dims,
-        q: qkv.tensor(r[0].clone())?,
-        k: qkv.tensor(r[1].clone())?,
-        v: qkv.tensor(r[2].clone())?,
-        scale: Some(p.spec.scale),
-        causal: p.spec.causal,
-        value_check: ValueCheck::Off,
-    };
+    let views = AttentionViews::of(p, &qkv)?;
+    let problem = views.problem(p);
     let plan = attention_plan(&ctx, p)?;
     let [o_len, lse_len] = p.out_lens();
     let mut out = stream
@@ -284,7 +331,7 @@ pub(crate) fn attention_backward(
     l3: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
     use linattn::attention::cuda::device::{
-        self as attn, DeviceAttention, DeviceForwardState, DeviceGrads, DeviceTensorMut,
+        self as attn, DeviceForwardState, DeviceGrads, DeviceTensorMut,
     };
     let ctx = context(s1)?;
     let stream = ctx.stream().clone();
@@ -293,21 +340,18 @@ pub(crate) fn attention_backward(
         DeviceRun::of(s2, l2)?,
         DeviceRun::of(s3, l3)?,
     );
-    let r = ranges(&p.qkv_lens());
-    let problem = DeviceAttention {
-        dims: p.spec.dims,
-        q: qkv.tensor(r[0].clone())?,
-        k: qkv.tensor(r[1].clone())?,
-        v: qkv.tensor(r[2].clone())?,
-        scale: Some(p.spec.scale),
-        causal: p.spec.causal,
-        value_check: ValueCheck::Off,
-    };
+    let views = AttentionViews::of(p, &qkv)?;
+    let problem = views.problem(p);
     let fr = ranges(&p.out_lens());
+    let (o, lse, d_o) = (
+        fwd.tensor(fr[0].clone(), p.spec.o_shape())?,
+        fwd.f32(fr[1].clone(), p.spec.lse_shape())?,
+        cot.tensor(0..p.out_lens()[0], p.spec.o_shape())?,
+    );
     let state = DeviceForwardState {
-        o: fwd.tensor(fr[0].clone())?,
-        lse: fwd.f32(fr[1].clone())?,
-        d_o: cot.tensor(0..p.out_lens()[0])?,
+        o: &o,
+        lse: &lse,
+        d_o: &d_o,
     };
     let plan = attention_plan(&ctx, p)?;
     let lens = p.qkv_lens();

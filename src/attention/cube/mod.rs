@@ -41,8 +41,8 @@ use cubecl::server::Handle;
 use half::{bf16, f16};
 
 use super::{Attention, AttentionPlan, AttnGrads, AttnOutput, AttnSpec, BlockMask};
-use crate::cube::CubeContext;
 use crate::cube::values::{self, ValueCheck};
+use crate::cube::{CubeContext, DeviceTensor};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor, TensorData};
 
@@ -236,9 +236,6 @@ pub struct CubeAttentionPlan {
     plan: AttentionPlan,
     rows: DeviceLists,
     cols: DeviceLists,
-    /// Whether [`forward`](Self::forward) / [`backward`](Self::backward) check their inputs'
-    /// values on the device first (on by default).
-    value_check: ValueCheck,
 }
 
 impl std::fmt::Debug for CubeAttentionPlan {
@@ -257,35 +254,76 @@ impl std::fmt::Debug for CubeAttentionPlan {
     }
 }
 
-/// A device-resident problem: buffers of `q: [B, T, H, D]`, `k, v: [B, S, H, D]`, all of `dtype`,
-/// allocated on the plan's client. `T` and `S` are the plan's.
+/// One attention problem over device tensors: the host API's builder, [`Attention`], over
+/// [`DeviceTensor`]s (`q: [B, T, H, D]`, `k, v: [B, S, H, D]`, one dtype; the same `dense` /
+/// `with_mask` / `with_causal` / `with_scale` calls, plus [`Attention::with_value_check`]).
+pub type DeviceAttention<'a> = Attention<'a, DeviceTensor>;
+
+/// A problem lowered to raw buffers (the plan's `T` and `S`).
 #[derive(Clone, Copy, Debug)]
-pub struct DeviceAttention<'a> {
-    pub q: &'a Handle,
-    pub k: &'a Handle,
-    pub v: &'a Handle,
-    pub dtype: DType,
-    pub batch: usize,
-    pub heads: usize,
-    pub head_dim: usize,
+struct RawAttention<'a> {
+    q: &'a Handle,
+    k: &'a Handle,
+    v: &'a Handle,
+    dtype: DType,
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
     /// Defaults to `D^-0.5`.
-    pub scale: Option<f64>,
+    scale: Option<f64>,
+    value_check: ValueCheck,
 }
 
 /// Forward outputs on the device, f32: `o: [B, T, H, D]`, `lse: [B, H, T]` (`-inf` for a row with
 /// no allowed key, whose `o` is 0).
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct DeviceAttnOutput {
-    pub o: Handle,
-    pub lse: Handle,
+    pub o: DeviceTensor,
+    pub lse: DeviceTensor,
 }
 
 /// Gradients on the device, f32: `dq: [B, T, H, D]`, `dk, dv: [B, S, H, D]`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct DeviceAttnGrads {
-    pub dq: Handle,
-    pub dk: Handle,
-    pub dv: Handle,
+    pub dq: DeviceTensor,
+    pub dk: DeviceTensor,
+    pub dv: DeviceTensor,
+}
+
+/// The raw outputs of the launches.
+struct RawOutput {
+    o: Handle,
+    lse: Handle,
+}
+
+struct RawGrads {
+    dq: Handle,
+    dk: Handle,
+    dv: Handle,
+}
+
+/// Forward pass over device tensors, planning `args.mask` (uploaded for this call; keep a
+/// [`CubeAttentionPlan`] to reuse one mask's plan across calls).
+pub fn forward_device(ctx: &CubeContext, args: &DeviceAttention) -> Result<DeviceAttnOutput> {
+    let spec = args.validate_layout()?;
+    check_dtype(ctx, "q", spec.dtype)?;
+    CubeAttentionPlan::from_mask(ctx, args.mask, spec.dims.t, spec.dims.s, spec.causal)?
+        .forward(args)
+}
+
+/// Backward pass over device tensors (`o`, `lse`: the forward's outputs; `d_o`: the gradient of
+/// `o`, `[B, T, H, D]`, f32 or 16-bit, widened on the device), planning `args.mask` for this call.
+pub fn backward_device(
+    ctx: &CubeContext,
+    args: &DeviceAttention,
+    o: &DeviceTensor,
+    lse: &DeviceTensor,
+    d_o: &DeviceTensor,
+) -> Result<DeviceAttnGrads> {
+    let spec = args.validate_layout()?;
+    check_dtype(ctx, "q", spec.dtype)?;
+    CubeAttentionPlan::from_mask(ctx, args.mask, spec.dims.t, spec.dims.s, spec.causal)?
+        .backward(args, o, lse, d_o)
 }
 
 /// Validated sizes and launch constants of one device call.
@@ -306,7 +344,6 @@ impl CubeAttentionPlan {
                 plan: plan.clone(),
                 rows: DeviceLists::upload(ctx, &plan.rows),
                 cols: DeviceLists::upload(ctx, &plan.cols),
-                value_check: ValueCheck::On,
             })
         })
     }
@@ -329,23 +366,100 @@ impl CubeAttentionPlan {
         &self.plan
     }
 
-    /// [`ValueCheck::On`] (the default): `q`, `k`, `v` (and `do` in the backward pass) are
-    /// checked for NaN and infinities on the device before the launches, the host API's
-    /// [`Error::NonFinite`] on a bad value. [`ValueCheck::Off`] skips that pass.
-    pub fn with_value_check(mut self, check: ValueCheck) -> Self {
-        self.value_check = check;
-        self
+    /// The builder over device tensors lowered to this plan's buffers: shapes and options
+    /// checked (the host validator), `T`, `S`, the causal rule and the mask's blocks against the
+    /// plan's.
+    fn lower<'a>(&self, args: &'a DeviceAttention) -> Result<RawAttention<'a>> {
+        let spec = args.validate_layout()?;
+        let d = spec.dims;
+        let p = &self.plan;
+        if (p.t, p.s, p.causal) != (d.t, d.s, spec.causal) {
+            return Err(Error::InvalidArgument(format!(
+                "the plan covers T = {}, S = {}, causal = {}; the problem has T = {}, S = {}, causal = {}",
+                p.t, p.s, p.causal, d.t, d.s, spec.causal
+            )));
+        }
+        if let Some(mask) = args.mask
+            && (mask.block_q(), mask.block_k()) != (p.block_q, p.block_k)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the mask's blocks are {}x{}, the plan's {}x{}: plan this mask",
+                mask.block_q(),
+                mask.block_k(),
+                p.block_q,
+                p.block_k
+            )));
+        }
+        Ok(RawAttention {
+            q: args.q.handle(),
+            k: args.k.handle(),
+            v: args.v.handle(),
+            dtype: spec.dtype,
+            batch: d.b,
+            heads: d.h,
+            head_dim: d.d,
+            scale: Some(spec.scale),
+            value_check: args.value_check,
+        })
+    }
+
+    /// Forward pass over device tensors with this plan's mask (`args.mask`, when given, must be
+    /// the one planned; its blocks and the sequence lengths are checked).
+    pub fn forward(&self, args: &DeviceAttention) -> Result<DeviceAttnOutput> {
+        let raw = self.lower(args)?;
+        let out = self.forward_raw(&raw)?;
+        let (b, h, d, t) = (raw.batch, raw.heads, raw.head_dim, self.plan.t);
+        Ok(DeviceAttnOutput {
+            o: DeviceTensor::f32_unchecked(out.o, vec![b, t, h, d]),
+            lse: DeviceTensor::f32_unchecked(out.lse, vec![b, h, t]),
+        })
+    }
+
+    /// Backward pass over device tensors: `o` and `lse` are this plan's forward outputs for
+    /// `args`, `d_o` the gradient of `o` (`[B, T, H, D]`; f32, or 16-bit widened on the device).
+    pub fn backward(
+        &self,
+        args: &DeviceAttention,
+        o: &DeviceTensor,
+        lse: &DeviceTensor,
+        d_o: &DeviceTensor,
+    ) -> Result<DeviceAttnGrads> {
+        let raw = self.lower(args)?;
+        let (b, h, d, t, s) = (raw.batch, raw.heads, raw.head_dim, self.plan.t, self.plan.s);
+        let bthd = ["B", "T", "H", "D"];
+        for (name, tensor, dims, want) in [
+            ("o", o, &bthd[..], vec![b, t, h, d]),
+            ("lse", lse, &["B", "H", "T"][..], vec![b, h, t]),
+            ("do", d_o, &bthd[..], vec![b, t, h, d]),
+        ] {
+            if tensor.shape() != want.as_slice() {
+                return Err(Error::shape(
+                    name,
+                    crate::validation::describe(dims, &want),
+                    tensor.shape(),
+                ));
+            }
+        }
+        let o = o.to_f32(&self.ctx, "o")?;
+        let lse = lse.to_f32(&self.ctx, "lse")?;
+        let d_o = d_o.to_f32(&self.ctx, "do")?;
+        let grads = self.backward_raw(&raw, &o, &lse, &d_o)?;
+        Ok(DeviceAttnGrads {
+            dq: DeviceTensor::f32_unchecked(grads.dq, vec![b, t, h, d]),
+            dk: DeviceTensor::f32_unchecked(grads.dk, vec![b, s, h, d]),
+            dv: DeviceTensor::f32_unchecked(grads.dv, vec![b, s, h, d]),
+        })
     }
 
     /// The value check of `args` (16-bit inputs are widened to f32 for it) and of `extra` f32
     /// buffers.
     fn check_values(
         &self,
-        args: &DeviceAttention,
+        args: &RawAttention,
         l: &Launch,
         extra: &[(&str, &Handle, usize)],
     ) -> Result<()> {
-        if self.value_check == ValueCheck::Off {
+        if args.value_check == ValueCheck::Off {
             return Ok(());
         }
         let (t, s) = (self.plan.t, self.plan.s);
@@ -393,7 +507,7 @@ impl CubeAttentionPlan {
         self.ctx.client()
     }
 
-    fn validate(&self, args: &DeviceAttention) -> Result<Launch> {
+    fn validate(&self, args: &RawAttention) -> Result<Launch> {
         check_dtype(&self.ctx, "q", args.dtype)?;
         let (b, h, d) = (args.batch, args.heads, args.head_dim);
         if b == 0 || h == 0 {
@@ -475,8 +589,8 @@ impl CubeAttentionPlan {
         Ok((tiles, per_block, grid_x))
     }
 
-    /// Forward pass on device buffers.
-    pub fn forward(&self, args: &DeviceAttention) -> Result<DeviceAttnOutput> {
+    /// Forward pass on raw device buffers.
+    fn forward_raw(&self, args: &RawAttention) -> Result<RawOutput> {
         let l = self.validate(args)?;
         self.check_values(args, &l, &[])?;
         let (tiles, per_block, grid_x) = self.tiles(AttnKernel::Forward, l.d)?;
@@ -496,14 +610,14 @@ impl CubeAttentionPlan {
                 }
                 DType::F64 => unreachable!("check_dtype refuses f64"),
             }
-            Ok(DeviceAttnOutput { o, lse })
+            Ok(RawOutput { o, lse })
         })
     }
 
     #[allow(clippy::too_many_arguments)]
     fn launch_forward<F: Float + CubeElement>(
         &self,
-        args: &DeviceAttention,
+        args: &RawAttention,
         l: &Launch,
         tiles: Tiles,
         per_block: usize,
@@ -547,15 +661,15 @@ impl CubeAttentionPlan {
         };
     }
 
-    /// Backward pass on device buffers: `o` and `lse` are this plan's forward outputs for `args`
-    /// (f32), `d_o` the f32 gradient of `o` (`[B, T, H, D]`).
-    pub fn backward(
+    /// Backward pass on raw device buffers: `o` and `lse` are this plan's forward outputs for
+    /// `args` (f32), `d_o` the f32 gradient of `o` (`[B, T, H, D]`).
+    fn backward_raw(
         &self,
-        args: &DeviceAttention,
+        args: &RawAttention,
         o: &Handle,
         lse: &Handle,
         d_o: &Handle,
-    ) -> Result<DeviceAttnGrads> {
+    ) -> Result<RawGrads> {
         let l = self.validate(args)?;
         let (t, s) = (self.plan.t, self.plan.s);
         let q_len = l.b * t * l.h * l.d;
@@ -586,7 +700,7 @@ impl CubeAttentionPlan {
                 DType::BF16 => self.launch_backward::<bf16>(args, &l, &bufs, dq_tiles, dkdv_tiles),
                 DType::F64 => unreachable!("check_dtype refuses f64"),
             }
-            Ok(DeviceAttnGrads { dq, dk, dv })
+            Ok(RawGrads { dq, dk, dv })
         })
     }
 
@@ -612,7 +726,7 @@ impl CubeAttentionPlan {
 
     fn launch_backward<F: Float + CubeElement>(
         &self,
-        args: &DeviceAttention,
+        args: &RawAttention,
         l: &Launch,
         bufs: &BackwardBuffers,
         (dq_tiles, dq_per_block, dq_grid): (Tiles, usize, usize),
@@ -802,10 +916,8 @@ impl HostProblem {
     fn new(ctx: &CubeContext, spec: &AttnSpec, args: &Attention) -> Result<Self> {
         // Refuse an unsupported dtype before planning or uploading anything.
         check_dtype(ctx, "q", spec.dtype)?;
-        // The host API validated every value before the upload: no second check on the device.
         let plan =
-            CubeAttentionPlan::from_mask(ctx, args.mask, spec.dims.t, spec.dims.s, spec.causal)?
-                .with_value_check(ValueCheck::Off);
+            CubeAttentionPlan::from_mask(ctx, args.mask, spec.dims.t, spec.dims.s, spec.causal)?;
         let q = upload_input(ctx, "q", args.q)?;
         let k = upload_input(ctx, "k", args.k)?;
         let v = upload_input(ctx, "v", args.v)?;
@@ -818,9 +930,9 @@ impl HostProblem {
         })
     }
 
-    fn device_args(&self) -> DeviceAttention<'_> {
+    fn device_args(&self) -> RawAttention<'_> {
         let d = self.spec.dims;
-        DeviceAttention {
+        RawAttention {
             q: &self.q,
             k: &self.k,
             v: &self.v,
@@ -829,13 +941,15 @@ impl HostProblem {
             heads: d.h,
             head_dim: d.d,
             scale: Some(self.spec.scale),
+            // The host API validated every value before the upload: no second check.
+            value_check: ValueCheck::Off,
         }
     }
 }
 
 pub(super) fn forward(ctx: &CubeContext, spec: &AttnSpec, args: &Attention) -> Result<AttnOutput> {
     let problem = HostProblem::new(ctx, spec, args)?;
-    let out = problem.plan.forward(&problem.device_args())?;
+    let out = problem.plan.forward_raw(&problem.device_args())?;
     let o_shape = spec.o_shape();
     let lse_shape = spec.lse_shape();
     let o = download_f32(ctx, &out.o, o_shape.iter().product())?;
@@ -862,10 +976,12 @@ pub(super) fn backward(
     }
     let problem = HostProblem::new(ctx, spec, args)?;
     let device = problem.device_args();
-    let out = problem.plan.forward(&device)?;
+    let out = problem.plan.forward_raw(&device)?;
     // f16 / bf16 widen to f32 exactly.
     let d_o_dev = upload_f32(ctx, &d_o.to_f32_vec());
-    let grads = problem.plan.backward(&device, &out.o, &out.lse, &d_o_dev)?;
+    let grads = problem
+        .plan
+        .backward_raw(&device, &out.o, &out.lse, &d_o_dev)?;
     let dims = spec.dims;
     let (t, s) = (dims.t, dims.s);
     let q_len = dims.b * t * dims.h * dims.d;

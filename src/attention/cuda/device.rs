@@ -1,9 +1,10 @@
-//! Device-resident API: q, k, v, o, lse, do and the gradients are cudarc device slices, the plan
-//! is a [`CudaAttentionPlan`] uploaded once, launches go to the caller's stream and nothing is
-//! copied to the host. Sizes, dtypes, head dim and the plan's geometry are checked and typed
-//! errors returned. Values (q, k, v, and do in the backward pass) are checked on the device by
-//! default ([`DeviceAttention::value_check`]): one flag pass per input and one small read back,
-//! which synchronises the stream once; [`ValueCheck::Off`] keeps the call asynchronous.
+//! Device-resident API: the host API's builder, [`Attention`], over [`CudaTensor`]s; o, lse and
+//! the gradients are cudarc device views; the mask's plan is a [`CudaAttentionPlan`] uploaded
+//! once; launches go to the caller's stream and nothing is copied to the host. Shapes, dtypes,
+//! head dim and the plan's geometry are checked and typed errors returned. Values (q, k, v, and
+//! do in the backward pass) are checked on the device by default
+//! ([`Attention::with_value_check`]): one flag pass per input and one small read back, which
+//! synchronises the stream once; [`ValueCheck::Off`] keeps the call asynchronous.
 //!
 //! Outputs may be f32 or the inputs' dtype (o; the three gradients share one choice).
 
@@ -12,13 +13,13 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, CudaViewMut};
 use half::{bf16, f16};
 
-pub use crate::linear::cuda::device::{DeviceSlice, DeviceTensor};
+pub use crate::linear::cuda::device::{CudaTensor, DeviceSlice, TypedSlice};
 
 use super::engine::{self, BackwardAddrs, ForwardAddrs, Problem};
 use super::plan::{CudaAttentionPlan, DeviceAttentionPlan};
 use super::{DENSE_BLOCK_K, DENSE_BLOCK_Q};
-use crate::attention::AttnDims;
 use crate::attention::plan::AttentionPlan;
+use crate::attention::{Attention, AttnDims};
 use crate::backend::ValueCheck;
 use crate::cuda::CudaContext;
 use crate::cuda::exec::CudaExec;
@@ -26,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::linear::cuda::device::{Pointers, Source, check_values};
 use crate::linear::cuda::values::CheckedBuffer;
 use crate::tensor::DType;
+use crate::validation::describe;
 
 /// A device output of one of the supported element types (a whole slice through `as_view_mut`,
 /// or a part of one buffer through `split_at_mut`).
@@ -57,17 +59,21 @@ impl DeviceTensorMut<'_> {
     }
 }
 
-/// One attention problem on device slices (the device twin of `attention::Attention`; the mask
-/// lives in the plan).
+/// One attention problem over CUDA device tensors: the host API's builder, [`Attention`], over
+/// [`CudaTensor`]s. The mask's device form is a [`CudaAttentionPlan`] passed beside it (uploaded
+/// once per mask and sequence lengths; [`upload_plan`]); a builder's own mask must match it.
+pub type CudaAttention<'p, 'a> = Attention<'p, CudaTensor<'a>>;
+
+/// One attention problem lowered to device slices.
 #[derive(Clone, Copy)]
-pub struct DeviceAttention<'a> {
+pub(crate) struct DeviceAttention<'a> {
     pub dims: AttnDims,
     /// `[B, T, H, D]`.
-    pub q: DeviceTensor<'a>,
+    pub q: TypedSlice<'a>,
     /// `[B, S, H, D]`.
-    pub k: DeviceTensor<'a>,
+    pub k: TypedSlice<'a>,
     /// `[B, S, H, D]`.
-    pub v: DeviceTensor<'a>,
+    pub v: TypedSlice<'a>,
     /// Defaults to `D^-0.5`.
     pub scale: Option<f64>,
     /// Top-left aligned causal rule (must match the plan's).
@@ -82,7 +88,7 @@ fn check_inputs<'a>(
     stream: &Arc<CudaStream>,
     problem: &DeviceAttention<'a>,
     addrs: [u64; 3],
-    extra: Option<(u64, DeviceTensor<'a>)>,
+    extra: Option<(u64, TypedSlice<'a>)>,
 ) -> Result<()> {
     if problem.value_check == ValueCheck::Off {
         return Ok(());
@@ -170,6 +176,51 @@ impl DeviceAttention<'_> {
     }
 }
 
+/// The problem lowered to slices, checked against the plan's geometry.
+fn lower<'a>(
+    problem: &CudaAttention<'_, 'a>,
+    plan: Option<&CudaAttentionPlan>,
+) -> Result<DeviceAttention<'a>> {
+    let spec = problem.validate_layout()?;
+    let d = spec.dims;
+    if let Some(plan) = plan {
+        let g = plan.geometry();
+        if (g.t, g.s, g.causal) != (d.t, d.s, problem.causal) {
+            return Err(Error::InvalidArgument(format!(
+                "the plan covers T = {}, S = {}, causal = {}; the problem has T = {}, S = {}, causal = {}",
+                g.t, g.s, g.causal, d.t, d.s, problem.causal
+            )));
+        }
+        if let Some(mask) = problem.mask
+            && (mask.block_q(), mask.block_k()) != (g.block_q, g.block_k)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "the mask's blocks are {}x{}, the plan's {}x{}: upload the plan from this mask",
+                mask.block_q(),
+                mask.block_k(),
+                g.block_q,
+                g.block_k
+            )));
+        }
+    }
+    Ok(DeviceAttention {
+        dims: d,
+        q: problem.q.data(),
+        k: problem.k.data(),
+        v: problem.v.data(),
+        scale: problem.scale,
+        causal: problem.causal,
+        value_check: problem.value_check,
+    })
+}
+
+fn expect_shape_of(name: &str, t: &CudaTensor, dims: &[&str], want: &[usize]) -> Result<()> {
+    if t.shape() != want {
+        return Err(Error::shape(name, describe(dims, want), t.shape()));
+    }
+    Ok(())
+}
+
 /// The address of an output, its guard kept by `ptrs`.
 fn write_tensor<'p>(ptrs: &mut Pointers<'p>, t: &'p mut DeviceTensorMut<'_>) -> u64 {
     match t {
@@ -191,6 +242,18 @@ pub fn upload_plan(
 /// Forward pass: `o [B, T, H, D]` (f32 or the inputs' dtype) and `lse [B, H, T]` f32, launched on
 /// `stream` (asynchronous).
 pub fn forward<'a>(
+    ctx: &CudaContext,
+    stream: &'a Arc<CudaStream>,
+    plan: &CudaAttentionPlan,
+    problem: &CudaAttention<'_, 'a>,
+    o: DeviceTensorMut<'a>,
+    lse: CudaViewMut<'a, f32>,
+) -> Result<()> {
+    let lowered = lower(problem, Some(plan))?;
+    forward_lowered(ctx, stream, plan, &lowered, o, lse)
+}
+
+fn forward_lowered<'a>(
     ctx: &CudaContext,
     stream: &'a Arc<CudaStream>,
     plan: &CudaAttentionPlan,
@@ -222,13 +285,37 @@ pub fn forward<'a>(
 /// The backward's inputs besides the problem: the forward's `o` and `lse`, and `do` (the inputs'
 /// dtype).
 #[derive(Clone, Copy)]
-pub struct DeviceForwardState<'a> {
+pub struct DeviceForwardState<'s, 'a> {
     /// `[B, T, H, D]`, f32 or the inputs' dtype.
-    pub o: DeviceTensor<'a>,
-    /// `[B, H, T]`.
-    pub lse: DeviceSlice<'a, f32>,
+    pub o: &'s CudaTensor<'a>,
+    /// `[B, H, T]`, f32.
+    pub lse: &'s CudaTensor<'a>,
     /// `[B, T, H, D]`, the inputs' dtype.
-    pub d_o: DeviceTensor<'a>,
+    pub d_o: &'s CudaTensor<'a>,
+}
+
+/// [`DeviceForwardState`] lowered to slices.
+#[derive(Clone, Copy)]
+struct LoweredState<'a> {
+    o: TypedSlice<'a>,
+    lse: DeviceSlice<'a, f32>,
+    d_o: TypedSlice<'a>,
+}
+
+fn lower_state<'a>(
+    problem: &DeviceAttention<'a>,
+    state: &DeviceForwardState<'_, 'a>,
+) -> Result<LoweredState<'a>> {
+    let d = problem.dims;
+    let bthd = ["B", "T", "H", "D"];
+    expect_shape_of("o", state.o, &bthd, &[d.b, d.t, d.h, d.d])?;
+    expect_shape_of("lse", state.lse, &["B", "H", "T"], &[d.b, d.h, d.t])?;
+    expect_shape_of("do", state.d_o, &bthd, &[d.b, d.t, d.h, d.d])?;
+    Ok(LoweredState {
+        o: state.o.data(),
+        lse: state.lse.f32_slice("lse", "the forward's log-sum-exp")?,
+        d_o: state.d_o.data(),
+    })
 }
 
 /// Gradients, written in place: all f32 or all the inputs' dtype.
@@ -244,8 +331,21 @@ pub fn backward<'a>(
     ctx: &CudaContext,
     stream: &'a Arc<CudaStream>,
     plan: &CudaAttentionPlan,
+    problem: &CudaAttention<'_, 'a>,
+    state: DeviceForwardState<'_, 'a>,
+    grads: DeviceGrads<'a>,
+) -> Result<()> {
+    let lowered = lower(problem, Some(plan))?;
+    let state = lower_state(&lowered, &state)?;
+    backward_lowered(ctx, stream, plan, &lowered, state, grads)
+}
+
+fn backward_lowered<'a>(
+    ctx: &CudaContext,
+    stream: &'a Arc<CudaStream>,
+    plan: &CudaAttentionPlan,
     problem: &DeviceAttention<'a>,
-    state: DeviceForwardState<'a>,
+    state: LoweredState<'a>,
     grads: DeviceGrads<'a>,
 ) -> Result<()> {
     let prob = problem.validate()?;
@@ -313,19 +413,22 @@ pub fn backward<'a>(
 }
 
 /// The dense FlashAttention baseline's plan (computed lists, nothing uploaded) for `problem`.
-pub fn dense_plan(problem: &DeviceAttention) -> Result<CudaAttentionPlan> {
-    let d = problem.dims;
+pub fn dense_plan(problem: &CudaAttention) -> Result<CudaAttentionPlan> {
+    let spec = problem.validate_layout()?;
+    let d = spec.dims;
     DeviceAttentionPlan::dense(d.t, d.s, DENSE_BLOCK_Q, DENSE_BLOCK_K, problem.causal)
 }
 
-/// Dense FlashAttention-2 forward (every key, optionally causal): the library's baseline.
+/// Dense FlashAttention-2 forward (every key, optionally causal): the library's baseline. The
+/// problem must have no mask.
 pub fn flash_attention_dense_forward<'a>(
     ctx: &CudaContext,
     stream: &'a Arc<CudaStream>,
-    problem: &DeviceAttention<'a>,
+    problem: &CudaAttention<'_, 'a>,
     o: DeviceTensorMut<'a>,
     lse: CudaViewMut<'a, f32>,
 ) -> Result<()> {
+    expect_no_mask(problem)?;
     forward(ctx, stream, &dense_plan(problem)?, problem, o, lse)
 }
 
@@ -333,9 +436,20 @@ pub fn flash_attention_dense_forward<'a>(
 pub fn flash_attention_dense_backward<'a>(
     ctx: &CudaContext,
     stream: &'a Arc<CudaStream>,
-    problem: &DeviceAttention<'a>,
-    state: DeviceForwardState<'a>,
+    problem: &CudaAttention<'_, 'a>,
+    state: DeviceForwardState<'_, 'a>,
     grads: DeviceGrads<'a>,
 ) -> Result<()> {
+    expect_no_mask(problem)?;
     backward(ctx, stream, &dense_plan(problem)?, problem, state, grads)
+}
+
+fn expect_no_mask(problem: &CudaAttention) -> Result<()> {
+    if problem.mask.is_some() {
+        return Err(Error::InvalidArgument(
+            "the dense baseline takes no mask: upload a plan from the mask and call `forward`"
+                .into(),
+        ));
+    }
+    Ok(())
 }

@@ -186,11 +186,11 @@ mod cuda {
     use half::bf16;
 
     use super::{AttentionArgs, Measured, Point};
-    use crate::attention::AttnDims;
     use crate::attention::cuda::DeviceAttentionPlan;
     use crate::attention::cuda::device::{
-        self, DeviceAttention, DeviceForwardState, DeviceGrads, DeviceTensor, DeviceTensorMut,
+        self, CudaTensor, DeviceForwardState, DeviceGrads, DeviceTensorMut,
     };
+    use crate::attention::{Attention, AttnDims};
     use crate::cli::bench::{Bench, cuda_error};
     use crate::cuda::CudaContext;
     use crate::error::{Error, Result};
@@ -230,15 +230,14 @@ mod cuda {
         let mut lse = stream
             .alloc_zeros::<f32>(dims.lse_len())
             .map_err(cuda_error)?;
-        let problem = DeviceAttention {
-            dims,
-            q: DeviceTensor::from(&q),
-            k: DeviceTensor::from(&k),
-            v: DeviceTensor::from(&v),
-            scale: None,
-            causal: false,
-            value_check: crate::ValueCheck::Off,
-        };
+        let shape = vec![dims.b, dims.t, dims.h, dims.d];
+        let (qt, kt, vt) = (
+            CudaTensor::new(&q, shape.clone())?,
+            CudaTensor::new(&k, shape.clone())?,
+            CudaTensor::new(&v, shape.clone())?,
+        );
+        // The mask lives in each plan; the kernels alone are timed (no value check).
+        let problem = Attention::dense(&qt, &kt, &vt).with_value_check(crate::ValueCheck::Off);
         let mut plans = vec![
             (
                 "dense",
@@ -274,9 +273,9 @@ mod cuda {
                         plan,
                         &problem,
                         DeviceForwardState {
-                            o: DeviceTensor::from(&o),
-                            lse: (&lse).into(),
-                            d_o: DeviceTensor::from(&d_o),
+                            o: &CudaTensor::new(&o, shape.clone())?,
+                            lse: &CudaTensor::new(&lse, vec![dims.b, dims.h, dims.t])?,
+                            d_o: &CudaTensor::new(&d_o, shape.clone())?,
                         },
                         DeviceGrads {
                             dq: DeviceTensorMut::BF16(dq.as_view_mut()),
@@ -307,14 +306,13 @@ mod cuda {
 
 #[cfg(feature = "cube")]
 mod cube {
-    use cubecl::server::Handle;
-
     use super::{AttentionArgs, Measured, Point};
     use crate::ValueCheck;
-    use crate::attention::cube::{CubeAttentionPlan, DeviceAttention, upload_f32};
+    use crate::attention::Attention;
+    use crate::attention::cube::CubeAttentionPlan;
     use crate::attention::plan::AttentionPlan;
     use crate::cli::bench::Bench;
-    use crate::cube::CubeContext;
+    use crate::cube::{CubeContext, DeviceTensor};
     use crate::error::Result;
     use crate::tensor::{DType, Tensor};
 
@@ -327,22 +325,18 @@ mod cube {
     ) -> Result<Vec<Measured>> {
         ctx.check_dtype("q", dtype)?;
         let shape = vec![1, p.seq, p.heads, p.head_dim];
-        let upload = |name: &str, x: &[f32]| -> Result<Handle> {
+        let upload = |name: &str, x: &[f32], dtype: DType| -> Result<DeviceTensor> {
             let host = Tensor::from_f32(shape.clone(), x.to_vec())?.to_dtype(dtype);
-            Ok(ctx.upload(name, &host)?.into_handle())
+            ctx.upload(name, &host)
         };
-        let (q, k, v) = (upload("q", &p.q)?, upload("k", &p.k)?, upload("v", &p.v)?);
-        let d_o = upload_f32(ctx, &p.d_o);
-        let problem = DeviceAttention {
-            q: &q,
-            k: &k,
-            v: &v,
-            dtype,
-            batch: 1,
-            heads: p.heads,
-            head_dim: p.head_dim,
-            scale: None,
-        };
+        let (q, k, v) = (
+            upload("q", &p.q, dtype)?,
+            upload("k", &p.k, dtype)?,
+            upload("v", &p.v, dtype)?,
+        );
+        let d_o = upload("do", &p.d_o, DType::F32)?;
+        // The mask lives in each plan; the kernels alone are timed (no value check).
+        let problem = Attention::dense(&q, &k, &v).with_value_check(ValueCheck::Off);
         let dense = AttentionPlan::new(None, p.seq, p.seq, 128, 128, false)?;
         let plans = [
             ("dense", CubeAttentionPlan::new(ctx, &dense)?),
@@ -351,7 +345,6 @@ mod cube {
         let (warmup, iters) = (args.common.warmup, args.common.iters);
         let mut out = Vec::new();
         for (mode, plan) in plans {
-            let plan = plan.with_value_check(ValueCheck::Off);
             let fwd = bench.time(warmup, iters, || plan.forward(&problem).map(|_| ()))?;
             let bwd = if args.forward_only {
                 None

@@ -227,9 +227,9 @@ mod cuda {
     use crate::cuda::CudaContext;
     use crate::error::{Error, Result};
     use crate::linear::cuda::device::{
-        self, DeviceBackward, DeviceForward, DeviceGate, DeviceProblem, DeviceTensor,
+        self, CudaTensor, DeviceBackward, DeviceForward, TypedSlice,
     };
-    use crate::linear::{Dims, Direction, Form};
+    use crate::linear::{Form, Gate, LinearAttention};
     use crate::tensor::DType;
 
     enum Typed {
@@ -262,12 +262,13 @@ mod cuda {
             })
         }
 
-        fn view(&self) -> DeviceTensor<'_> {
-            match self {
-                Typed::BF16(s) => DeviceTensor::from(s),
-                Typed::F16(s) => DeviceTensor::from(s),
-                Typed::F32(s) => DeviceTensor::from(s),
-            }
+        fn tensor(&self, shape: &[usize]) -> Result<CudaTensor<'_>> {
+            let view = match self {
+                Typed::BF16(s) => TypedSlice::from(s),
+                Typed::F16(s) => TypedSlice::from(s),
+                Typed::F32(s) => TypedSlice::from(s),
+            };
+            CudaTensor::new(view, shape.to_vec())
         }
     }
 
@@ -289,27 +290,18 @@ mod cuda {
         let zeros = |n: usize| s.alloc_zeros::<f32>(n).map_err(cuda_error);
         let (mut o, mut dq, mut dk, mut dv, mut dg) =
             (zeros(n)?, zeros(n)?, zeros(n)?, zeros(n)?, zeros(n)?);
-        let problem = DeviceProblem {
-            dims: Dims {
-                b,
-                t,
-                h,
-                k: d,
-                v: d,
-            },
-            q: q.view(),
-            k: k.view(),
-            v: v.view(),
-            gate: DeviceGate::Vector((&g).into()),
-            gate_bwd: None,
-            direction: Direction::Causal,
-            scale: None,
-            normalize: None,
-            h0: None,
-            cu_seqlens: None,
-            // The kernels alone: the inputs are made here, finite and with gates <= 0.
-            value_check: crate::ValueCheck::Off,
-        };
+        let shape = [b, t, h, d];
+        let (qt, kt, vt, d_ot) = (
+            q.tensor(&shape)?,
+            k.tensor(&shape)?,
+            v.tensor(&shape)?,
+            d_o.tensor(&shape)?,
+        );
+        let gt = CudaTensor::new(&g, shape.to_vec())?;
+        // The kernels alone: the inputs are made here, finite and with gates <= 0.
+        let problem = LinearAttention::causal(&qt, &kt, &vt)
+            .with_gate(Gate::Vector(&gt))
+            .with_value_check(crate::ValueCheck::Off);
         let form = Form::Chunkwise { chunk: args.chunk };
         let (warmup, iters) = (args.common.warmup, args.common.iters);
         let fwd = bench.time(warmup, iters, || {
@@ -343,7 +335,7 @@ mod cuda {
                     s,
                     &problem,
                     form,
-                    d_o.view(),
+                    &d_ot,
                     None,
                     DeviceBackward {
                         dq: dq.as_view_mut(),

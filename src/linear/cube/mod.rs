@@ -63,206 +63,90 @@ use crate::validation::describe;
 /// Threads per cube of the per-(chunk, head) kernels.
 const CHUNK_THREADS: u32 = 256;
 
-/// A gate over device tensors (natural-log decays, all `<= 0`).
-#[derive(Clone, Copy, Debug)]
-pub enum DeviceGate<'a> {
-    None,
-    /// `[H]`.
-    PerHead(&'a DeviceTensor),
-    /// `[B, T, H]`.
-    Scalar(&'a DeviceTensor),
-    /// `[B, T, H, K]`.
-    Vector(&'a DeviceTensor),
-}
+/// A gate over device tensors (natural-log decays, all `<= 0`): the host API's [`Gate`] over
+/// [`DeviceTensor`]s.
+pub type DeviceGate<'a> = Gate<'a, DeviceTensor>;
 
-impl<'a> DeviceGate<'a> {
-    pub fn kind(&self) -> GateKind {
-        match self {
-            DeviceGate::None => GateKind::None,
-            DeviceGate::PerHead(_) => GateKind::PerHead,
-            DeviceGate::Scalar(_) => GateKind::Scalar,
-            DeviceGate::Vector(_) => GateKind::Vector,
-        }
-    }
+/// One engine problem over device tensors: the host API's builder, [`LinearAttention`], over
+/// [`DeviceTensor`]s (the same `causal` / `bidirectional` / `with_*` calls, plus
+/// [`LinearAttention::with_value_check`]).
+pub type DeviceLinearAttention<'a> = LinearAttention<'a, DeviceTensor>;
 
-    pub fn tensor(&self) -> Option<&'a DeviceTensor> {
-        match *self {
-            DeviceGate::None => None,
-            DeviceGate::PerHead(t) | DeviceGate::Scalar(t) | DeviceGate::Vector(t) => Some(t),
-        }
-    }
-}
-
-/// One engine problem over device tensors; the fields mean what they mean in
-/// [`LinearAttention`].
-#[derive(Clone, Copy, Debug)]
-pub struct DeviceLinearAttention<'a> {
-    pub q: &'a DeviceTensor,
-    pub k: &'a DeviceTensor,
-    pub v: &'a DeviceTensor,
-    pub gate: DeviceGate<'a>,
-    pub gate_bwd: Option<DeviceGate<'a>>,
-    pub direction: Direction,
-    pub scale: Option<f64>,
-    pub normalize: Option<f64>,
-    pub h0: Option<&'a DeviceTensor>,
-    pub cu_seqlens: Option<&'a [i64]>,
-    /// On by default: the inputs' values (and the cotangents' in the backward pass) are checked
-    /// on the device before any launch.
-    pub value_check: ValueCheck,
-}
-
-impl<'a> DeviceLinearAttention<'a> {
-    pub fn causal(q: &'a DeviceTensor, k: &'a DeviceTensor, v: &'a DeviceTensor) -> Self {
-        DeviceLinearAttention {
-            q,
-            k,
-            v,
-            gate: DeviceGate::None,
-            gate_bwd: None,
-            direction: Direction::Causal,
-            scale: None,
-            normalize: None,
-            h0: None,
-            cu_seqlens: None,
-            value_check: ValueCheck::On,
-        }
-    }
-
-    pub fn bidirectional(q: &'a DeviceTensor, k: &'a DeviceTensor, v: &'a DeviceTensor) -> Self {
-        DeviceLinearAttention {
-            direction: Direction::Bidirectional,
-            ..Self::causal(q, k, v)
-        }
-    }
-
-    pub fn with_gate(mut self, gate: DeviceGate<'a>) -> Self {
-        self.gate = gate;
-        self
-    }
-
-    pub fn with_gate_bwd(mut self, gate_bwd: DeviceGate<'a>) -> Self {
-        self.gate_bwd = Some(gate_bwd);
-        self
-    }
-
-    pub fn with_scale(mut self, scale: f64) -> Self {
-        self.scale = Some(scale);
-        self
-    }
-
-    pub fn with_normalize(mut self, eps: f64) -> Self {
-        self.normalize = Some(eps);
-        self
-    }
-
-    pub fn with_h0(mut self, h0: &'a DeviceTensor) -> Self {
-        self.h0 = Some(h0);
-        self
-    }
-
-    pub fn with_cu_seqlens(mut self, cu_seqlens: &'a [i64]) -> Self {
-        self.cu_seqlens = Some(cu_seqlens);
-        self
-    }
-
-    /// [`ValueCheck::On`] (the default) or [`ValueCheck::Off`] (no device-side value check).
-    pub fn with_value_check(mut self, check: ValueCheck) -> Self {
-        self.value_check = check;
-        self
-    }
-
-    /// The device-side value check of the inputs (and of the cotangents `extra`), when on.
-    fn check_values(
-        &self,
-        ctx: &CubeContext,
-        problem: &Problem,
-        extra: &[(&str, &Handle, usize)],
-    ) -> Result<()> {
-        if self.value_check == ValueCheck::Off {
-            return Ok(());
-        }
-        let mut checked = vec![
-            values::Checked {
-                name: "q",
-                buffer: &problem.q,
-                len: self.q.numel(),
-                gate: false,
-            },
-            values::Checked {
-                name: "k",
-                buffer: &problem.k,
-                len: self.k.numel(),
-                gate: false,
-            },
-            values::Checked {
-                name: "v",
-                buffer: &problem.v,
-                len: self.v.numel(),
-                gate: false,
-            },
-        ];
-        if let (Some(t), Some(buffer)) = (self.gate.tensor(), problem.gate.as_ref()) {
-            checked.push(values::Checked {
-                name: "g",
-                buffer,
-                len: t.numel(),
-                gate: true,
-            });
-        }
-        if let (Some(t), Some(buffer)) = (
-            self.gate_bwd.as_ref().and_then(|g| g.tensor()),
-            problem.gate_bwd.as_ref(),
-        ) {
-            checked.push(values::Checked {
-                name: "g_bwd",
-                buffer,
-                len: t.numel(),
-                gate: true,
-            });
-        }
-        if let (Some(t), Some(buffer)) = (self.h0, problem.h0.as_ref()) {
-            checked.push(values::Checked {
-                name: "h0",
-                buffer,
-                len: t.numel(),
-                gate: false,
-            });
-        }
-        for &(name, buffer, len) in extra {
-            checked.push(values::Checked {
-                name,
-                buffer,
-                len,
-                gate: false,
-            });
-        }
-        values::check(ctx, &checked)
-    }
-
-    /// Checks shapes and options (not values: they stay on the device), with the same
-    /// validator as the host path ([`LinearAttention::validate_layout`]).
+impl LinearAttention<'_, DeviceTensor> {
+    /// Checks shapes and options (not values: they stay on the device, see
+    /// [`LinearAttention::with_value_check`]), with the host path's validator
+    /// ([`LinearAttention::validate_layout`]).
     pub fn validate(&self) -> Result<Spec> {
-        let gate = |g: DeviceGate<'a>| match g {
-            DeviceGate::None => Gate::None,
-            DeviceGate::PerHead(t) => Gate::PerHead(t),
-            DeviceGate::Scalar(t) => Gate::Scalar(t),
-            DeviceGate::Vector(t) => Gate::Vector(t),
-        };
-        LinearAttention {
-            q: self.q,
-            k: self.k,
-            v: self.v,
-            gate: gate(self.gate),
-            gate_bwd: self.gate_bwd.map(gate),
-            direction: self.direction,
-            scale: self.scale,
-            normalize: self.normalize,
-            h0: self.h0,
-            cu_seqlens: self.cu_seqlens,
-        }
-        .validate_layout()
+        self.validate_layout()
     }
+}
+
+/// The device-side value check of the inputs (and of the cotangents `extra`), when on.
+fn check_values(
+    args: &DeviceLinearAttention,
+    ctx: &CubeContext,
+    problem: &Problem,
+    extra: &[(&str, &Handle, usize)],
+) -> Result<()> {
+    if args.value_check == ValueCheck::Off {
+        return Ok(());
+    }
+    let mut checked = vec![
+        values::Checked {
+            name: "q",
+            buffer: &problem.q,
+            len: args.q.numel(),
+            gate: false,
+        },
+        values::Checked {
+            name: "k",
+            buffer: &problem.k,
+            len: args.k.numel(),
+            gate: false,
+        },
+        values::Checked {
+            name: "v",
+            buffer: &problem.v,
+            len: args.v.numel(),
+            gate: false,
+        },
+    ];
+    if let (Some(t), Some(buffer)) = (args.gate.tensor(), problem.gate.as_ref()) {
+        checked.push(values::Checked {
+            name: "g",
+            buffer,
+            len: t.numel(),
+            gate: true,
+        });
+    }
+    if let (Some(t), Some(buffer)) = (
+        args.gate_bwd.as_ref().and_then(|g| g.tensor()),
+        problem.gate_bwd.as_ref(),
+    ) {
+        checked.push(values::Checked {
+            name: "g_bwd",
+            buffer,
+            len: t.numel(),
+            gate: true,
+        });
+    }
+    if let (Some(t), Some(buffer)) = (args.h0, problem.h0.as_ref()) {
+        checked.push(values::Checked {
+            name: "h0",
+            buffer,
+            len: t.numel(),
+            gate: false,
+        });
+    }
+    for &(name, buffer, len) in extra {
+        checked.push(values::Checked {
+            name,
+            buffer,
+            len,
+            gate: false,
+        });
+    }
+    values::check(ctx, &checked)
 }
 
 /// Forward result on the device (f32).
@@ -293,7 +177,7 @@ pub fn forward_device(
 ) -> Result<DeviceOutput> {
     let spec = args.validate()?;
     let problem = Problem::new(ctx, &spec, args)?;
-    args.check_values(ctx, &problem, &[])?;
+    check_values(args, ctx, &problem, &[])?;
     let run = Run::new(ctx, &problem, form)?;
     let (o, ht) = run.forward()?;
     let d = spec.dims;
@@ -343,7 +227,7 @@ pub fn backward_device(
     if let Some(d_ht) = d_ht.as_ref() {
         cotangents.push(("dht", d_ht, d_ht_len));
     }
-    args.check_values(ctx, &problem, &cotangents)?;
+    check_values(args, ctx, &problem, &cotangents)?;
     let run = Run::new(ctx, &problem, form)?;
     let grads = run.backward(&d_o, d_ht.as_ref())?;
     let d = spec.dims;

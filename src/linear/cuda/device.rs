@@ -1,14 +1,16 @@
-//! Device-resident API: inputs are [`DeviceSlice`]s (a whole cudarc slice, or a run of one at an
-//! offset, as a framework's tensor is a view into its storage), outputs are cudarc mutable views
+//! Device-resident API: the host API's builder, [`LinearAttention`], over [`CudaTensor`]s (a
+//! typed [`DeviceSlice`] with a shape: a whole cudarc slice, or a run of one at an offset, as a
+//! framework's tensor is a view into its storage). Outputs are cudarc mutable views
 //! (`CudaSlice::as_view_mut`, or disjoint parts of one buffer from `split_at_mut`), launches go to
 //! the caller's stream, nothing is copied to the host (except the tiny chunk tables built from
 //! `cu_seqlens`, which is a host slice because the launch grids depend on it).
 //!
-//! Sizes are checked against `dims` and typed errors returned. Values are checked on the device by
-//! default ([`DeviceProblem::value_check`], [`ValueCheck::On`]): one `la_value_flags` pass per input
-//! (finite values, gates `<= 0`) and one 4-byte-per-tensor read back, which synchronises the
-//! stream once; a bad value is the host API's typed error. With [`ValueCheck::Off`] the call is
-//! fully asynchronous and the caller vouches for the values (a positive gate overflows).
+//! Shapes are checked by the host API's validator and typed errors returned. Values are checked
+//! on the device by default ([`LinearAttention::with_value_check`], [`ValueCheck::On`]): one
+//! `la_value_flags` pass per input (finite values, gates `<= 0`) and one 4-byte-per-tensor read
+//! back, which synchronises the stream once; a bad value is the host API's typed error. With
+//! [`ValueCheck::Off`] the call is fully asynchronous and the caller vouches for the values (a
+//! positive gate overflows).
 
 use std::sync::Arc;
 
@@ -25,8 +27,9 @@ use crate::backend::ValueCheck;
 use crate::cuda::CudaContext;
 use crate::cuda::exec::CudaExec;
 use crate::error::{Error, Result};
-use crate::tensor::DType;
-use crate::validation::parse_cu_seqlens;
+use crate::linear::{Gate, LinearAttention};
+use crate::tensor::{DType, Shaped};
+use crate::validation::{describe, parse_cu_seqlens};
 
 /// `len` elements of a device slice from `offset` on: a whole [`CudaSlice`] (`From`), or a run of
 /// one ([`DeviceSlice::range`]), such as a framework tensor's elements inside its storage (candle
@@ -99,47 +102,47 @@ impl<'a, T: DeviceRepr> DeviceSlice<'a, T> {
     }
 }
 
-/// A device input of one of the supported element types, `[B, T, H, D]` row-major. `From` a
-/// `&CudaSlice` of bf16, f16 or f32 for a whole slice.
+/// A device slice of one of the supported element types (bf16, f16, f32). `From` a `&CudaSlice`
+/// of one of them for a whole slice, or a [`DeviceSlice`] for a part of one.
 #[derive(Clone, Copy)]
-pub enum DeviceTensor<'a> {
+pub enum TypedSlice<'a> {
     BF16(DeviceSlice<'a, bf16>),
     F16(DeviceSlice<'a, f16>),
     F32(DeviceSlice<'a, f32>),
 }
 
-impl<'a> From<&'a CudaSlice<bf16>> for DeviceTensor<'a> {
+impl<'a> From<&'a CudaSlice<bf16>> for TypedSlice<'a> {
     fn from(s: &'a CudaSlice<bf16>) -> Self {
-        DeviceTensor::BF16(s.into())
+        TypedSlice::BF16(s.into())
     }
 }
 
-impl<'a> From<&'a CudaSlice<f16>> for DeviceTensor<'a> {
+impl<'a> From<&'a CudaSlice<f16>> for TypedSlice<'a> {
     fn from(s: &'a CudaSlice<f16>) -> Self {
-        DeviceTensor::F16(s.into())
+        TypedSlice::F16(s.into())
     }
 }
 
-impl<'a> From<&'a CudaSlice<f32>> for DeviceTensor<'a> {
+impl<'a> From<&'a CudaSlice<f32>> for TypedSlice<'a> {
     fn from(s: &'a CudaSlice<f32>) -> Self {
-        DeviceTensor::F32(s.into())
+        TypedSlice::F32(s.into())
     }
 }
 
-impl DeviceTensor<'_> {
+impl TypedSlice<'_> {
     pub fn dtype(&self) -> DType {
         match self {
-            DeviceTensor::BF16(_) => DType::BF16,
-            DeviceTensor::F16(_) => DType::F16,
-            DeviceTensor::F32(_) => DType::F32,
+            TypedSlice::BF16(_) => DType::BF16,
+            TypedSlice::F16(_) => DType::F16,
+            TypedSlice::F32(_) => DType::F32,
         }
     }
 
     pub fn len(&self) -> usize {
         match self {
-            DeviceTensor::BF16(s) => s.len(),
-            DeviceTensor::F16(s) => s.len(),
-            DeviceTensor::F32(s) => s.len(),
+            TypedSlice::BF16(s) => s.len(),
+            TypedSlice::F16(s) => s.len(),
+            TypedSlice::F32(s) => s.len(),
         }
     }
 
@@ -148,9 +151,141 @@ impl DeviceTensor<'_> {
     }
 }
 
-/// A device gate (f32 natural-log decays `<= 0`).
+impl<'a> From<DeviceSlice<'a, bf16>> for TypedSlice<'a> {
+    fn from(s: DeviceSlice<'a, bf16>) -> Self {
+        TypedSlice::BF16(s)
+    }
+}
+
+impl<'a> From<DeviceSlice<'a, f16>> for TypedSlice<'a> {
+    fn from(s: DeviceSlice<'a, f16>) -> Self {
+        TypedSlice::F16(s)
+    }
+}
+
+impl<'a> From<DeviceSlice<'a, f32>> for TypedSlice<'a> {
+    fn from(s: DeviceSlice<'a, f32>) -> Self {
+        TypedSlice::F32(s)
+    }
+}
+
+/// A device tensor of the CUDA tier: a typed slice of device memory (a whole `CudaSlice`, or a
+/// framework tensor's run inside its storage) with a row-major shape. The CUDA twin of
+/// `cube::DeviceTensor`: both are [`Shaped`], and the device APIs of both take the host API's
+/// builders over them ([`LinearAttention`], `attention::Attention`).
+#[derive(Clone)]
+pub struct CudaTensor<'a> {
+    data: TypedSlice<'a>,
+    shape: Vec<usize>,
+}
+
+impl std::fmt::Debug for CudaTensor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaTensor({:?}, {})", self.shape, self.data.dtype())
+    }
+}
+
+impl Shaped for CudaTensor<'_> {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+}
+
+impl<'a> CudaTensor<'a> {
+    /// `data` (a `&CudaSlice` of bf16 / f16 / f32, a [`DeviceSlice`] or a [`TypedSlice`]) seen
+    /// with `shape`; an error unless it holds exactly the shape's element count.
+    pub fn new(data: impl Into<TypedSlice<'a>>, shape: Vec<usize>) -> Result<Self> {
+        let data = data.into();
+        let numel: usize = shape.iter().product();
+        if data.len() != numel {
+            return Err(Error::InvalidArgument(format!(
+                "a device slice of {} elements seen as shape {shape:?} ({numel} elements)",
+                data.len()
+            )));
+        }
+        Ok(CudaTensor { data, shape })
+    }
+
+    pub fn data(&self) -> TypedSlice<'a> {
+        self.data
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    /// The f32 slice of an f32 tensor (gates, states and f32 cotangents are f32 on this tier).
+    pub(crate) fn f32_slice(&self, name: &str, what: &str) -> Result<DeviceSlice<'a, f32>> {
+        match self.data {
+            TypedSlice::F32(s) => Ok(s),
+            other => Err(Error::UnsupportedDtype {
+                tensor: name.into(),
+                dtype: other.dtype(),
+                backend: "cuda".into(),
+                supported: format!("f32 ({what})"),
+            }),
+        }
+    }
+}
+
+/// One engine problem over CUDA device tensors: the host API's builder, [`LinearAttention`], over
+/// [`CudaTensor`]s (gates and `h0` f32).
+pub type CudaLinearAttention<'p, 'a> = LinearAttention<'p, CudaTensor<'a>>;
+
+/// A gate over CUDA device tensors (f32 natural-log decays `<= 0`).
+pub type CudaGate<'p, 'a> = Gate<'p, CudaTensor<'a>>;
+
+/// The problem lowered to slices: validated sizes, f32 gates and state.
+fn lower<'p, 'a: 'p>(
+    problem: &LinearAttention<'p, CudaTensor<'a>>,
+) -> Result<(Spec, DeviceProblem<'p>)> {
+    let spec = problem.validate_layout()?;
+    let gate = |name: &str, g: &Gate<'p, CudaTensor<'a>>| -> Result<DeviceGate<'p>> {
+        Ok(match *g {
+            Gate::None => DeviceGate::None,
+            Gate::PerHead(t) => DeviceGate::PerHead(t.f32_slice(name, "log decays")?),
+            Gate::Scalar(t) => DeviceGate::Scalar(t.f32_slice(name, "log decays")?),
+            Gate::Vector(t) => DeviceGate::Vector(t.f32_slice(name, "log decays")?),
+        })
+    };
+    let lowered = DeviceProblem {
+        dims: spec.dims,
+        q: problem.q.data,
+        k: problem.k.data,
+        v: problem.v.data,
+        gate: gate("g", &problem.gate)?,
+        gate_bwd: problem
+            .gate_bwd
+            .as_ref()
+            .map(|g| gate("g_bwd", g))
+            .transpose()?,
+        direction: problem.direction,
+        scale: problem.scale,
+        normalize: problem.normalize,
+        h0: problem
+            .h0
+            .map(|t| t.f32_slice("h0", "the state"))
+            .transpose()?,
+        cu_seqlens: problem.cu_seqlens,
+        value_check: problem.value_check,
+    };
+    Ok((spec, lowered))
+}
+
+/// A lowered gate (f32 natural-log decays `<= 0`).
 #[derive(Clone, Copy)]
-pub enum DeviceGate<'a> {
+pub(crate) enum DeviceGate<'a> {
     None,
     /// `[H]`.
     PerHead(DeviceSlice<'a, f32>),
@@ -178,14 +313,14 @@ impl<'a> DeviceGate<'a> {
     }
 }
 
-/// One engine problem on device slices (the device twin of `linear::LinearAttention`).
+/// One engine problem lowered to device slices (from a [`CudaLinearAttention`]).
 #[derive(Clone, Copy)]
-pub struct DeviceProblem<'a> {
+pub(crate) struct DeviceProblem<'a> {
     /// With `cu_seqlens`, `b == 1` and `t` is the packed length.
     pub dims: Dims,
-    pub q: DeviceTensor<'a>,
-    pub k: DeviceTensor<'a>,
-    pub v: DeviceTensor<'a>,
+    pub q: TypedSlice<'a>,
+    pub k: TypedSlice<'a>,
+    pub v: TypedSlice<'a>,
     pub gate: DeviceGate<'a>,
     pub gate_bwd: Option<DeviceGate<'a>>,
     pub direction: Direction,
@@ -316,7 +451,7 @@ impl DeviceProblem<'_> {
 /// A device buffer the value check may have to read back (its error path only).
 #[derive(Clone, Copy)]
 pub(crate) enum Source<'a> {
-    Tensor(DeviceTensor<'a>),
+    Tensor(TypedSlice<'a>),
     F32(DeviceSlice<'a, f32>),
 }
 
@@ -335,19 +470,19 @@ pub(crate) fn check_values<'a>(
     };
     values::first_error(checked, &flags, |i| {
         Ok(match sources[i] {
-            Source::Tensor(DeviceTensor::BF16(s)) => s
+            Source::Tensor(TypedSlice::BF16(s)) => s
                 .download(stream)
                 .map_err(runtime)?
                 .iter()
                 .map(|x| x.to_f64())
                 .collect(),
-            Source::Tensor(DeviceTensor::F16(s)) => s
+            Source::Tensor(TypedSlice::F16(s)) => s
                 .download(stream)
                 .map_err(runtime)?
                 .iter()
                 .map(|x| x.to_f64())
                 .collect(),
-            Source::Tensor(DeviceTensor::F32(s)) | Source::F32(s) => s
+            Source::Tensor(TypedSlice::F32(s)) | Source::F32(s) => s
                 .download(stream)
                 .map_err(runtime)?
                 .iter()
@@ -431,11 +566,11 @@ impl<'a> Pointers<'a> {
         ptr
     }
 
-    pub(crate) fn tensor(&mut self, t: DeviceTensor<'a>) -> u64 {
+    pub(crate) fn tensor(&mut self, t: TypedSlice<'a>) -> u64 {
         match t {
-            DeviceTensor::BF16(s) => self.read(s),
-            DeviceTensor::F16(s) => self.read(s),
-            DeviceTensor::F32(s) => self.read(s),
+            TypedSlice::BF16(s) => self.read(s),
+            TypedSlice::F16(s) => self.read(s),
+            TypedSlice::F32(s) => self.read(s),
         }
     }
 
@@ -455,9 +590,21 @@ impl<'a> Pointers<'a> {
     }
 }
 
-/// Forward pass on device slices, launched on `stream` (asynchronous: results are ready when the
-/// stream reaches this point).
+/// Forward pass over CUDA device tensors, launched on `stream` (asynchronous: results are ready
+/// when the stream reaches this point; with the value check on, the call waits for the stream
+/// once).
 pub fn forward<'a>(
+    ctx: &CudaContext,
+    stream: &'a Arc<CudaStream>,
+    problem: &CudaLinearAttention<'_, 'a>,
+    form: Form,
+    out: DeviceForward<'a>,
+) -> Result<()> {
+    let (_, lowered) = lower(problem)?;
+    forward_lowered(ctx, stream, &lowered, form, out)
+}
+
+fn forward_lowered<'a>(
     ctx: &CudaContext,
     stream: &'a Arc<CudaStream>,
     problem: &DeviceProblem<'a>,
@@ -497,14 +644,49 @@ pub fn forward<'a>(
     engine::forward(&exec, &cfg, &inp, &targets)
 }
 
-/// Backward pass on device slices (recomputes what it needs), launched on `stream`. `d_o` may be
-/// of the inputs' dtype or f32.
+/// Backward pass over CUDA device tensors (recomputes what it needs), launched on `stream`.
+/// `d_o` (`[B, T, H, V]`) may be of the inputs' dtype or f32; `d_ht` (`[N, H, K, V]`) is f32.
 pub fn backward<'a>(
+    ctx: &CudaContext,
+    stream: &'a Arc<CudaStream>,
+    problem: &CudaLinearAttention<'_, 'a>,
+    form: Form,
+    d_o: &CudaTensor<'a>,
+    d_ht: Option<&CudaTensor<'a>>,
+    out: DeviceBackward<'a>,
+) -> Result<()> {
+    let (spec, lowered) = lower(problem)?;
+    let o_shape = spec.o_shape();
+    if d_o.shape() != o_shape.as_slice() {
+        return Err(Error::shape(
+            "do",
+            describe(&["B", "T", "H", "V"], &o_shape),
+            d_o.shape(),
+        ));
+    }
+    let d_ht = match d_ht {
+        None => None,
+        Some(t) => {
+            let state = spec.state_shape();
+            if t.shape() != state.as_slice() {
+                return Err(Error::shape(
+                    "dht",
+                    describe(&["N", "H", "K", "V"], &state),
+                    t.shape(),
+                ));
+            }
+            Some(t.f32_slice("dht", "the state's cotangent")?)
+        }
+    };
+    backward_lowered(ctx, stream, &lowered, form, d_o.data, d_ht, out)
+}
+
+fn backward_lowered<'a>(
     ctx: &CudaContext,
     stream: &'a Arc<CudaStream>,
     problem: &DeviceProblem<'a>,
     form: Form,
-    d_o: DeviceTensor<'a>,
+    d_o: TypedSlice<'a>,
     d_ht: Option<DeviceSlice<'a, f32>>,
     out: DeviceBackward<'a>,
 ) -> Result<()> {
@@ -584,19 +766,27 @@ pub fn backward<'a>(
     engine::backward(&exec, &cfg, &inp, &cot, &targets)
 }
 
-/// One causal decoding step on device slices, for generation: `token` is the step's problem
-/// (`dims.t == 1`, causal, no normalisation, no `h0`, no `cu_seqlens`; its gate is the token's),
-/// `state` `[B, H, K, V]` f32 the running state, `o` `[B, 1, H, V]` f32 the output. The state
-/// never leaves the device: on return `*state` holds the new state (a slice allocated on
-/// `stream`, swapped in; the old one is released), so a generation loop makes no host copy.
-/// Launched on `stream`; with `token.value_check` on, the call synchronises it once.
+/// One causal decoding step over CUDA device tensors, for generation: `token` is the step's
+/// problem (`q, k: [B, 1, H, K]`, `v: [B, 1, H, V]`, causal, no normalisation, no `h0`, no
+/// `cu_seqlens`; its gate is the token's), `state` `[B, H, K, V]` f32 the running state, `o`
+/// `[B, 1, H, V]` f32 the output. The state never leaves the device: on return `*state` holds
+/// the new state (a slice allocated on `stream`, swapped in; the old one is released), so a
+/// generation loop makes no host copy. Launched on `stream`; with the value check on, the call
+/// synchronises it once.
 pub fn decode_step<'a>(
     ctx: &CudaContext,
     stream: &'a Arc<CudaStream>,
-    token: &DeviceProblem<'a>,
+    token: &CudaLinearAttention<'_, 'a>,
     state: &mut CudaSlice<f32>,
     o: CudaViewMut<'a, f32>,
 ) -> Result<()> {
+    if token.h0.is_some() {
+        return Err(Error::InvalidArgument(
+            "decode_step takes the state apart, not as the token's h0".into(),
+        ));
+    }
+    let (_, token) = lower(token)?;
+    let token = &token;
     let d = token.dims;
     if d.t != 1 {
         return Err(Error::InvalidArgument(format!(
@@ -641,7 +831,7 @@ fn forward_one(
     o: CudaViewMut<'_, f32>,
     ht: CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    forward(
+    forward_lowered(
         ctx,
         stream,
         problem,
