@@ -346,7 +346,6 @@ fn device_resident_api_checks_values_by_default() {
 /// and the outputs and final state match the CPU's host decoding step.
 #[test]
 fn device_decode_step_keeps_the_state_on_the_device() {
-    use linattn::cube::ValueCheck;
     use linattn::linear::cube::decode_step_device;
     let Some((_, ctx)) = cube() else { return };
     let (b, h, k, v) = (2, 2, 8, 4);
@@ -370,17 +369,8 @@ fn device_decode_step_keeps_the_state_on_the_device() {
         .unwrap();
         let up = |name: &str, t: &Tensor| ctx.upload(name, t).unwrap();
         let (qd, kd, vd, gd) = (up("q", &q), up("k", &kk), up("v", &vv), up("g", &g));
-        let o = decode_step_device(
-            &ctx,
-            &mut state_dev,
-            &qd,
-            &kd,
-            &vd,
-            DeviceGate::Scalar(&gd),
-            None,
-            ValueCheck::On,
-        )
-        .unwrap();
+        let token = LinearAttention::causal(&qd, &kd, &vd).with_gate(Gate::Scalar(&gd));
+        let o = decode_step_device(&ctx, &token, &mut state_dev).unwrap();
         assert_eq!(o.shape(), &[b, 1, h, v]);
         assert_close(
             &format!("o step {step}"),
@@ -409,19 +399,17 @@ fn device_decode_step_keeps_the_state_on_the_device() {
         t(b * h * k, vec![b, 1, h, k]),
         t(b * h * v, vec![b, 1, h, v]),
     );
-    let err = decode_step_device(
-        &ctx,
-        &mut wrong,
-        &q,
-        &kk,
-        &vv,
-        DeviceGate::None,
-        None,
-        ValueCheck::On,
-    )
-    .unwrap_err();
+    let token = LinearAttention::causal(&q, &kk, &vv);
+    let err = decode_step_device(&ctx, &token, &mut wrong).unwrap_err();
     assert!(
         matches!(&err, Error::ShapeMismatch { tensor, .. } if tensor == "state"),
+        "{err}"
+    );
+    // A token with its own h0 (the state is passed apart) is refused.
+    let err =
+        decode_step_device(&ctx, &token.with_h0(&state_dev), &mut state_dev.clone()).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument(m) if m.contains("h0")),
         "{err}"
     );
 }

@@ -389,15 +389,12 @@ pub(crate) fn decode_step(
         device_tensor(v),
         device_tensor(g),
     );
+    let token = linattn::linear::LinearAttention::causal(&q, &k, &v)
+        .with_gate(gate(config.gate, &g))
+        .with_scale(config.scale)
+        .with_value_check(ValueCheck::Off);
     let o = expect_ok(linattn::linear::cube::decode_step_device(
-        &ctx,
-        &mut state,
-        &q,
-        &k,
-        &v,
-        gate(config.gate, &g),
-        Some(config.scale),
-        ValueCheck::Off,
+        &ctx, &token, &mut state,
     ));
     (
         wrap(&ctx, &like, o, dtype),

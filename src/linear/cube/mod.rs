@@ -362,28 +362,34 @@ pub(in crate::linear) fn decode_step(
     })
 }
 
-/// One causal decoding step on device tensors, for generation: `state <- diag(exp g) state +
-/// k^T v`, returns `o = scale q state` (`[B, 1, H, V]`, f32). `q, k: [B, 1, H, K]`,
-/// `v: [B, 1, H, V]`, `gate` for that token (`[H]`, `[B, 1, H]` or `[B, 1, H, K]`, or none),
-/// `state: [B, H, K, V]`. The state never leaves the device: on return `*state` is the new state
-/// (an f32 buffer from the context's pool; the old one is released), so a generation loop calls
-/// this once per token with no host copy. `value_check` as in [`DeviceLinearAttention`].
-#[allow(clippy::too_many_arguments)]
+/// One causal decoding step over device tensors, for generation: `token` is the step's problem,
+/// the host API's builder over device tensors (`q, k: [B, 1, H, K]`, `v: [B, 1, H, V]`, causal,
+/// no normalisation, no `h0`, no `cu_seqlens`; its gate is the token's: `[H]`, `[B, 1, H]` or
+/// `[B, 1, H, K]`; its scale and value check apply), `state: [B, H, K, V]` the running state:
+/// `state <- diag(exp g) state + k^T v`, returns `o = scale q state` (`[B, 1, H, V]`, f32). The
+/// state never leaves the device: on return `*state` is the new state (an f32 buffer from the
+/// context's pool; the old one is released), so a generation loop calls this once per token with
+/// no host copy. The CUDA tier's `linear::cuda::device::decode_step` has the same shape.
 pub fn decode_step_device(
     ctx: &CubeContext,
+    token: &DeviceLinearAttention,
     state: &mut DeviceTensor,
-    q: &DeviceTensor,
-    k: &DeviceTensor,
-    v: &DeviceTensor,
-    gate: DeviceGate,
-    scale: Option<f64>,
-    value_check: ValueCheck,
 ) -> Result<DeviceTensor> {
+    if token.direction != Direction::Causal
+        || token.normalize.is_some()
+        || token.h0.is_some()
+        || token.cu_seqlens.is_some()
+    {
+        return Err(Error::InvalidArgument(
+            "decode_step takes a causal token without normalisation, h0 or cu_seqlens (the state is passed apart)".into(),
+        ));
+    }
+    let q = token.q;
     if q.shape().len() != 4 || q.shape()[1] != 1 {
         return Err(Error::shape("q", "[B, 1, H, K] (one token)", q.shape()));
     }
     let (b, h, kd) = (q.shape()[0], q.shape()[2], q.shape()[3]);
-    let vd = v.shape().last().copied().unwrap_or(0);
+    let vd = token.v.shape().last().copied().unwrap_or(0);
     if state.shape() != [b, h, kd, vd] {
         return Err(Error::shape(
             "state",
@@ -391,13 +397,7 @@ pub fn decode_step_device(
             state.shape(),
         ));
     }
-    let mut args = DeviceLinearAttention::causal(q, k, v)
-        .with_gate(gate)
-        .with_h0(state)
-        .with_value_check(value_check);
-    if let Some(s) = scale {
-        args = args.with_scale(s);
-    }
+    let args = token.with_h0(state);
     let out = forward_device(ctx, &args, Form::Recurrent)?;
     *state = out.ht.ok_or_else(|| Error::Runtime {
         backend: "cube".into(),
