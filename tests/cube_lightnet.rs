@@ -320,3 +320,46 @@ fn lightnet_rejects_state_of_empty_prefix() {
         assert!(matches!(err, linattn::Error::InvalidArgument(_)), "{err}");
     }
 }
+
+/// The device API checks LightNet's inputs on the device by default (the builder's value check):
+/// a NaN in `v` is `NonFinite` naming `v` and the element, an infinity in `do` in the backward
+/// pass names `do`; with the check off the kernels run.
+#[test]
+fn device_api_checks_values_by_default() {
+    use linattn::lightnet::cube::{backward_device, forward_device};
+    use linattn::{Error, ValueCheck};
+    let Some(Backend::Cube(ctx)) = cube() else {
+        return;
+    };
+    let (b, t, h, k, v) = (1, 24, 2, 8, 8);
+    let mut rng = Rng::new(51);
+    let mut tensor = |n: usize, shape: Vec<usize>| {
+        let data: Vec<f32> = rng.randn(n).iter().map(|&x| x as f32).collect();
+        Tensor::from_f32(shape, data).unwrap()
+    };
+    let q = tensor(b * t * h * k, vec![b, t, h, k]);
+    let kk = tensor(b * t * h * k, vec![b, t, h, k]);
+    let vv = tensor(b * t * h * v, vec![b, t, h, v]);
+    let mut bad = vv.to_f32_vec();
+    bad[13] = f32::NAN;
+    let bad = Tensor::from_f32(vec![b, t, h, v], bad).unwrap();
+    let up = |name: &str, x: &Tensor| ctx.upload(name, x).unwrap();
+    let (qd, kd, vd, bad_d) = (up("q", &q), up("k", &kk), up("v", &vv), up("v", &bad));
+    let form = Form::Chunkwise { chunk: 8 };
+    let err = forward_device(&ctx, &LightNet::causal(&qd, &kd, &bad_d), form).unwrap_err();
+    assert!(
+        matches!(&err, Error::NonFinite { tensor, index: 13, .. } if tensor == "v"),
+        "{err}"
+    );
+    let unchecked = LightNet::causal(&qd, &kd, &bad_d).with_value_check(ValueCheck::Off);
+    assert!(forward_device(&ctx, &unchecked, form).is_ok());
+    let mut d_o = vec![0.5f32; b * t * h * v];
+    d_o[5] = f32::INFINITY;
+    let d_o = up("do", &Tensor::from_f32(vec![b, t, h, v], d_o).unwrap());
+    let good = LightNet::causal(&qd, &kd, &vd);
+    let err = backward_device(&ctx, &good, form, &d_o).unwrap_err();
+    assert!(
+        matches!(&err, Error::NonFinite { tensor, index: 5, .. } if tensor == "do"),
+        "{err}"
+    );
+}
