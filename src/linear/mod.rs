@@ -161,6 +161,22 @@ impl<'a, T: Shaped> LinearAttention<'a, T> {
         self
     }
 
+    /// For a decoding step: the token must be causal, without normalisation, `h0` (the state is
+    /// passed apart) or `cu_seqlens`.
+    #[cfg(any(feature = "cube", feature = "cuda"))]
+    pub(crate) fn expect_decode_token(&self) -> Result<()> {
+        if self.direction != Direction::Causal
+            || self.normalize.is_some()
+            || self.h0.is_some()
+            || self.cu_seqlens.is_some()
+        {
+            return Err(Error::InvalidArgument(
+                "decode_step takes a causal token without normalisation, h0 or cu_seqlens (the state is passed apart)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks every shape, dtype and option, not the values: what can be checked from metadata
     /// alone (framework adapters call it before queueing kernels; the host path adds the value
     /// checks in [`LinearAttention::validate`]). Returns the sizes every backend works from.

@@ -14,18 +14,15 @@
 //! f64, and the state is one buffer per arena (no buckets: CUDA allocations are not limited to a
 //! page size).
 
-use half::{bf16, f16};
-use linattn_reference::optim::rounding::{bf16_nearest, f16_nearest};
-
 use super::{
     ArenaLayout, CopyFormat, DecayMode, Method, OptimizeOutput, OptimizerConfig, Params, Rounding,
-    Schedule, StepRecord, validate_schedule,
+    Schedule, StepRecord, half_tensor, validate_schedule,
 };
 use crate::cuda::CudaContext;
 use crate::cuda::compile::Variant;
 use crate::cuda::exec::{CudaExec, Executor, KernelRef};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor, TensorData};
+use crate::tensor::{DType, Tensor};
 
 /// The kernel file.
 pub const FILE: &str = "optim.cu";
@@ -248,9 +245,9 @@ impl<E: Executor> CudaOptimizer<E> {
             },
             copy: match config.model_copy {
                 // Before the first applied step the copy is the nearest image of the weights.
-                Some((format, _)) => {
-                    Some(exec.upload(bytemuck::cast_slice(&pack_halves(&arena, format)))?)
-                }
+                Some((format, _)) => Some(exec.upload(bytemuck::cast_slice(
+                    &super::state::nearest_halves(&arena, format),
+                ))?),
                 None => None,
             },
             chunks: exec.upload(&chunk_bytes)?,
@@ -422,78 +419,36 @@ impl<E: Executor> CudaOptimizer<E> {
     /// The whole state by tensor (synchronises): the backend-neutral form that
     /// [`crate::optim::Optimizer::save`] writes.
     pub fn state(&self) -> Result<super::OptimizerState> {
-        let wide = |v: Vec<Vec<f32>>| -> Vec<Vec<f64>> {
-            v.into_iter()
-                .map(|t| t.into_iter().map(f64::from).collect())
-                .collect()
-        };
         let status = self.status()?;
-        Ok(super::OptimizerState {
-            params: wide(self.read_params()?),
-            exp_avg: wide(self.read_exp_avg()?),
-            exp_avg_sq: self.read_exp_avg_sq()?.map(wide),
-            ema: self.read_ema()?.map(wide),
+        Ok(super::state::F32State {
+            params: self.read_params()?,
+            exp_avg: self.read_exp_avg()?,
+            exp_avg_sq: self.read_exp_avg_sq()?,
+            ema: self.read_ema()?,
             model_copy: self.read_model_copy()?,
-            calls: status.calls,
-            steps: status.steps,
-            skipped: status.skipped,
+            counts: [status.calls, status.steps, status.skipped],
             last_skipped: status.last_skipped,
             history: self.history()?,
-        })
+        }
+        .into())
     }
 
     /// Replaces this optimizer's buffers with a state by tensor (values rounded to f32; a missing
     /// 16-bit copy is rebuilt as the weights' nearest image; history past the capacity is
     /// dropped). The next call continues from `state.calls`.
     pub fn set_state(&mut self, state: &super::OptimizerState) -> Result<()> {
-        state.check_fits(&self.config, &self.layout.sizes)?;
-        let narrow = |v: &[Vec<f64>]| -> Vec<f32> {
-            let narrowed: Vec<Vec<f32>> = v
-                .iter()
-                .map(|t| t.iter().map(|&x| x as f32).collect())
-                .collect();
-            let refs: Vec<&[f32]> = narrowed.iter().map(Vec::as_slice).collect();
-            self.layout.pack(&refs)
-        };
-        let params = narrow(&state.params);
-        if let Some(i) = params.iter().position(|x| !x.is_finite()) {
-            return Err(Error::NonFinite {
-                tensor: "optimizer state params".into(),
-                index: i,
-                value: params[i] as f64,
-            });
-        }
+        let arenas = state.to_arenas(&self.config, &self.layout)?;
         let floats = |v: &[f32]| self.exec.upload(bytemuck::cast_slice(v));
-        let param = floats(&params)?;
-        let exp_avg = floats(&narrow(&state.exp_avg))?;
-        let exp_avg_sq = match &state.exp_avg_sq {
-            Some(v) => Some(floats(&narrow(v))?),
-            None => None,
-        };
-        let ema = match &state.ema {
-            Some(v) => Some(floats(&narrow(v))?),
-            None => None,
-        };
-        let copy = match self.config.model_copy {
-            None => None,
-            Some((format, _)) => {
-                let halves: Vec<u16> = match &state.model_copy {
-                    Some(bits) => {
-                        let mut halves = vec![0u16; self.layout.total as usize];
-                        for ((b, &offset), &n) in bits
-                            .iter()
-                            .zip(&self.layout.offsets)
-                            .zip(&self.layout.sizes)
-                        {
-                            halves[offset as usize..offset as usize + n].copy_from_slice(&b[..n]);
-                        }
-                        halves
-                    }
-                    None => pack_halves(&params, format),
-                };
-                Some(self.exec.upload(bytemuck::cast_slice(&halves))?)
-            }
-        };
+        let optional = |v: &Option<Vec<f32>>| v.as_deref().map(floats).transpose();
+        let param = floats(&arenas.params)?;
+        let exp_avg = floats(&arenas.exp_avg)?;
+        let exp_avg_sq = optional(&arenas.exp_avg_sq)?;
+        let ema = optional(&arenas.ema)?;
+        let copy = arenas
+            .copy
+            .as_deref()
+            .map(|halves| self.exec.upload(bytemuck::cast_slice(halves)))
+            .transpose()?;
         let old = self.read_bytes(&self.counters, COUNTERS_WORDS * 8)?;
         let mut counters: Vec<u64> = old
             .chunks_exact(8)
@@ -691,25 +646,6 @@ pub fn chunk_table(layout: &ArenaLayout, decay: &[bool]) -> Vec<(u64, u32, u32)>
         }
     }
     chunks
-}
-
-/// The nearest-even 16-bit image of an arena (the arena length is a multiple of 4).
-fn pack_halves(arena: &[f32], format: CopyFormat) -> Vec<u16> {
-    arena
-        .iter()
-        .map(|&x| match format {
-            CopyFormat::Bf16 => bf16_nearest(x),
-            CopyFormat::F16 => f16_nearest(x),
-        })
-        .collect()
-}
-
-fn half_tensor(shape: Vec<usize>, bits: &[u16], format: CopyFormat) -> Tensor {
-    let data = match format {
-        CopyFormat::Bf16 => TensorData::BF16(bits.iter().map(|&b| bf16::from_bits(b)).collect()),
-        CopyFormat::F16 => TensorData::F16(bits.iter().map(|&b| f16::from_bits(b)).collect()),
-    };
-    Tensor::new(shape, data).expect("shape matches the copy")
 }
 
 pub(super) fn optimize(

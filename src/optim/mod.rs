@@ -358,6 +358,21 @@ pub fn optimize(
     }
 }
 
+/// A 16-bit copy's bits as a host tensor of its format.
+#[cfg(any(feature = "cube", feature = "cuda"))]
+pub(crate) fn half_tensor(shape: Vec<usize>, bits: &[u16], format: CopyFormat) -> Tensor {
+    use half::{bf16, f16};
+    let data = match format {
+        CopyFormat::Bf16 => {
+            crate::tensor::TensorData::BF16(bits.iter().map(|&b| bf16::from_bits(b)).collect())
+        }
+        CopyFormat::F16 => {
+            crate::tensor::TensorData::F16(bits.iter().map(|&b| f16::from_bits(b)).collect())
+        }
+    };
+    Tensor::new(shape, data).expect("shape matches the copy")
+}
+
 /// WSM merge coefficients `c_0 ..= c_k` (oldest checkpoint first) from a decay shape.
 pub fn wsm_coefficients(shape: Shape, k: usize) -> Vec<f64> {
     linattn_reference::optim::wsm::shape_coefficients(shape, k)

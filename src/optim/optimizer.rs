@@ -264,14 +264,7 @@ impl Optimizer {
             }
             #[cfg(feature = "cube")]
             Inner::Cube(opt) => {
-                if grads.iter().all(|g| matches!(g, GradientRef::Host(_))) {
-                    let values: Vec<Vec<f32>> = grads
-                        .iter()
-                        .map(|g| match g {
-                            GradientRef::Host(t) => t.to_f32_vec(),
-                            _ => unreachable!("all host"),
-                        })
-                        .collect();
+                if let Some(values) = all_host_f32(&grads) {
                     let refs: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
                     opt.set_grads(&refs)?;
                 } else {
@@ -293,14 +286,7 @@ impl Optimizer {
             }
             #[cfg(feature = "cuda")]
             Inner::Cuda(opt) => {
-                if grads.iter().all(|g| matches!(g, GradientRef::Host(_))) {
-                    let values: Vec<Vec<f32>> = grads
-                        .iter()
-                        .map(|g| match g {
-                            GradientRef::Host(t) => t.to_f32_vec(),
-                            _ => unreachable!("all host"),
-                        })
-                        .collect();
+                if let Some(values) = all_host_f32(&grads) {
                     let refs: Vec<&[f32]> = values.iter().map(Vec::as_slice).collect();
                     opt.set_grads(&refs)?;
                 } else {
@@ -504,6 +490,19 @@ impl Optimizer {
             _ => None,
         }
     }
+}
+
+/// The gradients as f32 host vectors, when every one is a host tensor (one packed upload).
+#[cfg(any(feature = "cube", feature = "cuda"))]
+fn all_host_f32(grads: &[GradientRef]) -> Option<Vec<Vec<f32>>> {
+    grads
+        .iter()
+        .map(|g| match g {
+            GradientRef::Host(t) => Some(t.to_f32_vec()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(feature = "cube")]

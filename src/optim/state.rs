@@ -18,6 +18,8 @@ use std::path::Path;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
+#[cfg(any(feature = "cube", feature = "cuda"))]
+use super::ArenaLayout;
 use super::{CopyFormat, Method, OptimizerConfig, StepRecord};
 use crate::error::{Error, Result};
 
@@ -374,6 +376,113 @@ impl OptimizerState {
         state.check_fits(config, &sizes)?;
         Ok(state)
     }
+}
+
+#[cfg(any(feature = "cube", feature = "cuda"))]
+/// A device optimizer's state as read back: f32 tensors cut from the arenas, the counters and
+/// the history.
+pub(crate) struct F32State {
+    pub params: Vec<Vec<f32>>,
+    pub exp_avg: Vec<Vec<f32>>,
+    pub exp_avg_sq: Option<Vec<Vec<f32>>>,
+    pub ema: Option<Vec<Vec<f32>>>,
+    pub model_copy: Option<Vec<Vec<u16>>>,
+    /// calls, steps, skipped.
+    pub counts: [u64; 3],
+    pub last_skipped: bool,
+    pub history: Vec<StepRecord>,
+}
+
+#[cfg(any(feature = "cube", feature = "cuda"))]
+impl From<F32State> for OptimizerState {
+    fn from(s: F32State) -> Self {
+        let wide = |v: Vec<Vec<f32>>| -> Vec<Vec<f64>> {
+            v.into_iter()
+                .map(|t| t.into_iter().map(f64::from).collect())
+                .collect()
+        };
+        OptimizerState {
+            params: wide(s.params),
+            exp_avg: wide(s.exp_avg),
+            exp_avg_sq: s.exp_avg_sq.map(wide),
+            ema: s.ema.map(wide),
+            model_copy: s.model_copy,
+            calls: s.counts[0],
+            steps: s.counts[1],
+            skipped: s.counts[2],
+            last_skipped: s.last_skipped,
+            history: s.history,
+        }
+    }
+}
+
+#[cfg(any(feature = "cube", feature = "cuda"))]
+/// A state packed for a device optimizer: f32 arenas in its layout (zero padding) and the 16-bit
+/// copy's halves (given, or the weights' nearest image when the state has none).
+pub(crate) struct Arenas {
+    pub params: Vec<f32>,
+    pub exp_avg: Vec<f32>,
+    pub exp_avg_sq: Option<Vec<f32>>,
+    pub ema: Option<Vec<f32>>,
+    pub copy: Option<Vec<u16>>,
+}
+
+#[cfg(any(feature = "cube", feature = "cuda"))]
+impl OptimizerState {
+    /// This state (checked to fit `config` and `layout`) rounded to f32 and packed.
+    pub(crate) fn to_arenas(
+        &self,
+        config: &OptimizerConfig,
+        layout: &ArenaLayout,
+    ) -> Result<Arenas> {
+        self.check_fits(config, &layout.sizes)?;
+        let narrow = |v: &[Vec<f64>]| -> Vec<f32> {
+            let narrowed: Vec<Vec<f32>> = v
+                .iter()
+                .map(|t| t.iter().map(|&x| x as f32).collect())
+                .collect();
+            let refs: Vec<&[f32]> = narrowed.iter().map(Vec::as_slice).collect();
+            layout.pack(&refs)
+        };
+        let params = narrow(&self.params);
+        if let Some(i) = params.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite {
+                tensor: "optimizer state params".into(),
+                index: i,
+                value: params[i] as f64,
+            });
+        }
+        let copy = config.model_copy.map(|(format, _)| match &self.model_copy {
+            Some(bits) => {
+                let mut halves = vec![0u16; layout.total as usize];
+                for ((b, &offset), &n) in bits.iter().zip(&layout.offsets).zip(&layout.sizes) {
+                    halves[offset as usize..offset as usize + n].copy_from_slice(&b[..n]);
+                }
+                halves
+            }
+            None => nearest_halves(&params, format),
+        });
+        Ok(Arenas {
+            exp_avg: narrow(&self.exp_avg),
+            exp_avg_sq: self.exp_avg_sq.as_deref().map(narrow),
+            ema: self.ema.as_deref().map(narrow),
+            copy,
+            params,
+        })
+    }
+}
+
+#[cfg(any(feature = "cube", feature = "cuda"))]
+/// The round-to-nearest-even 16-bit image of an f32 arena (the copy before any applied step).
+pub(crate) fn nearest_halves(arena: &[f32], format: CopyFormat) -> Vec<u16> {
+    use linattn_reference::optim::rounding::{bf16_nearest, f16_nearest};
+    arena
+        .iter()
+        .map(|&x| match format {
+            CopyFormat::Bf16 => bf16_nearest(x),
+            CopyFormat::F16 => f16_nearest(x),
+        })
+        .collect()
 }
 
 const HISTORY_SKIPPED: u32 = 1;

@@ -375,15 +375,7 @@ pub fn decode_step_device(
     token: &DeviceLinearAttention,
     state: &mut DeviceTensor,
 ) -> Result<DeviceTensor> {
-    if token.direction != Direction::Causal
-        || token.normalize.is_some()
-        || token.h0.is_some()
-        || token.cu_seqlens.is_some()
-    {
-        return Err(Error::InvalidArgument(
-            "decode_step takes a causal token without normalisation, h0 or cu_seqlens (the state is passed apart)".into(),
-        ));
-    }
+    token.expect_decode_token()?;
     let q = token.q;
     if q.shape().len() != 4 || q.shape()[1] != 1 {
         return Err(Error::shape("q", "[B, 1, H, K] (one token)", q.shape()));

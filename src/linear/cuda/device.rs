@@ -780,27 +780,15 @@ pub fn decode_step<'a>(
     state: &mut CudaSlice<f32>,
     o: CudaViewMut<'a, f32>,
 ) -> Result<()> {
-    if token.h0.is_some() {
-        return Err(Error::InvalidArgument(
-            "decode_step takes the state apart, not as the token's h0".into(),
-        ));
-    }
+    token.expect_decode_token()?;
     let (_, token) = lower(token)?;
     let token = &token;
     let d = token.dims;
     if d.t != 1 {
-        return Err(Error::InvalidArgument(format!(
-            "decode_step takes one token per sequence (dims.t = 1), got t = {}",
-            d.t
-        )));
-    }
-    if token.direction != Direction::Causal
-        || token.normalize.is_some()
-        || token.h0.is_some()
-        || token.cu_seqlens.is_some()
-    {
-        return Err(Error::InvalidArgument(
-            "decode_step takes a causal token without normalisation, h0 or cu_seqlens (the state is passed apart)".into(),
+        return Err(Error::shape(
+            "q",
+            "[B, 1, H, K] (one token)",
+            &[d.b, d.t, d.h, d.k],
         ));
     }
     expect_len("state", state.len(), d.b * d.state_len(), "B*H*K*V")?;

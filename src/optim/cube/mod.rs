@@ -9,16 +9,15 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use cubecl::bytes::Bytes;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
-use half::{bf16, f16};
 
 use self::kernels::*;
 use super::{
     ArenaLayout, CopyFormat, DecayMode, Method, OptimizeOutput, OptimizerConfig, Params, Rounding,
-    Schedule, StepRecord, validate_schedule,
+    Schedule, StepRecord, half_tensor, validate_schedule,
 };
 use crate::cube::{CubeContext, panic_message};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor, TensorData};
+use crate::tensor::{DType, Tensor};
 
 fn runtime(message: impl std::fmt::Display) -> Error {
     Error::Runtime {
@@ -750,70 +749,26 @@ impl FusedOptimizer {
     /// The whole state by tensor (synchronises): the backend-neutral form that
     /// [`crate::optim::Optimizer::save`] writes.
     pub fn state(&self) -> Result<super::OptimizerState> {
-        let wide = |v: Vec<Vec<f32>>| -> Vec<Vec<f64>> {
-            v.into_iter()
-                .map(|t| t.into_iter().map(f64::from).collect())
-                .collect()
-        };
         let status = self.status()?;
-        Ok(super::OptimizerState {
-            params: wide(self.read_params()?),
-            exp_avg: wide(self.read_exp_avg()?),
-            exp_avg_sq: self.read_exp_avg_sq()?.map(wide),
-            ema: self.read_ema()?.map(wide),
+        Ok(super::state::F32State {
+            params: self.read_params()?,
+            exp_avg: self.read_exp_avg()?,
+            exp_avg_sq: self.read_exp_avg_sq()?,
+            ema: self.read_ema()?,
             model_copy: self.read_model_copy()?,
-            calls: status.calls,
-            steps: status.steps,
-            skipped: status.skipped,
+            counts: [status.calls, status.steps, status.skipped],
             last_skipped: status.last_skipped,
             history: self.history()?,
-        })
+        }
+        .into())
     }
 
     /// Writes a state by tensor into this optimizer's buffers (values rounded to f32; a missing
     /// 16-bit copy is rebuilt as the weights' nearest image; history past the capacity is
     /// dropped). The next call continues from `state.calls`.
     pub fn set_state(&mut self, state: &super::OptimizerState) -> Result<()> {
-        state.check_fits(&self.config, &self.layout.sizes)?;
-        let narrow = |v: &[Vec<f64>]| -> Vec<f32> {
-            let narrowed: Vec<Vec<f32>> = v
-                .iter()
-                .map(|t| t.iter().map(|&x| x as f32).collect())
-                .collect();
-            let refs: Vec<&[f32]> = narrowed.iter().map(Vec::as_slice).collect();
-            self.layout.pack(&refs)
-        };
-        let params = narrow(&state.params);
-        if let Some(i) = params.iter().position(|x| !x.is_finite()) {
-            return Err(Error::NonFinite {
-                tensor: "optimizer state params".into(),
-                index: i,
-                value: params[i] as f64,
-            });
-        }
-        let exp_avg = narrow(&state.exp_avg);
-        let exp_avg_sq = state.exp_avg_sq.as_deref().map(narrow);
-        let ema = state.ema.as_deref().map(narrow);
-        let copy: Option<Vec<u32>> =
-            self.config
-                .model_copy
-                .map(|(format, _)| match &state.model_copy {
-                    Some(bits) => {
-                        let mut halves = vec![0u16; self.layout.total as usize];
-                        for ((b, &offset), &n) in bits
-                            .iter()
-                            .zip(&self.layout.offsets)
-                            .zip(&self.layout.sizes)
-                        {
-                            halves[offset as usize..offset as usize + n].copy_from_slice(&b[..n]);
-                        }
-                        halves
-                            .chunks_exact(2)
-                            .map(|p| p[0] as u32 | ((p[1] as u32) << 16))
-                            .collect()
-                    }
-                    None => pack_halves(&params, format),
-                });
+        let arenas = state.to_arenas(&self.config, &self.layout)?;
+        let copy = arenas.copy.as_deref().map(halves_to_words);
         let mut counters = self.read_words(&self.counters)?;
         let narrow_count = |what: &str, c: u64| -> Result<u32> {
             u32::try_from(c).map_err(|_| {
@@ -848,12 +803,12 @@ impl FusedOptimizer {
             for b in &self.buckets {
                 let range =
                     (b.first_quad * 4) as usize..((b.first_quad + b.quads as u64) * 4) as usize;
-                write(&b.param, f32::as_bytes(&params[range.clone()]));
-                write(&b.exp_avg, f32::as_bytes(&exp_avg[range.clone()]));
-                if let Some(v) = &exp_avg_sq {
+                write(&b.param, f32::as_bytes(&arenas.params[range.clone()]));
+                write(&b.exp_avg, f32::as_bytes(&arenas.exp_avg[range.clone()]));
+                if let Some(v) = &arenas.exp_avg_sq {
                     write(&b.exp_avg_sq, f32::as_bytes(&v[range.clone()]));
                 }
-                if let Some(v) = &ema {
+                if let Some(v) = &arenas.ema {
                     write(&b.ema, f32::as_bytes(&v[range.clone()]));
                 }
                 if let Some(words) = &copy {
@@ -959,25 +914,15 @@ impl FusedOptimizer {
 
 /// The nearest-even 16-bit image of an arena, two halves per u32 (low half first).
 fn pack_halves(arena: &[f32], format: CopyFormat) -> Vec<u32> {
-    use linattn_reference::optim::rounding::{bf16_nearest, f16_nearest};
-    arena
-        .chunks_exact(2)
-        .map(|pair| {
-            let bits = |x: f32| match format {
-                CopyFormat::Bf16 => bf16_nearest(x),
-                CopyFormat::F16 => f16_nearest(x),
-            } as u32;
-            bits(pair[0]) | (bits(pair[1]) << 16)
-        })
-        .collect()
+    halves_to_words(&super::state::nearest_halves(arena, format))
 }
 
-fn half_tensor(shape: Vec<usize>, bits: &[u16], format: CopyFormat) -> Tensor {
-    let data = match format {
-        CopyFormat::Bf16 => TensorData::BF16(bits.iter().map(|&b| bf16::from_bits(b)).collect()),
-        CopyFormat::F16 => TensorData::F16(bits.iter().map(|&b| f16::from_bits(b)).collect()),
-    };
-    Tensor::new(shape, data).expect("shape matches the copy")
+/// 16-bit halves two per u32, low half first (the copy buffer's layout).
+fn halves_to_words(halves: &[u16]) -> Vec<u32> {
+    halves
+        .chunks_exact(2)
+        .map(|p| p[0] as u32 | ((p[1] as u32) << 16))
+        .collect()
 }
 
 pub(super) fn optimize(
