@@ -224,11 +224,7 @@ impl<E: Executor> CudaOptimizer<E> {
         let stats_blocks = (quads as usize)
             .div_ceil(THREADS as usize * 16)
             .clamp(1, MAX_STATS_BLOCKS);
-        let seed = match config.model_copy {
-            Some((_, Rounding::Stochastic { seed })) => seed as u64,
-            _ => 0,
-        };
-        let counters: [u64; COUNTERS_WORDS] = [0, 0, 0, 0, seed];
+        let counters = initial_counters(config);
         let lr_table = schedule.lr_table(config.lr, capacity);
         Ok(CudaOptimizer {
             param: floats(&arena)?,
@@ -449,11 +445,7 @@ impl<E: Executor> CudaOptimizer<E> {
             .as_deref()
             .map(|halves| self.exec.upload(bytemuck::cast_slice(halves)))
             .transpose()?;
-        let old = self.read_bytes(&self.counters, COUNTERS_WORDS * 8)?;
-        let mut counters: Vec<u64> = old
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let mut counters = initial_counters(&self.config);
         counters[0] = state.calls;
         counters[1] = state.steps;
         counters[2] = state.skipped;
@@ -629,6 +621,12 @@ impl CudaOptimizer<CudaExec> {
         }
         Ok(out)
     }
+}
+
+/// A fresh counter buffer `[calls, steps, skipped, last_skipped, seed]`: no calls yet, the
+/// rounding seed from the configuration.
+fn initial_counters(config: &OptimizerConfig) -> [u64; COUNTERS_WORDS] {
+    [0, 0, 0, 0, u64::from(config.rounding_seed())]
 }
 
 /// The tensor table of the update kernel, one `(first quad, quads, flags)` per chunk (`OptChunk`):

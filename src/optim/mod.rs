@@ -150,6 +150,16 @@ impl OptimizerConfig {
         Ok(())
     }
 
+    /// The stochastic-rounding seed of the 16-bit copy (0 without one): the GPU tiers keep it in
+    /// their counter buffers.
+    #[cfg(any(feature = "cube", feature = "cuda"))]
+    pub(crate) fn rounding_seed(&self) -> u32 {
+        match self.model_copy {
+            Some((_, Rounding::Stochastic { seed })) => seed,
+            _ => 0,
+        }
+    }
+
     pub(crate) fn step_config(&self) -> linattn_reference::optim::StepConfig {
         linattn_reference::optim::StepConfig {
             method: self.method,

@@ -384,31 +384,48 @@ impl Optimizer {
     }
 
     /// The weights as host tensors in the parameters' shapes: f64 on the CPU, f32 on a GPU
-    /// (synchronises).
+    /// (synchronises; reads the weights alone).
     pub fn params(&self) -> Result<Vec<Tensor>> {
-        let state = self.state()?;
-        self.shaped(state.params)
+        match &self.inner {
+            Inner::Cpu(opt) => self.shaped(opt.params().into_iter().map(f64_data).collect()),
+            #[cfg(feature = "cube")]
+            Inner::Cube(opt) => self.shaped(
+                opt.read_params()?
+                    .into_iter()
+                    .map(TensorData::F32)
+                    .collect(),
+            ),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(opt) => self.shaped(
+                opt.read_params()?
+                    .into_iter()
+                    .map(TensorData::F32)
+                    .collect(),
+            ),
+        }
     }
 
     /// The EMA of the weights, when on (as [`Optimizer::params`]).
     pub fn ema(&self) -> Result<Option<Vec<Tensor>>> {
-        let state = self.state()?;
-        state.ema.map(|e| self.shaped(e)).transpose()
+        let data: Option<Vec<TensorData>> = match &self.inner {
+            Inner::Cpu(opt) => opt.ema().map(|e| e.into_iter().map(f64_data).collect()),
+            #[cfg(feature = "cube")]
+            Inner::Cube(opt) => opt
+                .read_ema()?
+                .map(|e| e.into_iter().map(TensorData::F32).collect()),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(opt) => opt
+                .read_ema()?
+                .map(|e| e.into_iter().map(TensorData::F32).collect()),
+        };
+        data.map(|d| self.shaped(d)).transpose()
     }
 
-    fn shaped(&self, values: Vec<Vec<f64>>) -> Result<Vec<Tensor>> {
-        let f64_values = matches!(self.inner, Inner::Cpu(_));
-        values
-            .into_iter()
+    /// One tensor per parameter, in its shape.
+    fn shaped(&self, data: Vec<TensorData>) -> Result<Vec<Tensor>> {
+        data.into_iter()
             .zip(&self.shapes)
-            .map(|(v, shape)| {
-                let data = if f64_values {
-                    TensorData::F64(v)
-                } else {
-                    TensorData::F32(v.into_iter().map(|x| x as f32).collect())
-                };
-                Tensor::new(shape.clone(), data)
-            })
+            .map(|(d, shape)| Tensor::new(shape.clone(), d))
             .collect()
     }
 
@@ -503,6 +520,10 @@ fn all_host_f32(grads: &[GradientRef]) -> Option<Vec<Vec<f32>>> {
             _ => None,
         })
         .collect()
+}
+
+fn f64_data(values: &[f64]) -> TensorData {
+    TensorData::F64(values.to_vec())
 }
 
 #[cfg(feature = "cube")]

@@ -299,11 +299,7 @@ impl FusedOptimizer {
             } else {
                 0.0
             };
-            let mut counters = vec![0u32; COUNTERS_LEN];
-            counters[C_SEED] = match config.model_copy {
-                Some((_, Rounding::Stochastic { seed })) => seed,
-                _ => 0,
-            };
+            let counters = initial_counters(config);
             let lr_table: Vec<f32> = schedule
                 .lr_table(config.lr, capacity)
                 .into_iter()
@@ -769,7 +765,7 @@ impl FusedOptimizer {
     pub fn set_state(&mut self, state: &super::OptimizerState) -> Result<()> {
         let arenas = state.to_arenas(&self.config, &self.layout)?;
         let copy = arenas.copy.as_deref().map(halves_to_words);
-        let mut counters = self.read_words(&self.counters)?;
+        let mut counters = initial_counters(&self.config);
         let narrow_count = |what: &str, c: u64| -> Result<u32> {
             u32::try_from(c).map_err(|_| {
                 Error::InvalidArgument(format!(
@@ -910,6 +906,14 @@ impl FusedOptimizer {
     pub fn read_scalars(&self) -> Result<Vec<f32>> {
         self.read_f32(&self.scalars)
     }
+}
+
+/// A fresh counter buffer: no calls yet, the rounding seed from the configuration (the per-call
+/// key is derived from it at each call).
+fn initial_counters(config: &OptimizerConfig) -> Vec<u32> {
+    let mut counters = vec![0u32; COUNTERS_LEN];
+    counters[C_SEED] = config.rounding_seed();
+    counters
 }
 
 /// The nearest-even 16-bit image of an arena, two halves per u32 (low half first).
