@@ -189,7 +189,11 @@ impl<'a> HostRun<'a> {
 
 /// linattn host tensors (any dtype) as one flat f32 CPU storage.
 pub(crate) fn host_packed(parts: &[&Tensor]) -> (CpuStorage, candle_core::Shape) {
-    let data: Vec<f32> = parts.iter().flat_map(|t| t.to_f32_vec()).collect();
+    host_storage(parts.iter().flat_map(|t| t.to_f32_vec()).collect())
+}
+
+/// One flat f32 CPU storage with its shape.
+pub(crate) fn host_storage(data: Vec<f32>) -> (CpuStorage, candle_core::Shape) {
     let n = data.len();
     (CpuStorage::F32(data), candle_core::Shape::from(n))
 }

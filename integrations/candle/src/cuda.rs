@@ -92,6 +92,15 @@ fn runtime(e: cudarc::driver::DriverError) -> Error {
     }
 }
 
+/// One packed f32 output as candle storage on `like`'s device, with its flat shape.
+fn packed_output(out: CudaSlice<f32>, like: &CudaStorage) -> (CudaStorage, Shape) {
+    let n = out.len();
+    (
+        CudaStorage::wrap_cuda_slice(out, like.device().clone()),
+        Shape::from(n),
+    )
+}
+
 /// The packed arguments as CUDA tensors in the problem's shapes.
 struct LinearViews<'a> {
     q: CudaTensor<'a>,
@@ -172,11 +181,7 @@ pub(crate) fn linear_forward(
         let ht = (ht_len > 0).then_some(ht);
         device::forward(&ctx, &stream, &problem, p.form, DeviceForward { o, ht })?;
     }
-    let n = out.len();
-    Ok((
-        CudaStorage::wrap_cuda_slice(out, s1.device().clone()),
-        Shape::from(n),
-    ))
+    Ok(packed_output(out, s1))
 }
 
 /// The engine backward on candle's buffers: packed f32 `dq|dk|dv|dg|dg_bwd|dh0`.
@@ -236,10 +241,7 @@ pub(crate) fn linear_backward(
             },
         )?;
     }
-    Ok((
-        CudaStorage::wrap_cuda_slice(out, s1.device().clone()),
-        Shape::from(total),
-    ))
+    Ok(packed_output(out, s1))
 }
 
 /// The CUDA attention kernels' dtypes (bf16, f16) and head dims (64, 128).
@@ -312,11 +314,7 @@ pub(crate) fn attention_forward(
         let (o, lse) = out.split_at_mut(o_len);
         attn::forward(&ctx, &stream, &plan, &problem, DeviceTensorMut::F32(o), lse)?;
     }
-    let n = out.len();
-    Ok((
-        CudaStorage::wrap_cuda_slice(out, s.device().clone()),
-        Shape::from(n),
-    ))
+    Ok(packed_output(out, s))
 }
 
 /// Attention backward on candle's buffers: packed f32 `dq|dk|dv` from the packed inputs, the
@@ -373,10 +371,7 @@ pub(crate) fn attention_backward(
             },
         )?;
     }
-    Ok((
-        CudaStorage::wrap_cuda_slice(out, s1.device().clone()),
-        Shape::from(total),
-    ))
+    Ok(packed_output(out, s1))
 }
 
 /// A packed argument copied to the host.
@@ -435,31 +430,26 @@ pub(crate) fn through_host(
         .collect::<Result<Vec<_>>>()?;
     let runs: Vec<_> = owned.iter().map(HostOwned::run).collect();
     let out = f(&linattn::Backend::Cuda(ctx.clone()), &runs)?;
-    let n = out.len();
     let slice = stream.clone_htod(&out).map_err(runtime)?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(slice, first.device().clone()),
-        Shape::from(n),
-    ))
+    Ok(packed_output(slice, first))
 }
 
 /// The fused optimizer on candle's CUDA buffers.
 pub(crate) mod optim {
     use candle_core::backprop::GradStore;
     use candle_core::{CudaDevice, CudaStorage, DType as CDType, Storage, Tensor, Var};
-    use cudarc::driver::{DevicePtr, DevicePtrMut};
     use linattn::cuda::CudaContext;
     use linattn::cuda::exec::{CudaExec, Executor};
     use linattn::optim::cuda::CudaOptimizer;
     use linattn::optim::{OptimizerConfig, Schedule, StepRecord};
     use linattn::{Error, Result};
 
-    use super::runtime;
+    use super::DeviceSlice;
     use crate::convert::from_candle;
 
     pub(crate) struct CudaState {
+        /// Launches on candle's stream (its executor keeps the context).
         opt: CudaOptimizer<CudaExec>,
-        ctx: CudaContext,
         device: CudaDevice,
     }
 
@@ -469,19 +459,6 @@ pub(crate) mod optim {
             .and_then(|t| t.to_dtype(CDType::F32))
             .and_then(|t| t.contiguous())
             .map_err(from_candle)
-    }
-
-    /// Copies `bytes` bytes between device addresses on the context's stream.
-    fn copy(ctx: &CudaContext, dst: u64, src: u64, bytes: usize) -> Result<()> {
-        if bytes == 0 {
-            return Ok(());
-        }
-        // SAFETY: both ranges lie inside live allocations of this context (checked by the
-        // callers' lengths), and the copy is ordered on the stream that wrote them.
-        unsafe {
-            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, ctx.stream().cu_stream())
-        }
-        .map_err(runtime)
     }
 
     impl CudaState {
@@ -507,14 +484,12 @@ pub(crate) mod optim {
             let opt = CudaOptimizer::new(exec, config, schedule, capacity, &refs, decay)?;
             Ok(CudaState {
                 opt,
-                ctx,
                 device: device.clone(),
             })
         }
 
         pub(crate) fn step(&mut self, vars: &[Var], grads: &GradStore) -> Result<()> {
             let layout = self.opt.layout().clone();
-            let stream = self.ctx.stream().clone();
             // Missing gradients are zero; the padding stays zero.
             {
                 let exec = self.opt.exec().clone();
@@ -533,31 +508,18 @@ pub(crate) mod optim {
                 };
                 let slice = cs.as_cuda_slice::<f32>().map_err(from_candle)?;
                 let n = layout.sizes[i];
-                let start = layout_g.start_offset();
-                if start + n > slice.len() {
-                    return Err(Error::InvalidArgument(format!(
+                let run = DeviceSlice::range(slice, layout_g.start_offset(), n).map_err(|_| {
+                    Error::InvalidArgument(format!(
                         "the gradient of vars[{i}] has fewer than {n} elements"
-                    )));
-                }
-                let (src, _read) = slice.device_ptr(&stream);
-                let (dst, _write) = self.opt.grad_buffer_mut().device_ptr_mut(&stream);
-                copy(
-                    &self.ctx,
-                    dst + layout.offsets[i] * 4,
-                    src + (start * 4) as u64,
-                    n * 4,
-                )?;
+                    ))
+                })?;
+                // Device to device, on candle's stream (the optimizer's).
+                self.opt.set_grad_device(i, run)?;
             }
             self.opt.step()?;
             // The new weights back into the variables, device to device.
             for (i, v) in vars.iter().enumerate() {
-                let n = layout.sizes[i];
-                let mut out = stream.alloc_zeros::<f32>(n).map_err(runtime)?;
-                {
-                    let (src, _read) = self.opt.param_buffer().device_ptr(&stream);
-                    let (dst, _write) = out.device_ptr_mut(&stream);
-                    copy(&self.ctx, dst, src + layout.offsets[i] * 4, n * 4)?;
-                }
+                let out = self.opt.param_slice(i)?;
                 let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out, self.device.clone()));
                 let t = Tensor::from_storage(
                     storage,

@@ -282,11 +282,6 @@ impl Problem {
     }
 }
 
-fn storage(data: Vec<f32>) -> (CpuStorage, Shape) {
-    let n = data.len();
-    (CpuStorage::F32(data), Shape::from(n))
-}
-
 /// `(packed q|k|v, packed f32 S0|z0)` to packed f32 `o|S|z`.
 pub(crate) struct Forward(pub(crate) Arc<Problem>);
 
@@ -306,7 +301,7 @@ impl CustomOp2 for Forward {
             .0
             .host_forward(&Backend::Cpu, &HostRun::of(s1, l1)?, &HostRun::of(s2, l2)?)
             .map_err(to_candle)?;
-        Ok(storage(out))
+        Ok(convert::host_storage(out))
     }
 
     #[cfg(feature = "cuda")]
@@ -363,7 +358,7 @@ impl CustomOp3 for Backward {
                 &HostRun::of(s3, l3)?,
             )
             .map_err(to_candle)?;
-        Ok(storage(out))
+        Ok(convert::host_storage(out))
     }
 
     #[cfg(feature = "cuda")]
